@@ -1,0 +1,332 @@
+"""OpenAI / OpenCLIP checkpoints <-> clip_jax variables, both directions, exactly.
+
+PyTorch's CLIP state dict (OpenAI's layout, which OpenCLIP keeps) names every tensor; this module
+maps each to a leaf of our Flax variables by its path, with one of three transforms: conv kernels
+(OIHW <-> HWIO), dense kernels ([out, in] <-> [in, *out_dims] or [*in_dims, out]) and plain
+reshapes (biases, fused-QKV biases, everything already in place). Every transform is a transpose
+or reshape, so import followed by export reproduces the tensors bit for bit.
+
+Readers: `.safetensors` and `.npz` need no torch; `.pt` / `.bin` (plain state dicts, OpenCLIP
+training checkpoints, OpenAI's TorchScript archives) import torch lazily.
+"""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read it)
+import numpy as np
+from flax import traverse_util
+
+from clip_jax.models.clip import CLIP, is_resnet
+
+CONFIG_KEY = "clip_jax_model"  # safetensors metadata / npz entry holding our model config as JSON
+# Entries of PyTorch state dicts that carry no weight: OpenAI's TorchScript extras, attention-mask
+# buffers, BatchNorm's step counters.
+_IGNORED = re.compile(
+    r"(^|\.)(input_resolution|context_length|vocab_size|attn_mask|num_batches_tracked)$"
+)
+
+Variables = dict[str, Any]
+StateDict = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and transforms
+
+
+# Flax path (joined by "/") -> PyTorch key, applied in order; "/" becomes "." at the end.
+_KEY_RULES = [
+    (r"^text_tower/", ""),  # the text tower's tensors sit at the top level in PyTorch
+    (r"(resblocks|layer\d)_(\d+)", r"\1/\2"),
+    (r"(?:stem|conv)(\d)/conv/", r"conv\1/"),  # a ConvBN is conv{i} + bn{i} in PyTorch
+    (r"(?:stem|conv)(\d)/bn/", r"bn\1/"),
+    (r"downsample/conv/", "downsample/0/"),  # the shortcut is Sequential(pool, conv, bn)
+    (r"downsample/bn/", "downsample/1/"),
+    (r"attn/qkv/kernel$", "attn/in_proj_weight"),
+    (r"attn/qkv/bias$", "attn/in_proj_bias"),
+    (r"attn/out/", "attn/out_proj/"),
+    (r"/(kernel|scale|embedding)$", "/weight"),
+    (r"/mean$", "/running_mean"),  # batch_stats
+    (r"/var$", "/running_var"),
+]
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict key of a Flax leaf, e.g.
+    ('text_tower', 'transformer', 'resblocks_3', 'attn', 'qkv', 'kernel') ->
+    'transformer.resblocks.3.attn.in_proj_weight'."""
+    key = "/".join(path)
+    for pattern, repl in _KEY_RULES:
+        key = re.sub(pattern, repl, key)
+    return key.replace("/", ".")
+
+
+def _kind(path: tuple[str, ...], ndim: int) -> str:
+    if path[-1] == "bias":
+        return "bias"  # fused-QKV and per-head biases are [3, heads, head_dim] or [heads, head_dim]
+    if path[-1] != "kernel":
+        return "same"
+    if path[-2] in ("conv", "conv1"):  # ConvBN convs; the ViT's patch embedding
+        return "conv"
+    # Attention output projections take their input over (heads, head_dim).
+    return "kernel_out_last" if path[-2] in ("out", "c_proj") and ndim == 3 else "kernel"
+
+
+def _to_flax(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "conv":  # OIHW -> HWIO
+        return np.transpose(w, (2, 3, 1, 0))
+    if kind.startswith("kernel"):  # [out, in] -> [in, *out] or [*in, out]
+        return np.ascontiguousarray(w.T).reshape(shape)
+    return w.reshape(shape)
+
+
+def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))
+    if kind == "kernel":
+        return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+    if kind == "kernel_out_last":
+        return np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
+    return x.reshape(-1) if kind == "bias" else x
+
+
+def _flat_leaves(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(nn.unbox(tree))
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture from shapes
+
+
+def infer_config(sd: StateDict) -> dict[str, Any]:
+    """The `CLIP` keyword arguments of an OpenAI-layout state dict, from its tensor shapes alone
+    (as OpenAI's build_model does): tower widths, depths, patch size, resolution, vocabulary."""
+    required = (
+        "text_projection",
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+    )
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ValueError(
+            f"not an OpenAI/OpenCLIP CLIP state dict: missing {', '.join(missing)} "
+            f"(found keys like {', '.join(sorted(sd)[:5])})"
+        )
+    width = sd["ln_final.weight"].shape[0]
+    text = dict(
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        width=width,
+        heads=max(width // 64, 1),
+        layers=_count(sd, r"transformer\.resblocks\.(\d+)\."),
+        mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+    )
+    if "visual.proj" in sd:
+        vwidth, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(
+            image_size=patch * grid,
+            patch_size=patch,
+            width=vwidth,
+            layers=_count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
+            heads=max(vwidth // 64, 1),
+            mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vwidth,
+        )
+    elif "visual.attnpool.positional_embedding" in sd:
+        vwidth = sd["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(
+            image_size=grid * 32,
+            layers=tuple(_count(sd, rf"visual\.layer{s}\.(\d+)\.") for s in (1, 2, 3, 4)),
+            width=vwidth,
+            heads=max(vwidth * 32 // 64, 1),
+        )
+    else:
+        raise ValueError(
+            "the state dict has neither a ViT (visual.proj) nor a ResNet (visual.attnpool)"
+        )
+    cfg = dict(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text)
+    if "logit_bias" in sd:
+        cfg["init_logit_bias"] = float(np.asarray(sd["logit_bias"]).reshape(()))
+    return cfg
+
+
+def _count(sd: StateDict, pattern: str) -> int:
+    return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
+
+
+def abstract_variables(cfg: Mapping[str, Any]) -> Variables:
+    """The variables' shapes of `CLIP(**cfg)` (unboxed), without allocating them."""
+    model = CLIP(**cfg)
+    size = cfg["vision"]["image_size"]
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, cfg["text"]["context_length"]), jnp.int32)
+    return nn.unbox(
+        jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t), images, tokens)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def from_state_dict(sd: StateDict, cfg: Mapping[str, Any]) -> Variables:
+    """PyTorch state dict (numpy arrays) -> Flax variables of `CLIP(**cfg)`, float32 params.
+
+    Every model leaf must find its tensor with a compatible size, and every tensor must be used.
+    """
+    abstract = _flat_leaves(abstract_variables(cfg))
+    flat, used, problems = {}, set(), []
+    for (collection, *path), leaf in abstract.items():
+        key = _torch_key(tuple(path))
+        if key not in sd:
+            problems.append(f"missing {key} (for {'/'.join(path)})")
+            continue
+        w = np.asarray(sd[key])
+        if w.size != int(np.prod(leaf.shape)):
+            problems.append(f"{key} has shape {w.shape}, the model needs {leaf.shape}")
+            continue
+        x = _to_flax(_kind(tuple(path), w.ndim), w, leaf.shape)
+        flat[(collection, *path)] = x.astype(leaf.dtype) if x.dtype != leaf.dtype else x
+        used.add(key)
+    unused = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
+    if unused:
+        problems.append(
+            f"unused tensors: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}"
+        )
+    if problems:
+        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems[:6]))
+    return traverse_util.unflatten_dict(flat)
+
+
+def to_state_dict(variables: Variables, cfg: Mapping[str, Any]) -> StateDict:
+    """Flax variables -> OpenCLIP-layout state dict (numpy), loadable by open_clip strictly."""
+    sd: StateDict = {}
+    for (_, *path), x in _flat_leaves(variables).items():
+        path = tuple(path)
+        x = np.asarray(x)
+        sd[_torch_key(path)] = _to_torch(_kind(path, x.ndim), x)
+    if is_resnet(cfg["vision"]):
+        for key in [k for k in sd if k.endswith(".running_mean")]:
+            sd[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def read_state_dict(path: str) -> tuple[StateDict, dict[str, Any] | None]:
+    """Reads a checkpoint file -> (state dict of numpy arrays, our stored model config or None)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+    elif ext == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            sd = {k: f[k] for k in f.files}
+        cfg = json.loads(str(sd.pop(CONFIG_KEY))) if CONFIG_KEY in sd else None
+    elif ext in (".pt", ".pth", ".bin"):
+        sd, cfg = _read_torch(path), None
+    else:
+        raise ValueError(
+            f"unknown checkpoint format {ext!r} of {path}: use .safetensors, .npz, .pt or .bin"
+        )
+    return _strip_prefix(sd), cfg
+
+
+def _read_torch(path: str) -> StateDict:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors"
+        ) from e
+    try:  # OpenAI's released models are TorchScript archives.
+        obj = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj:  # OpenCLIP training checkpoints
+        obj = obj["state_dict"]
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+
+
+def _strip_prefix(sd: StateDict) -> StateDict:
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def merge_config(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-level overrides replace fields; `vision=` / `text=` dicts update the tower fields."""
+    known = set(CLIP.__dataclass_fields__) - {"parent", "name"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown}; known: {sorted(known)}")
+    out = dict(cfg)
+    for key, value in overrides.items():
+        out[key] = {**out[key], **value} if key in ("vision", "text") else value
+    return out
+
+
+def load_pretrained(path: str, **overrides: Any) -> tuple[CLIP, Variables]:
+    """Loads an OpenAI, OpenCLIP or clip_jax checkpoint file -> (model, variables).
+
+    The architecture is inferred from tensor shapes (or read from our own files' metadata).
+    OpenAI-layout files without our metadata are assumed to use QuickGELU, as OpenAI's models do;
+    pass `quick_gelu=False` for OpenCLIP models trained with GELU. Other overrides set model fields
+    (`dtype="bfloat16"`, `remat_policy="full"`, `text=dict(heads=...)`).
+
+    Returns:
+      model: a `CLIP` module.
+      variables: `{"params": ...}` (plus `"batch_stats"` for ResNets), for
+        `model.apply(variables, images, method="encode_image")`.
+    """
+    sd, stored = read_state_dict(path)
+    cfg = stored if stored is not None else {**infer_config(sd), "quick_gelu": True}
+    if is_resnet(cfg["vision"]):
+        cfg["vision"] = {**cfg["vision"], "layers": tuple(cfg["vision"]["layers"])}
+    cfg = merge_config(cfg, overrides)
+    variables = jax.device_put(from_state_dict(sd, cfg))
+    return CLIP(**cfg), variables
+
+
+def save_pretrained(path: str, variables: Variables, cfg: Mapping[str, Any]) -> None:
+    """Writes variables as an OpenCLIP-layout `.safetensors` (or `.npz`) file, our model config in
+    its metadata; `load_pretrained` reads it back bit-exactly and open_clip loads its tensors."""
+    sd = to_state_dict(variables, cfg)
+    meta = json.dumps(_jsonable(cfg))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file(sd, tmp, metadata={CONFIG_KEY: meta, "format": "pt"})
+    elif path.endswith(".npz"):
+        with open(tmp, "wb") as f:
+            np.savez(f, **sd, **{CONFIG_KEY: np.asarray(meta)})
+    else:
+        raise ValueError(f"export path must end in .safetensors or .npz, got {path}")
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def _jsonable(cfg: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        return {k: _jsonable(v) for k, v in cfg.items()}
+    if isinstance(cfg, (tuple, list)):
+        return [_jsonable(v) for v in cfg]
+    if isinstance(cfg, np.dtype) or hasattr(cfg, "dtype") and not isinstance(cfg, (int, float)):
+        return str(np.dtype(cfg))
+    return cfg

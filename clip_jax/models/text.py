@@ -1,0 +1,88 @@
+"""The CLIP text transformer: causal, pooled at the end-of-text token."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clip_jax.models.layers import Dtype, Transformer, constrain, layer_norm, partitioned
+
+POOL_TYPES = ("argmax", "eot")
+
+
+class TextTransformer(nn.Module):
+    """Token + positional embedding, causal transformer, ln_final, EOT pooling, projection.
+
+    `pool_type="argmax"` pools at the highest token id of each row, which is the end-of-text token
+    for the OpenAI BPE (id 49407); `pool_type="eot"` pools at the first `eot_token_id` of each
+    row (for sentencepiece vocabularies, where EOS is not the largest id), or at the last position
+    when a row has none.
+    """
+
+    context_length: int
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    output_dim: int
+    mlp_ratio: float = 4.0
+    pool_type: str = "argmax"
+    eot_token_id: int | None = None
+    quick_gelu: bool = False
+    remat_policy: str = "none"
+    attn_impl: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        b, length = tokens.shape
+        if length > self.context_length:
+            raise ValueError(f"tokens have length {length}, the context is {self.context_length}")
+        x = nn.Embed(
+            self.vocab_size,
+            self.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="token_embedding",
+        )(tokens)  # [B, L, D]
+        pos = self.param(
+            "positional_embedding",
+            partitioned(nn.initializers.normal(0.01), ("pos", "embed")),
+            (self.context_length, self.width),
+            self.param_dtype,
+        )
+        x = x + pos[:length].astype(self.dtype)
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = Transformer(
+            self.layers,
+            self.heads,
+            mlp_ratio=self.mlp_ratio,
+            causal=True,
+            quick_gelu=self.quick_gelu,
+            remat_policy=self.remat_policy,
+            attn_impl=self.attn_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="transformer",
+        )(x)
+        x = layer_norm("ln_final", self.dtype, self.param_dtype)(x)
+        x = x[jnp.arange(b), self.pool_index(tokens)]  # [B, D]
+        proj = self.param(
+            "text_projection",
+            partitioned(nn.initializers.normal(self.width**-0.5), ("embed", "joint")),
+            (self.width, self.output_dim),
+            self.param_dtype,
+        )
+        return x @ proj.astype(self.dtype)  # [B, E]
+
+    def pool_index(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B]
+        if self.pool_type == "argmax":
+            return jnp.argmax(tokens, axis=-1)
+        if self.pool_type == "eot":
+            if self.eot_token_id is None:
+                raise ValueError("pool_type='eot' needs eot_token_id")
+            is_eot = tokens == self.eot_token_id
+            return jnp.where(is_eot.any(-1), jnp.argmax(is_eot, -1), tokens.shape[1] - 1)
+        raise ValueError(f"unknown pool_type {self.pool_type!r}; choose one of {POOL_TYPES}")

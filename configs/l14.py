@@ -1,0 +1,12 @@
+"""ViT-L-14 as in the CLIP paper: batch 32,768, 32 epochs of 400M pairs, peak learning rate 4e-4.
+
+python -m clip_jax.main --config=configs/l14.py --workdir=DIR
+python -m clip_jax.main --config=configs/l14.py:smoke --workdir=/tmp/smoke  # a few CPU steps
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base_config("ViT-L-14", learning_rate=4e-4)
+    return common.apply_arg(c, arg)

@@ -1,0 +1,12 @@
+"""RN50 as in the CLIP paper: batch 32,768, 32 epochs of 400M pairs, peak learning rate 5e-4.
+
+python -m clip_jax.main --config=configs/rn50.py --workdir=DIR
+python -m clip_jax.main --config=configs/rn50.py:smoke --workdir=/tmp/smoke  # a few CPU steps
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base_config("RN50", learning_rate=5e-4, resnet=True)
+    return common.apply_arg(c, arg)

@@ -1,0 +1,52 @@
+"""clip_jax: contrastive language-image pretraining (CLIP) in JAX/Flax at TPU-pod scale.
+
+The import name is `clip_jax`; the distribution is `clip-jax-train` (PyPI's `clip-jax` is an
+unrelated project).
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "clip_jax/__init__.py").read_text()).group(
+    1
+)
+
+setup(
+    name="clip-jax-train",
+    version=VERSION,
+    description="Contrastive language-image pretraining (CLIP) in JAX/Flax, CPU to TPU pod",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["clip_jax", "clip_jax.*"]),
+    package_data={"clip_jax.data": ["bpe_simple_vocab_16e6.txt.gz", "BPE_LICENSE.txt"]},
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorflow-datasets>=4.9.7,<5",
+        "sentencepiece>=0.2,<0.3",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "safetensors>=0.4.3,<1",
+        "numpy>=1.26,<3",
+        "ftfy>=6.1,<7",
+        "regex>=2023.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4", "pillow>=10"],
+        # The reference implementation, for the parity tests (they skip without it).
+        "reference": ["torch>=2.4", "torchvision", "open_clip_torch>=2.26"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
