@@ -54,6 +54,42 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+class DenseGeneral(nn.Module):
+    """A dense layer over the last `in_axes` axes into `features`, e.g. [D] -> [3, heads, head_dim].
+
+    Unlike `nn.DenseGeneral`, the kernel is created in its full shape [*in, *features], so that
+    its logical axis names apply to it as created (nn.DenseGeneral initialises a flattened kernel,
+    on which a sharding constraint of the full rank fails).
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    bias_axes: tuple[str | None, ...]
+    in_axes: int = 1
+    std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.in_axes :]
+        kernel = self.param(
+            "kernel",
+            partitioned(nn.initializers.normal(self.std), self.kernel_axes),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            partitioned(nn.initializers.zeros, self.bias_axes),
+            self.features,
+            self.param_dtype,
+        )
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+        return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+
+
 class MLP(nn.Module):
     """Two-layer MLP `c_fc -> act -> c_proj`, hidden size `mlp_dim`."""
 
@@ -108,14 +144,13 @@ class MultiHeadAttention(nn.Module):
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
         head_dim = width // self.heads
-        qkv = nn.DenseGeneral(
+        qkv = DenseGeneral(
             (3, self.heads, head_dim),
+            kernel_axes=("embed", None, "heads", "kv"),
+            bias_axes=(None, "heads", "kv"),
+            std=self.qkv_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(
-                nn.initializers.normal(self.qkv_std), ("embed", None, "heads", "kv")
-            ),
-            bias_init=partitioned(nn.initializers.zeros, (None, "heads", "kv")),
             name="qkv",
         )(x)  # [B, T, 3, H, K]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -125,13 +160,14 @@ class MultiHeadAttention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, is_causal=self.causal, implementation=self.attn_impl
         )  # [B, T, H, K]
-        return nn.DenseGeneral(
-            width,
-            axis=(-2, -1),
+        return DenseGeneral(
+            (width,),
+            kernel_axes=("heads", "kv", "embed"),
+            bias_axes=("embed",),
+            in_axes=2,
+            std=self.out_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(self.out_std), ("heads", "kv", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
             name="out",
         )(out)
 

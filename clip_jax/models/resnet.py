@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, partitioned
+from clip_jax.models.layers import DenseGeneral, Dtype, partitioned
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1, in Flax's convention
@@ -111,25 +111,27 @@ class AttentionPool2d(nn.Module):
         x = x + pos.astype(x.dtype)
         head_dim = c // self.heads
 
-        def proj(name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
+        def proj(name: str) -> DenseGeneral:
+            return DenseGeneral(
                 (self.heads, head_dim),
+                kernel_axes=("embed", "heads", "kv"),
+                bias_axes=("heads", "kv"),
+                std=c**-0.5,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=partitioned(nn.initializers.normal(c**-0.5), ("embed", "heads", "kv")),
-                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
                 name=name,
             )
 
         q = proj("q_proj")(x[:, :1])  # [B, 1, H, K]
         out = jax.nn.dot_product_attention(q, proj("k_proj")(x), proj("v_proj")(x))
-        out = nn.DenseGeneral(
-            self.output_dim,
-            axis=(-2, -1),
+        out = DenseGeneral(
+            (self.output_dim,),
+            kernel_axes=("heads", "kv", "joint"),
+            bias_axes=("joint",),
+            in_axes=2,
+            std=c**-0.5,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(c**-0.5), ("heads", "kv", "joint")),
-            bias_init=partitioned(nn.initializers.zeros, ("joint",)),
             name="c_proj",
         )(out)
         return out[:, 0]
