@@ -34,6 +34,7 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "ml-collections>=1.0,<2",
         "absl-py>=2.1,<3",
+        "tensorboardX>=2.6,<3",
         "safetensors>=0.4.3,<1",
         "numpy>=1.26,<3",
         "ftfy>=6.1,<7",

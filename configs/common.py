@@ -26,6 +26,10 @@ def base_config(
     c.total_steps = PAPER_STEPS
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3  # the newest ones; plus every keep_period-th step when > 0
+    c.keep_period = 0
+    c.nonfinite = "halt"  # or "skip": a step with a non-finite loss or gradient is not applied
+    c.init_from = ""  # OpenAI / OpenCLIP / clip_jax weights to start from (fresh runs only)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
 
@@ -44,7 +48,8 @@ def base_config(
     c.optim.eps = 1e-8 if resnet else 1e-6
     c.optim.weight_decay = 0.2
     c.optim.grad_clip_norm = 0.0  # 0 disables; the paper does not clip
-    c.optim.accum_steps = 1
+    c.optim.accum_steps = 1  # micro-batches per step; the gradient stays exact (train_step.py)
+    c.optim.frozen = ()  # top-level parameter groups not trained: ("visual",) for LiT
 
     c.train_data = ml_collections.ConfigDict()
     c.train_data.source = "synthetic"  # or tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT

@@ -7,7 +7,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    c = common.base_config("tiny", learning_rate=1e-3)
+    c = common.base_config("tiny", learning_rate=5e-3)
     c.batch_size = 32
     c.total_steps = 50
     c.log_every_steps = 10

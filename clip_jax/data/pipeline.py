@@ -1,0 +1,145 @@
+"""The training input: a source chosen by `train_data.source` (see `sources` for the interface).
+
+    synthetic                       learnable synthetic pairs, no files (tests, smoke runs)
+    tfrecord:GLOB                   img2dataset-style TFRecord shards, local or gs://
+    tfds:NAME[/CONFIG]:SPLIT        a prepared TensorFlow Datasets split (captions or labels)
+    SOURCE@W,SOURCE@W,...           a mixture: each example drawn from a source with probability
+                                    proportional to its weight W (default 1)
+
+e.g. `--config.train_data.source='tfrecord:gs://b/laion/*.tfrecord@0.7,tfds:coco_captions:train@0.3'`.
+
+Keys of `train_data` read here, with their defaults: `image_key` ("jpg"), `text_key` ("txt"),
+`tokenizer` ("clip_bpe"), `data_dir` (None: tfds's default), `shuffle_buffer` (10000 records),
+`crop_scale` ((0.9, 1.0)), `templates` (None: `evals.prompts.CAPTION_TEMPLATES`).
+"""
+
+from typing import Any
+
+import ml_collections
+
+from clip_jax.data.sources import SyntheticSource
+
+SOURCE_HELP = (
+    "use synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT, or several sources joined by ',' "
+    "each with an optional @WEIGHT"
+)
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """'a@0.7,b@0.3' -> [('a', 0.7), ('b', 0.3)]; a source without @WEIGHT weighs 1."""
+    parts = []
+    for item in spec.split(","):
+        name, at, weight = item.strip().rpartition("@")
+        if not at:
+            name, weight = item.strip(), "1"
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"train_data.source: weight {weight!r} of {name!r} is not a number (a path "
+                "holding '@' needs an explicit weight: PATH@1)"
+            ) from None
+        if not w > 0:
+            raise ValueError(f"train_data.source: weight of {name!r} must be positive, not {w}")
+        parts.append((name, w))
+    return parts
+
+
+def make_reader(
+    spec: str,
+    cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> Any:
+    """One `readers` object for a single (unmixed) source string."""
+    from clip_jax.data import readers
+
+    common = dict(
+        seed=seed,
+        shuffle_buffer=int(cfg.get("shuffle_buffer", 10_000)),
+        process_index=process_index,
+        process_count=process_count,
+    )
+    kind, _, rest = spec.partition(":")
+    if kind == "tfrecord" and rest:
+        return readers.TFRecordReader(
+            rest,
+            image_key=cfg.get("image_key", "jpg"),
+            text_key=cfg.get("text_key", "txt"),
+            **common,
+        )
+    name, _, split = rest.partition(":")
+    if kind == "tfds" and name and split:
+        return readers.TFDSReader(
+            name,
+            split,
+            data_dir=cfg.get("data_dir"),
+            image_key=cfg.get("image_key", "jpg"),
+            text_key=cfg.get("text_key", "txt"),
+            templates=cfg.get("templates"),
+            **common,
+        )
+    if spec == "synthetic":
+        raise ValueError("train_data.source: synthetic cannot be part of a mixture")
+    raise ValueError(f"unknown train_data.source {spec!r}; {SOURCE_HELP}")
+
+
+def make_source(
+    cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    image_size: int,
+    context_length: int,
+    vocab_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    tokenizer: Any = None,
+) -> Any:
+    """The source named by `cfg.source`, reading this process's share of the data.
+
+    Args:
+      cfg: the `train_data` config.
+      seed: the run's seed; the same seed gives the same batches.
+      image_size, context_length, vocab_size: what the model takes.
+      process_index, process_count: this process among those reading (jax.process_*).
+      tokenizer: an object with `tokenize(list[str]) -> int32 [B, context_length]`; by default
+        `tokenizers.get_tokenizer(cfg.tokenizer, context_length)`. Unused by `synthetic`.
+    """
+    spec = str(cfg["source"]).strip()
+    if spec == "synthetic":
+        return SyntheticSource(seed, image_size, context_length, vocab_size=vocab_size)
+    parts = parse_mixture(spec)
+    readers = [
+        make_reader(
+            name,
+            cfg,
+            seed=seed * 1009 + j,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        for j, (name, _) in enumerate(parts)
+    ]
+    if tokenizer is None:
+        from clip_jax.data import tokenizers
+
+        tokenizer = tokenizers.get_tokenizer(cfg.get("tokenizer", "clip_bpe"), context_length)
+    if tokenizer.context_length != context_length or tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.get('tokenizer', 'clip_bpe')!r} (context {tokenizer.context_length}, "
+            f"vocabulary {tokenizer.vocab_size}) does not fit the model (context "
+            f"{context_length}, vocabulary {vocab_size}); change model.text or train_data.tokenizer"
+        )
+    from clip_jax.data.tfdata import TFDataSource
+
+    return TFDataSource(
+        readers,
+        tokenize_fn=tokenizer.tokenize,
+        seed=seed,
+        image_size=image_size,
+        context_length=context_length,
+        weights=[w for _, w in parts],
+        crop_scale=cfg.get("crop_scale"),
+        process_index=process_index,
+    )

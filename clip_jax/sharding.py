@@ -1,0 +1,151 @@
+"""The device mesh, the logical-axis rules, and the shardings of parameters, state and batches.
+
+One mesh with axes ('data', 'fsdp', 'tensor'). Layers name their axes (`embed`, `mlp`, `heads`,
+...); the rules below map those names onto mesh axes: FSDP shards the model width, tensor
+parallelism the heads and the MLP hidden units, and the batch is split over ('data', 'fsdp').
+Switching between data parallel, FSDP and tensor parallel is a change of `config.mesh` alone.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (None: replicated). Parameter axes first, then activations.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("act_batch", BATCH_AXES),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    # Replicated: positions, head dims, projections' outputs, norms, conv inputs.
+    *((name, None) for name in ("kv", "pos", "joint", "norm", "conv_in")),
+    *((name, None) for name in ("act_seq", "act_embed", "act_kv")),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1, meaning the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(shape[a]) for a in AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(
+            f"mesh sizes {dict(zip(AXES, sizes, strict=True))}: use positive "
+            "sizes and at most one -1"
+        )
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {_describe(sizes)} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh {_describe(sizes)} = {int(np.prod(sizes))} devices, but there are "
+            f"{len(devices)}; set one of mesh.data/fsdp/tensor to -1 to take the rest"
+        )
+    return jax.make_mesh(
+        tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
+    )
+
+
+def _describe(sizes: Sequence[int]) -> str:
+    return " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes, strict=True))
+
+
+def logical_to_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of `nn.Partitioned` leaves (e.g. from `jax.eval_shape(init)`).
+
+    A dimension that its mesh axes do not divide is replicated instead, so that odd sizes
+    (a 3-wide conv input, a 1000-word vocabulary on 8 devices) never stop a run.
+    """
+    specs = nn.get_partition_spec(boxed_tree)
+    # The boxes' values, without `nn.unbox`, which would apply sharding constraints here.
+    shapes = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+    def fit(spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> NamedSharding:
+        mesh_spec = nn.logical_to_mesh_axes(spec, LOGICAL_RULES)
+        axes = []
+        for dim, axis in zip(
+            shape.shape, tuple(mesh_spec) + (None,) * len(shape.shape), strict=False
+        ):
+            size = int(np.prod([mesh.shape[a] for a in _as_tuple(axis)]))
+            axes.append(axis if dim % size == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*axes))
+
+    return jax.tree.map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _as_tuple(axis: Any) -> tuple[str, ...]:
+    if axis is None:
+        return ()
+    return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+
+
+def like_params(tree: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that mirrors the parameters somewhere inside (optimizer moments): a
+    leaf whose key path ends with a parameter's path and has its shape gets that parameter's
+    sharding; everything else (step counts, scalars) is replicated."""
+    by_path = {
+        _path_str(path): s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path: tuple, leaf: Any) -> NamedSharding:
+        parts = _path_str(path).split("/")
+        for i in range(len(parts)):
+            s = by_path.get("/".join(parts[i:]))
+            if s is not None and len(s.spec) <= len(getattr(leaf, "shape", ())):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Rows split over ('data', 'fsdp'), replicated over 'tensor'."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def local_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process's devices hold: one contiguous range."""
+    sharding = batch_sharding(mesh)
+    if global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(
+            f"batch_size {global_batch} is not divisible by mesh data x fsdp = "
+            f"{mesh.shape['data'] * mesh.shape['fsdp']}"
+        )
+    index_map = sharding.addressable_devices_indices_map((global_batch,))
+    spans = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})
+    start, stop = spans[0][0], spans[-1][1]
+    covered = sum(b - a for a, b in spans)
+    if covered != stop - start:
+        raise ValueError("this process's devices hold non-contiguous rows of the batch")
+    return slice(start, stop)
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, global_size: int) -> dict:
+    """Host-local rows (as `local_rows` gives them) -> global arrays sharded over the batch axes,
+    without gathering anything through one host."""
+    return {
+        k: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, v.ndim), v, (global_size, *v.shape[1:])
+        )
+        for k, v in local.items()
+    }

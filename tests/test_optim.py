@@ -1,0 +1,64 @@
+"""Schedule, weight-decay mask, and the AdamW recipe."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax import optim
+from clip_jax.convert import abstract_variables
+from clip_jax.models import model_config
+
+
+def test_warmup_then_cosine_to_zero():
+    lr = optim.make_schedule(1e-3, warmup_steps=10, total_steps=110)
+    assert float(lr(0)) == 0.0
+    assert float(lr(5)) == pytest.approx(5e-4)
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(60)) == pytest.approx(5e-4, rel=1e-5)  # half way down the cosine
+    assert float(lr(110)) == pytest.approx(0.0, abs=1e-12)
+    constant = optim.make_schedule(1e-3, 10, 110, schedule="constant")
+    assert float(constant(100)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="unknown optim.schedule 'linear'"):
+        optim.make_schedule(1e-3, 10, 110, schedule="linear")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
+def test_decay_mask_follows_the_paper(name):
+    params = abstract_variables(model_config(name))["params"]
+    mask = optim.decay_mask(params)
+    flat = {
+        "/".join(str(k.key) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
+    for path, decayed in flat.items():
+        leaf = path.rsplit("/", 1)[-1]
+        expect = leaf in ("kernel", "embedding", "positional_embedding", "proj", "text_projection")
+        assert decayed == expect, path
+    assert not flat["logit_scale"]
+    if name == "tiny":
+        assert not flat["visual/class_embedding"]
+        assert not flat["visual/transformer/resblocks_0/attn/qkv/bias"]  # [3, heads, head_dim]
+
+
+def test_adamw_decays_only_masked_leaves():
+    tx, _ = optim.make_optimizer(
+        100, learning_rate=0.1, warmup_steps=0, weight_decay=0.5, b2=0.98, eps=1e-6
+    )
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert np.all(np.asarray(updates["kernel"]) < 0)  # pure decay: -lr * wd * w
+    np.testing.assert_array_equal(updates["bias"], 0.0)
+
+
+def test_clipping_bounds_the_update():
+    tx, _ = optim.make_optimizer(
+        100, learning_rate=1.0, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0
+    )
+    params = {"w": jnp.zeros((4,))}
+    grads = {"w": jnp.full((4,), 100.0)}
+    _, state = tx.update(grads, tx.init(params), params)
+    adam = state[1][0]  # chain(clip, adamw(scale_by_adam, decay, lr))
+    # Adam's first moment after one step is (1 - b1) times the clipped gradient of norm 1.
+    assert float(jnp.linalg.norm(adam.mu["w"])) == pytest.approx(0.1, rel=1e-5)

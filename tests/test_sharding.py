@@ -1,0 +1,84 @@
+"""The mesh from config, logical rules -> shardings, batch rows per process."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from clip_jax import sharding
+from clip_jax.models import CLIP, model_config
+
+
+def test_mesh_takes_the_rest_and_rejects_mismatches():
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=2, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(ValueError, match="= 12 devices, but there are 8"):
+        sharding.make_mesh(dict(data=3, fsdp=2, tensor=2))
+    with pytest.raises(ValueError, match="does not divide 8 devices"):
+        sharding.make_mesh(dict(data=-1, fsdp=3, tensor=1))
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.make_mesh(dict(data=-1, fsdp=-1, tensor=1))
+
+
+def tiny_param_shardings(mesh, name="tiny"):
+    model = CLIP(**model_config(name))
+    boxed = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), int))
+    )
+    return sharding.logical_to_sharding(boxed["params"], mesh)
+
+
+def test_rules_shard_width_over_fsdp_and_heads_over_tensor():
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    shardings = tiny_param_shardings(mesh)
+    block = shardings["visual"]["transformer"]["resblocks_0"]
+    assert block["attn"]["qkv"]["kernel"].spec == P("fsdp", None, "tensor", None)
+    assert block["attn"]["out"]["kernel"].spec == P("tensor", None, "fsdp")
+    assert block["mlp"]["c_fc"]["kernel"].spec == P("fsdp", "tensor")
+    assert block["ln_1"]["scale"].spec == P(None)
+    assert shardings["text_tower"]["token_embedding"]["embedding"].spec == P("tensor", "fsdp")
+    assert shardings["logit_scale"].spec == P()
+
+
+def test_dimensions_the_mesh_does_not_divide_are_replicated():
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    conv = tiny_param_shardings(mesh, "tiny-rn")["visual"]["stem1"]["conv"]["kernel"]
+    assert conv.spec == P(None, None, None, None)  # 4 output channels on 8 devices
+    # and the model initialises directly in that layout
+    model = CLIP(**model_config("tiny-rn"))
+    params_sh = tiny_param_shardings(mesh, "tiny-rn")
+    init = jax.jit(
+        lambda: nn.unbox(
+            model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), int))
+        )["params"],
+        out_shardings=params_sh,
+    )
+    params = init()
+    assert params["visual"]["stem1"]["conv"]["kernel"].sharding.spec == P(None, None, None, None)
+    q_proj = params["visual"]["attnpool"]["q_proj"]["kernel"]
+    assert q_proj.sharding.spec == P("fsdp", "tensor", None)
+
+
+def test_optimizer_state_follows_params():
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    params_sh = tiny_param_shardings(mesh)
+    abstract = jax.eval_shape(
+        lambda: CLIP(**model_config("tiny")).init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), int)
+        )
+    )
+    opt = jax.eval_shape(optax.adamw(1e-3).init, nn.unbox(abstract["params"]))
+    opt_sh = sharding.like_params(opt, params_sh, mesh)
+    mu = opt_sh[0].mu["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"]
+    assert mu.spec == P("fsdp", "tensor")
+    assert opt_sh[0].count.spec == P()
+
+
+def test_local_rows_single_process_is_everything():
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    assert sharding.local_rows(mesh, 16) == slice(0, 16)
+    with pytest.raises(ValueError, match="not divisible by mesh data x fsdp = 4"):
+        sharding.local_rows(mesh, 6)

@@ -1,0 +1,178 @@
+"""The training core on 8 CPU devices: exact accumulation, identical losses whatever the mesh or
+the process count, the non-finite guard, a tiny model that learns, and the CLI's errors."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax import losses, sharding, train
+from clip_jax.models import CLIP, model_config
+from clip_jax.train_step import make_loss_and_grad
+from configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    c = tiny.get_config()
+    c.total_steps = 6
+    c.log_every_steps = 1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def read_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_accumulation_gives_the_large_batch_gradient():
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+    model = CLIP(**model_config("tiny"))
+    images = jax.random.normal(jax.random.key(1), (64, 32, 32, 3))
+    tokens = jax.random.randint(jax.random.key(2), (64, 16), 1, 49407)
+    batch = {"image": images, "text": tokens}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1]))["params"]
+        batch = jax.device_put(
+            batch,
+            {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)},
+        )
+        loss_fn = losses.make_loss_fn("softmax", mesh, sharding.BATCH_AXES)
+        whole = jax.jit(make_loss_and_grad(model, loss_fn, 1))(params, {}, batch)
+        accum = jax.jit(make_loss_and_grad(model, loss_fn, 4))(params, {}, batch)
+    np.testing.assert_allclose(accum[0], whole[0], rtol=1e-6)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(whole[1]))
+    for a, b in zip(jax.tree.leaves(accum[1]), jax.tree.leaves(whole[1]), strict=True):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(scale, 1.0)
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("data8"))
+    train.run(tiny_config(**{"mesh.data": 8}), workdir)
+    return read_losses(workdir)
+
+
+def test_losses_equal_on_a_2x2x2_mesh(tmp_path, reference_losses):
+    config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    train.run(config, str(tmp_path))
+    got = read_losses(str(tmp_path))
+    assert sorted(got) == list(range(1, 7))
+    for step, loss in reference_losses.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, reference_losses):
+    port = free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": ROOT,
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clip_jax.main",
+                "--config=configs/tiny.py",
+                f"--workdir={tmp_path}",
+                "--config.total_steps=6",
+                "--config.log_every_steps=1",
+                "--config.mesh.data=8",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    got = read_losses(str(tmp_path))
+    for step, loss in reference_losses.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_tiny_config_learns(tmp_path):
+    metrics = train.run(tiny.get_config(), str(tmp_path))
+    got = read_losses(str(tmp_path))
+    assert sorted(got) == [10, 20, 30, 40, 50]
+    assert got[50] < 0.6 * got[10], got
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    for key in (
+        "step",
+        "loss",
+        "learning_rate",
+        "logit_scale",
+        "pairs_per_sec",
+        "skipped_examples",
+        "grad_norm",
+        "step_time",
+    ):
+        assert key in rows[-1]
+    assert metrics["loss"] == rows[-1]["loss"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+def test_nonfinite_loss_halts_with_the_step(tmp_path):
+    config = tiny_config(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0})
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step \d+"):
+        train.run(config, str(tmp_path))
+
+
+def test_nonfinite_loss_skipped_when_asked(tmp_path):
+    config = tiny_config(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0})
+    config.nonfinite = "skip"
+    last = train.run(config, str(tmp_path))
+    assert last["nonfinite_steps"] >= 1
+
+
+def test_cli_bad_mesh_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.main",
+            "--config=configs/tiny.py",
+            f"--workdir={tmp_path}",
+            "--config.mesh.data=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error: mesh data=3" in result.stderr
