@@ -168,8 +168,8 @@ def abstract_variables(cfg: Mapping[str, Any]) -> Variables:
     size = cfg["vision"]["image_size"]
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, cfg["text"]["context_length"]), jnp.int32)
-    return nn.unbox(
-        jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t), images, tokens)
+    return jax.eval_shape(
+        lambda i, t: nn.unbox(model.init(jax.random.key(0), i, t)), images, tokens
     )
 
 

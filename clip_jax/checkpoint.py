@@ -1,0 +1,203 @@
+"""Checkpoints over orbax: asynchronous atomic saves, exact resume, preemption, resharding.
+
+A checkpoint holds everything a resume needs: the train state (parameters, optimizer state, step,
+BatchNorm statistics, the non-finite counters) and every process's input-pipeline position, so that
+the resumed run sees exactly the batches the uninterrupted run would have seen. Nothing else is
+random during training (no dropout), so no RNG state needs saving beyond the data position.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a save killed
+at any moment leaves the previous checkpoint as the latest; leftovers are removed at start-up.
+Restoring takes the target's shardings, so a run saved on one mesh resumes on any other.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from clip_jax import convert, optim
+from clip_jax.models import CLIP
+from clip_jax.train_step import create_state
+
+
+class Checkpointer:
+    """Saves and restores `(train_state, data_state)` under `workdir/checkpoints`.
+
+    Keeps the last `keep` checkpoints, plus every step that is a multiple of `keep_period`.
+    """
+
+    def __init__(
+        self, workdir: str, keep: int = 3, keep_period: int | None = None, async_save: bool = True
+    ):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            keep_period=keep_period or None,
+            cleanup_tmp_directories=True,  # what a killed save left behind
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data")
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict) -> float:
+        """Starts saving; returns the seconds the training loop was blocked."""
+        t0 = time.perf_counter()
+        states = gather_process_states(data_state)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"process_count": len(states), "states": states}),
+            ),
+            force=True,
+        )
+        return time.perf_counter() - t0
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
+        """The state at `step`, laid out as `abstract_state`'s shardings say, and this process's
+        data position (None when the process count changed, so the data restarts)."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        data = restored["data"]
+        if data["process_count"] != jax.process_count():
+            logging.warning(
+                "checkpoint was written by %d processes, this run has %d: the input pipeline "
+                "starts afresh (parameters and optimizer state are restored exactly)",
+                data["process_count"],
+                jax.process_count(),
+            )
+            return restored["state"], None
+        return restored["state"], data["states"][jax.process_index()]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the shardings to restore into."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+
+
+def gather_process_states(data_state: dict) -> list[dict]:
+    """Every process's JSON-able data state, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [data_state]
+    raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    gathered = multihost_utils.process_allgather(padded)
+    return [
+        json.loads(bytes(row[: int(n)]).decode())
+        for row, n in zip(gathered, lengths.reshape(-1), strict=True)
+    ]
+
+
+class PreemptionWatcher:
+    """Says when to save and stop because the job is being preempted (SIGTERM).
+
+    With several processes, JAX's coordination service owns SIGTERM (a signal no longer kills the
+    process once `jax.distributed` is initialised) and `reached_preemption_sync_point` makes every
+    process agree on the same step. A single process catches SIGTERM itself.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._multi = jax.process_count() > 1
+        self._previous = None
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def export_params(workdir: str, out_path: str, step: int | None = None) -> int:
+    """Writes the parameters (and BatchNorm statistics) of a run's checkpoint as an OpenCLIP-layout
+    `.safetensors` / `.npz` file that `clip_jax.load_pretrained` and open_clip read.
+
+    Returns the exported step (the latest unless `step` is given).
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: is {workdir} a clip_jax run directory?")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    ckpt = Checkpointer(workdir, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    model_cfg = config.model.to_dict()
+    if isinstance(model_cfg["vision"]["layers"], list):  # JSON turned the ResNet's tuple to a list
+        model_cfg["vision"]["layers"] = tuple(model_cfg["vision"]["layers"])
+    model = CLIP(**model_cfg)
+    tx, _ = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
+    size, length = model_cfg["vision"]["image_size"], model_cfg["text"]["context_length"]
+    images, tokens = np.zeros((1, size, size, 3), np.float32), np.zeros((1, length), np.int32)
+    abstract = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0), images, tokens))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state, _ = ckpt.restore(
+        step, abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+    )
+    ckpt.close()
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m clip_jax.checkpoint export --workdir DIR --out FILE [--step N]`."""
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a run's parameters for load_pretrained")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="a .safetensors or .npz path")
+    export.add_argument("--step", type=int, default=None, help="default: the latest")
+    args = parser.parse_args(argv)
+    try:
+        step = export_params(args.workdir, args.out, args.step)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote step {step} of {args.workdir} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

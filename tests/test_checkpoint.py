@@ -1,0 +1,287 @@
+"""Checkpoints: exact resume after SIGTERM (one and two processes), SIGKILL during an asynchronous
+save, restore onto another mesh and device count, export / init_from / LiT."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax import checkpoint, optim, sharding, train
+from clip_jax.models import CLIP
+from configs import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 20
+
+
+def config_overrides(total=TOTAL):
+    return [
+        f"--config.total_steps={total}",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=7",
+    ]
+
+
+def make_config(total=TOTAL, **overrides):
+    c = tiny.get_config()
+    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = total, 1, 7
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def read_losses(workdir):
+    losses = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            losses[row["step"]] = row["loss"]  # a resumed run's rows come last
+    return losses
+
+
+def saved_steps(workdir):
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def cli(workdir, *args, devices=8, process=None):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": ROOT,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "clip_jax.main",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+    ]
+    if process is not None:
+        port, index, count = process
+        cmd += [
+            f"--coordinator_address=127.0.0.1:{port}",
+            f"--num_processes={count}",
+            f"--process_id={index}",
+        ]
+    return subprocess.Popen(
+        cmd + list(args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_step(workdir, step, procs, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.path.exists(path) and max(read_losses(workdir), default=0) >= step:
+                return
+        except json.JSONDecodeError:  # a line being written
+            pass
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a run ended early:\n" + procs[0].communicate()[0][-3000:])
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never logged")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run's losses (8 devices, data=8)."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train.run(make_config(), workdir)
+    return read_losses(workdir)
+
+
+# Steps across processes are slow on CPUs (gloo collectives, seconds per step): a shorter run.
+TOTAL_MP = 8
+
+
+@pytest.fixture(scope="module")
+def reference_mp(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference_mp"))
+    train.run(make_config(total=TOTAL_MP), workdir)
+    return read_losses(workdir)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
+    workdir = str(tmp_path)
+    proc = cli(workdir, *config_overrides())
+    wait_for_step(workdir, 3, [proc])
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    k = max(read_losses(workdir))
+    assert 3 <= k < TOTAL and k in saved_steps(workdir)
+    assert f"preempted: saved step {k}" in out
+
+    proc = cli(workdir, *config_overrides())
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming from the checkpoint at step {k}" in out
+    got = read_losses(workdir)
+    for step in range(k + 1, TOTAL + 1):
+        assert abs(got[step] - reference[step]) <= 1e-6, (step, got[step], reference[step])
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+from clip_jax import checkpoint, train
+from tests.test_checkpoint import make_config
+
+save = checkpoint.Checkpointer.save
+
+def save_then_die(self, step, state, data_state):
+    blocked = save(self, step, state, data_state)
+    if step == 14:  # the asynchronous write of step 14 has just begun
+        os.kill(os.getpid(), signal.SIGKILL)
+    return blocked
+
+checkpoint.Checkpointer.save = save_then_die
+train.run(make_config(), sys.argv[1])
+"""
+
+
+def test_sigkill_during_async_save_keeps_the_previous_checkpoint(tmp_path, reference):
+    workdir = str(tmp_path)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, workdir],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert saved_steps(workdir) == [7]
+    assert any(n.startswith("14") and "tmp" in n for n in names), names  # the partial save
+
+    train.run(make_config(), workdir)  # resumes from 7, cleans the partial 14
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert not any("tmp" in n for n in names), names
+    got = read_losses(workdir)
+    for step in range(8, TOTAL + 1):
+        assert abs(got[step] - reference[step]) <= 1e-6, step
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_sigterm_to_one_both_save_the_same_step(tmp_path, reference_mp):
+    workdir = str(tmp_path)
+
+    def launch():
+        port = free_port()
+        overrides = config_overrides(TOTAL_MP)
+        return [cli(workdir, *overrides, devices=4, process=(port, i, 2)) for i in range(2)]
+
+    procs = launch()
+    wait_for_step(workdir, 2, procs)
+    procs[1].send_signal(signal.SIGTERM)  # one process only, as when one host is preempted
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    saved = [int(out.split("preempted: saved step ")[1].split()[0]) for out in outs]
+    assert saved[0] == saved[1] and saved[0] in saved_steps(workdir)
+    k = saved[0]
+    assert k < TOTAL_MP
+
+    for p in launch():
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-3000:]
+    got = read_losses(workdir)
+    for step in range(k + 1, TOTAL_MP + 1):
+        assert abs(got[step] - reference_mp[step]) <= 1e-6, step
+
+
+def restore_params(workdir, mesh, config):
+    model = CLIP(**config.model.to_dict())
+    tx, _ = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
+    size = config.model.vision.image_size
+    images, tokens = jnp.zeros((1, size, size, 3)), jnp.zeros((1, 16), jnp.int32)
+    with jax.set_mesh(mesh):
+        shardings, abstract = train._state_layout(model, tx, mesh, images, tokens)
+        ckpt = checkpoint.Checkpointer(workdir)
+        state, _ = ckpt.restore(
+            ckpt.latest_step(), checkpoint.abstract_with_shardings(abstract, shardings)
+        )
+        ckpt.close()
+    return state.params
+
+
+def test_restore_onto_another_mesh_and_device_count_is_bit_exact(tmp_path):
+    config = make_config(total=2, **{"mesh.data": 2, "mesh.fsdp": 4})
+    train.run(config, str(tmp_path))
+    saved_on = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    four = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), devices=jax.devices()[:4])
+    original = restore_params(str(tmp_path), saved_on, config)
+    moved = restore_params(str(tmp_path), four, config)
+    kernel = moved["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"]
+    assert len(kernel.sharding.device_set) == 4
+    for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(moved), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_finished_run_says_so_and_exits_zero(tmp_path):
+    train.run(make_config(total=2), str(tmp_path))
+    proc = cli(str(tmp_path), *config_overrides(total=2))
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "already reached step 2 of 2" in out
+
+
+def test_export_init_from_and_lit(tmp_path):
+    base = str(tmp_path / "base")
+    train.run(make_config(total=2), base)
+    exported = str(tmp_path / "base.safetensors")
+    assert checkpoint.main(["export", "--workdir", base, "--out", exported]) == 0
+    _, variables = clip_jax.load_pretrained(exported)
+    restored = restore_params(
+        base, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), make_config(total=2)
+    )
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # LiT: start from those weights with the image tower frozen.
+    lit = str(tmp_path / "lit")
+    train.run(make_config(total=3, init_from=exported, **{"optim.frozen": ("visual",)}), lit)
+    lit_file = str(tmp_path / "lit.safetensors")
+    checkpoint.export_params(lit, lit_file)
+    _, after = clip_jax.load_pretrained(lit_file)
+    for a, b in zip(
+        jax.tree.leaves(after["params"]["visual"]),
+        jax.tree.leaves(variables["params"]["visual"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text_before = variables["params"]["text_tower"]["text_projection"]
+    assert not np.array_equal(after["params"]["text_tower"]["text_projection"], text_before)
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert checkpoint.main(["export", "--workdir", str(tmp_path), "--out", "x.safetensors"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
