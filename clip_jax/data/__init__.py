@@ -1,0 +1,1 @@
+"""Input data: sources, the tf.data pipeline, image ops, tokenizers, dataset preparation."""

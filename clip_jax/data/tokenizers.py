@@ -1,0 +1,255 @@
+"""Tokenizers behind one interface: `tokenize(list[str]) -> int32 [B, context_length]`.
+
+- `ClipBpeTokenizer`: OpenAI's byte-level BPE (49,408 tokens), token for token what open_clip's
+  tokenizer gives: the same text cleaning (ftfy, HTML unescaping, whitespace, lower case), the same
+  pre-tokenising pattern, start and end tokens, zero padding, and truncation that keeps the end
+  token last. Its merges file ships in this package.
+- `SentencePieceTokenizer`: a sentencepiece model; ids then EOS, truncated so that EOS stays.
+
+    python -m clip_jax.data.tokenizers train --input captions.txt --vocab_size 8000 --out spm.model
+    python -m clip_jax.data.tokenizers encode --tokenizer clip_bpe "a photo of a cat"
+"""
+
+import argparse
+import functools
+import gzip
+import html
+import os
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 256 bytes x 2, merges, 2 special tokens
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+
+
+class Tokenizer(Protocol):
+    context_length: int
+    vocab_size: int
+    eot_token_id: int
+    pad_token_id: int
+    pool_type: str  # how the text tower finds the end token: "argmax" or "eot"
+
+    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray: ...
+
+
+def pack(rows: Sequence[Sequence[int]], context_length: int, eot: int, pad: int = 0) -> np.ndarray:
+    """Id lists -> int32 [B, context_length]: truncated with `eot` kept last, padded with `pad`."""
+    out = np.full((len(rows), context_length), pad, np.int32)
+    for i, ids in enumerate(rows):
+        ids = list(ids)
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = eot
+        out[i, : len(ids)] = ids
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible map of the 256 byte values to printable unicode characters: printable
+    Latin-1 bytes map to themselves, the others to code points from 256 on."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table  # insertion order (printable bytes first) is the vocabulary's order
+
+
+def clean_text(text: str) -> str:
+    """open_clip's 'lower' cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+class ClipBpeTokenizer:
+    """OpenAI's CLIP BPE; `tokenize` gives [SOT, ids..., EOT, 0, ...] per text."""
+
+    pool_type = "argmax"  # the end token 49407 is the highest id
+    pad_token_id = 0
+
+    def __init__(self, context_length: int = 77, merges_path: str | None = None):
+        import regex
+
+        self.context_length = context_length
+        path = merges_path or BPE_PATH
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no BPE merges file at {path}")
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1 : NUM_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        vocab += list(SPECIAL_TOKENS)
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = dict(enumerate(vocab))
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.vocab_size = len(vocab)
+        self.sot_token_id, self.eot_token_id = (self.encoder[t] for t in SPECIAL_TOKENS)
+        self._cache = {t: t for t in SPECIAL_TOKENS}  # special tokens pass through whole
+        specials = "|".join(SPECIAL_TOKENS)
+        self._pattern = regex.compile(
+            specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
+
+    def bpe(self, word: str) -> str:
+        """One pre-token (as byte symbols) -> its BPE pieces joined by spaces (cached)."""
+        if word in self._cache:
+            return self._cache[word]
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = set(zip(parts, parts[1:], strict=False))
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self._cache[word] = out = " ".join(parts)
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> BPE ids, without start or end tokens."""
+        ids = []
+        for token in self._pattern.findall(clean_text(text)):
+            symbols = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[piece] for piece in self.bpe(symbols).split(" "))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text (for inspection), special tokens and padding dropped."""
+        special = {self.sot_token_id, self.eot_token_id, self.pad_token_id}
+        text = "".join(self.decoder[int(i)] for i in ids if int(i) not in special)
+        raw = bytearray(self.byte_decoder[c] for c in text)
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else texts
+        rows = [[self.sot_token_id, *self.encode(t), self.eot_token_id] for t in texts]
+        return pack(rows, self.context_length, self.eot_token_id)
+
+    __call__ = tokenize
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model: [BOS?] ids EOS, truncated so that EOS stays, padded."""
+
+    pool_type = "eot"
+
+    def __init__(self, model_path: str, context_length: int = 77, add_bos: bool = False):
+        import sentencepiece
+
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(f"no sentencepiece model at {model_path}")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        self.context_length, self.add_bos = context_length, add_bos
+        self.vocab_size = self.sp.get_piece_size()
+        self.eot_token_id = self.sp.eos_id()
+        if self.eot_token_id < 0:
+            raise ValueError(f"{model_path} has no end-of-sequence id; train it with eos_id >= 0")
+        self.pad_token_id = max(self.sp.pad_id(), 0)
+        if add_bos and self.sp.bos_id() < 0:
+            raise ValueError(f"{model_path} has no beginning-of-sequence id for add_bos")
+
+    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        prefix = [self.sp.bos_id()] if self.add_bos else []
+        rows = [[*prefix, *ids, self.eot_token_id] for ids in self.sp.encode(texts)]
+        return pack(rows, self.context_length, self.eot_token_id, self.pad_token_id)
+
+    __call__ = tokenize
+
+
+def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int = 77) -> Tokenizer:
+    """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece."""
+    if name_or_path in ("clip_bpe", "openai"):
+        return ClipBpeTokenizer(context_length)
+    if name_or_path.endswith(".model"):
+        return SentencePieceTokenizer(name_or_path, context_length)
+    raise ValueError(
+        f"unknown tokenizer {name_or_path!r}: use 'clip_bpe' or the path of a sentencepiece .model"
+    )
+
+
+def train_sentencepiece(
+    input_path: str, vocab_size: int, out_path: str, model_type: str = "unigram"
+) -> str:
+    """Trains a sentencepiece model on a text file of captions (one per line); pad is id 0.
+
+    Returns the path of the `.model` written (its `.vocab` lies beside it).
+    """
+    import sentencepiece
+
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"no caption file at {input_path}")
+    if not out_path.endswith(".model"):
+        raise ValueError(f"--out must end in .model, got {out_path}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            input=input_path,
+            model_prefix=out_path[: -len(".model")],
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            character_coverage=0.9995,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. a vocabulary larger than the text supports
+        reason = str(e).strip().splitlines()[-1].rpartition("] ")[2]
+        raise ValueError(f"sentencepiece training failed: {reason}") from e
+    return out_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.data.tokenizers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a sentencepiece model on a caption file")
+    train.add_argument("--input", required=True, help="text file, one caption per line")
+    train.add_argument("--vocab_size", type=int, required=True)
+    train.add_argument("--out", required=True, help="output .model path")
+    train.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    encode = sub.add_parser("encode", help="print the ids of some texts")
+    encode.add_argument("--tokenizer", default="clip_bpe", help="clip_bpe or a .model path")
+    encode.add_argument("--context_length", type=int, default=77)
+    encode.add_argument("texts", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            out = train_sentencepiece(args.input, args.vocab_size, args.out, args.model_type)
+            print(f"wrote {out} (vocabulary {args.vocab_size}, {args.model_type})")
+        else:
+            tokenizer = get_tokenizer(args.tokenizer, args.context_length)
+            for text, ids in zip(args.texts, tokenizer.tokenize(args.texts), strict=True):
+                print(f"{text!r}: {' '.join(str(i) for i in ids[ids != 0])}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
