@@ -39,9 +39,12 @@ setup(
         "numpy>=1.26,<3",
         "ftfy>=6.1,<7",
         "regex>=2023.0",
+        "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4", "pillow>=10"],
+        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4"],
+        # The handwritten-digits demo dataset ships inside scikit-learn.
+        "demo": ["scikit-learn>=1.4"],
         # The reference implementation, for the parity tests (they skip without it).
         "reference": ["torch>=2.4", "torchvision", "open_clip_torch>=2.26"],
     },

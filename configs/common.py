@@ -56,6 +56,9 @@ def base_config(
     c.train_data.image_key = "jpg"
     c.train_data.text_key = "txt"
     c.train_data.tokenizer = "clip_bpe"  # or a sentencepiece .model path
+    c.train_data.shuffle_buffer = 10_000  # records; 0 or 1: no shuffling
+    c.train_data.crop_scale = (0.9, 1.0)  # random resized crop's area range
+    c.train_data.data_dir = ""  # tfds data_dir ("": tfds's default)
 
     c.evals = ml_collections.ConfigDict()
     return c

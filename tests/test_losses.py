@@ -53,8 +53,14 @@ def embeddings(seed, n=N, d=D):
 
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
-CASES = [("softmax", 0), ("softmax", 16), ("softmax", 7), ("softmax", 100), ("sigmoid", 0),
-         ("sigmoid", 5)]
+CASES = [
+    ("softmax", 0),
+    ("softmax", 16),
+    ("softmax", 7),
+    ("softmax", 100),
+    ("sigmoid", 0),
+    ("sigmoid", 5),
+]
 
 
 def check(fn, name, seed=0, scale=14.0, bias=-3.0, place=None):

@@ -75,7 +75,7 @@ def make_reader(
         return readers.TFDSReader(
             name,
             split,
-            data_dir=cfg.get("data_dir"),
+            data_dir=cfg.get("data_dir") or None,
             image_key=cfg.get("image_key", "jpg"),
             text_key=cfg.get("text_key", "txt"),
             templates=cfg.get("templates"),

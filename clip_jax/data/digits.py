@@ -1,0 +1,114 @@
+"""The demo dataset: the 1,797 real 8x8 handwritten digits that ship inside scikit-learn, as
+captioned TFRecord shards (no download).
+
+    python -m clip_jax.data.digits --output DIR [--image_size 64]
+
+Each digit is inverted (dark ink on white), upsampled (bicubic) to `image_size`, made RGB and
+stored as JPEG, with a caption drawn from varied templates ("a handwritten seven", "the digit 7",
+...). A fixed permutation splits 1,497 training and 300 test examples: `DIR/train-*.tfrecord`
+and `DIR/test-*.tfrecord` in img2dataset's layout (`jpg`, `txt`, `key`, plus the int64 `label`),
+and `DIR/classnames.txt`, the class names in label order. Train with
+`--config.train_data.source='tfrecord:DIR/train-*.tfrecord'`.
+
+scikit-learn is an optional dependency: `pip install 'clip-jax-train[demo]'`.
+"""
+
+import io
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+from clip_jax.data.prepare import ShardWriter, UsageError, make_example, parse_flags
+
+CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {digit}",
+    "a photo of the number {word}",
+    "a handwritten digit {digit}",
+    "the number {word}, written by hand",
+    "a scan of a handwritten {digit}",
+    "a small blurry picture of the digit {word}",
+    "a {word} written in ink",
+    "an image of the numeral {digit}",
+    "a hand-drawn {word}",
+)
+TEST_SIZE = 300
+SPLIT_SEED = 0
+SHARD_SIZE = 1000
+JPEG_QUALITY = 95
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images uint8 [1797, 8, 8] (0 = ink-free, 16 = full ink) and
+    labels int64 [1797]."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise UsageError(
+            "the digits demo needs scikit-learn: pip install 'clip-jax-train[demo]'"
+        ) from None
+    digits = sklearn_digits()
+    return digits.images.astype(np.uint8), digits.target.astype(np.int64)
+
+
+def render(digit: np.ndarray, image_size: int) -> bytes:
+    """An 8x8 digit (values 0..16) -> JPEG bytes, dark on white, RGB [image_size, image_size]."""
+    grey = 255 - np.round(digit.astype(np.float32) * (255 / 16)).astype(np.uint8)
+    image = Image.fromarray(grey, "L").resize((image_size, image_size), Image.BICUBIC)
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+def caption(label: int, rng: np.random.Generator) -> str:
+    """A caption naming `label`, from a random template."""
+    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    return template.format(word=CLASS_NAMES[label], digit=label)
+
+
+def split_indices(n: int, test_size: int = TEST_SIZE) -> dict[str, np.ndarray]:
+    """A fixed permutation of range(n) cut into train and test (each sorted)."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return {"train": np.sort(order[test_size:]), "test": np.sort(order[:test_size])}
+
+
+def write_digits(output: str, image_size: int = 64, shard_size: int = SHARD_SIZE) -> dict[str, int]:
+    """Writes the train and test shards and classnames.txt; returns examples per split."""
+    if image_size < 8:
+        raise UsageError(f"--image_size {image_size}: use at least 8 (the digits are 8x8)")
+    images, labels = load_digits()
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(output)
+    counts = {}
+    for k, (split, indices) in enumerate(split_indices(len(labels)).items()):
+        rng = np.random.default_rng([SPLIT_SEED, k + 1])  # the captions' templates
+        with ShardWriter(output, split, shard_size) as writer:
+            for i in indices:
+                label = int(labels[i])
+                jpeg = render(images[i], image_size)
+                writer.write(make_example(jpeg, caption(label, rng), f"{i:04d}", label=label))
+        counts[split] = writer.count
+    with tf.io.gfile.GFile(os.path.join(output, "classnames.txt"), "w") as f:
+        f.write("\n".join(CLASS_NAMES) + "\n")
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_flags(argv, {"output": str, "image_size": int})
+        if "output" not in args:
+            raise UsageError("usage: python -m clip_jax.data.digits --output DIR [--image_size 64]")
+        counts = write_digits(args["output"], args.get("image_size", 64))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['train']} train and {counts['test']} test digits to {args['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""Image preprocessing as TensorFlow ops, so that it runs inside the tf.data graph.
+
+Training images get the random square crop of the CLIP paper in open_clip's form (a random
+resized crop covering `scale` of the area, aspect ratio in [3/4, 4/3], resized to the model's
+resolution); evaluation images get OpenAI's transform (resize the shorter side, center crop).
+Crops are rounded to uint8, as PIL's are in the reference transforms, and then get CLIP's
+mean/std normalisation; the input pipeline normalises whole batches at once (cheaper per
+example than one image at a time).
+
+Decoding handles whatever `tf.io.decode_image` reads: JPEG, PNG, GIF (first frame), BMP and, in
+the TensorFlow versions we support, WebP. Undecodable or truncated bytes raise an error inside
+the graph; the pipeline turns such errors into skipped, counted records.
+"""
+
+import math
+
+import tensorflow as tf
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_CROP_SCALE = (0.9, 1.0)  # open_clip's default for CLIP training
+CROP_RATIO = (3 / 4, 4 / 3)
+# Downscaling by more than this gets an antialiasing filter, as PIL's resize (which OpenAI and
+# open_clip use) always applies; below it, the filter changes little and costs 3-4x the time.
+ANTIALIAS_ABOVE = 1.25
+
+
+def decode_rgb(data: tf.Tensor) -> tf.Tensor:
+    """Encoded image bytes (a scalar tf.string) -> uint8 [H, W, 3]; raises on bad bytes."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize(image: tf.Tensor, height: tf.Tensor | int, width: tf.Tensor | int) -> tf.Tensor:
+    """Bicubic resize of [H, W, 3] to [height, width, 3] float32, antialiased when it shrinks
+    either side by more than `ANTIALIAS_ABOVE`."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    target = tf.cast(tf.stack([height, width]), tf.float32)
+    shrink = tf.reduce_max(shape / target)
+    return tf.cond(
+        shrink > ANTIALIAS_ABOVE,
+        lambda: tf.image.resize(image, [height, width], method="bicubic", antialias=True),
+        lambda: tf.image.resize(image, [height, width], method="bicubic"),
+    )
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+    """Float pixels (a resize's output may overshoot [0, 255]) -> rounded, clipped uint8."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """uint8 pixels [..., 3] -> CLIP-normalised float32 [..., 3]: (x / 255 - mean) / std."""
+    scale = tf.constant([1 / (255 * s) for s in CLIP_STD])
+    offset = tf.constant([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
+    return tf.cast(image, tf.float32) * scale + offset
+
+
+def random_crop_window(
+    height: tf.Tensor,
+    width: tf.Tensor,
+    seed: tf.Tensor,
+    scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """A random window (top, left, h, w) of `scale` of the area and aspect `ratio` (w / h).
+
+    One draw, clipped to the image, instead of torchvision's ten tries and a center-crop fallback:
+    with the scales CLIP uses (>= 0.9 of the area) the clip changes the window by a few pixels.
+
+    Args:
+      height, width: int32 scalars, the image size.
+      seed: int32 or int64 [2], a stateless seed; the same seed gives the same window.
+    Returns:
+      int32 scalars top, left, crop_height, crop_width.
+    """
+    u = tf.random.stateless_uniform([4], seed=seed)
+    area = tf.cast(height * width, tf.float32) * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(log_lo + (log_hi - log_lo) * u[1])
+    crop_w = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32), 1, width)
+    crop_h = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32), 1, height)
+    top = tf.cast(tf.floor(u[2] * tf.cast(height - crop_h + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(u[3] * tf.cast(width - crop_w + 1, tf.float32)), tf.int32)
+    return tf.minimum(top, height - crop_h), tf.minimum(left, width - crop_w), crop_h, crop_w
+
+
+def train_crop(
+    data: tf.Tensor,
+    size: int,
+    seed: tf.Tensor,
+    scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+) -> tf.Tensor:
+    """Encoded bytes -> a random resized crop: uint8 [size, size, 3].
+
+    Args:
+      data: scalar tf.string, encoded image bytes.
+      size: output resolution.
+      seed: int [2] stateless seed (the crop is a pure function of the bytes and the seed).
+      scale: range of the crop's share of the image area.
+    """
+    image = decode_rgb(data)
+    shape = tf.shape(image)
+    top, left, h, w = random_crop_window(shape[0], shape[1], seed, scale)
+    return to_uint8(resize(image[top : top + h, left : left + w], size, size))
+
+
+def eval_crop(data: tf.Tensor, size: int) -> tf.Tensor:
+    """Encoded bytes -> OpenAI's evaluation transform: shorter side resized to `size` (bicubic),
+    center crop `size` x `size`: uint8 [size, size, 3]."""
+    image = decode_rgb(data)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    short = tf.minimum(shape[0], shape[1])
+    # torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated.
+    new = tf.maximum(tf.cast(shape * size / short, tf.int32), size)
+    resized = resize(image, new[0], new[1])
+    top = tf.cast(tf.round(tf.cast(new[0] - size, tf.float32) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new[1] - size, tf.float32) / 2), tf.int32)
+    return to_uint8(resized[top : top + size, left : left + size])
+
+
+def train_image(data: tf.Tensor, size: int, seed: tf.Tensor, scale=DEFAULT_CROP_SCALE) -> tf.Tensor:
+    """`train_crop`, normalised: float32 [size, size, 3]."""
+    return normalize(train_crop(data, size, seed, scale))
+
+
+def eval_image(data: tf.Tensor, size: int) -> tf.Tensor:
+    """`eval_crop`, normalised: float32 [size, size, 3]."""
+    return normalize(eval_crop(data, size))

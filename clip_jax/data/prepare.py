@@ -1,0 +1,314 @@
+"""Images with captions -> sharded TFRecords in img2dataset's layout (what `tfrecord:GLOB` reads).
+
+    python -m clip_jax.data.prepare --input DIR_OR_CSV --output OUTDIR [--shard_size N]
+        [--image_size S] [--workers W]
+
+The input is a folder of images, each with a sidecar caption file of the same stem (`a/b.jpg` and
+`a/b.txt`), searched recursively; or a CSV / TSV (by extension: .tsv and .tab are tab-separated)
+of `path,caption` rows, paths relative to the file, with an optional header naming the columns.
+Each record is a tf.train.Example with bytes features `jpg` (JPEG bytes: JPEG files are kept
+as they are, other formats re-encoded; with --image_size the shorter side is resized to S and
+the image re-encoded), `txt` (the caption, UTF-8) and `key`. Records keep the input's order in
+shards `OUTDIR/part-00000.tfrecord`, ...; counts go to stdout and `OUTDIR/stats.json`.
+
+An unreadable image, a missing file, a missing or empty caption: the item is skipped and counted
+with its reason. Captions that are not valid UTF-8 are repaired (invalid bytes become U+FFFD) and
+counted. Bad arguments end with one error line and exit status 2.
+"""
+
+import collections
+import concurrent.futures
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "jpg")
+CAPTION_COLUMNS = ("caption", "text", "txt", "title", "label")
+JPEG_QUALITY = 95
+CHUNK = 256  # items in flight at once
+
+
+class UsageError(ValueError):
+    """Bad arguments or input: reported in one line, exit status 2."""
+
+
+def make_example(image: bytes, caption: str, key: str, label: int | None = None) -> bytes:
+    """One serialized tf.train.Example: `jpg`, `txt`, `key` bytes (and `label` int64)."""
+    import tensorflow as tf
+
+    def as_bytes(v: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    features = {
+        "jpg": as_bytes(image),
+        "txt": as_bytes(caption.encode()),
+        "key": as_bytes(key.encode()),
+    }
+    if label is not None:
+        features["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+class ShardWriter:
+    """Writes serialized records to `DIR/PREFIX-00000.tfrecord`, ... of `shard_size` each."""
+
+    def __init__(self, directory: str, prefix: str = "part", shard_size: int = 10_000):
+        import tensorflow as tf
+
+        self._tf, self.directory, self.prefix = tf, directory, prefix
+        self.shard_size, self.count, self.paths = shard_size, 0, []
+        self._file = None
+
+    def write(self, record: bytes) -> None:
+        if self.count % self.shard_size == 0:
+            self.close()
+            path = os.path.join(self.directory, f"{self.prefix}-{len(self.paths):05d}.tfrecord")
+            self._file = self._tf.io.TFRecordWriter(path)
+            self.paths.append(path)
+        self._file.write(record)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def to_jpeg(data: bytes, image_size: int = 0) -> bytes:
+    """Encoded image bytes -> JPEG bytes: a JPEG kept as is unless resized (shorter side to
+    `image_size`, if > 0); raises ValueError when the bytes are not a readable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes everything: catches truncated files
+            if im.format == "JPEG" and im.mode in ("RGB", "L") and not image_size:
+                return data
+            if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent pixels onto white
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)
+            im = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"unreadable image ({type(e).__name__})") from None
+    if image_size:
+        w, h = im.size
+        scale = image_size / min(w, h)
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+def decode_caption(raw: bytes) -> tuple[str, bool]:
+    """Caption bytes -> (stripped text, whether invalid UTF-8 had to be replaced)."""
+    try:
+        return raw.decode("utf-8").strip(), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace").strip(), True
+
+
+# An item: (image path, caption bytes or None, caption file path or None).
+Item = tuple[str, bytes | None, str | None]
+
+
+def folder_items(root: str) -> list[Item]:
+    """Images under `root` (recursively, sorted) with the paths of their sidecar captions."""
+    items = []
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTENSIONS:
+                items.append(
+                    (os.path.join(directory, name), None, os.path.join(directory, stem + ".txt"))
+                )
+    if not items:
+        raise UsageError(f"--input {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return items
+
+
+def table_items(path: str) -> list[Item]:
+    """Rows of a CSV / TSV of path,caption (paths relative to the file)."""
+    delimiter = "\t" if path.lower().endswith((".tsv", ".tab")) else ","
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
+    if not rows:
+        raise UsageError(f"--input {path}: the table is empty")
+    header = [c.strip().lower() for c in rows[0]]
+    path_col, caption_col = 0, 1
+    if any(c in PATH_COLUMNS for c in header) and any(c in CAPTION_COLUMNS for c in header):
+        path_col = next(i for i, c in enumerate(header) if c in PATH_COLUMNS)
+        caption_col = next(i for i, c in enumerate(header) if c in CAPTION_COLUMNS)
+        rows = rows[1:]
+    elif len(header) < 2:
+        raise UsageError(f"--input {path}: expected rows of path{delimiter}caption")
+    items = []
+    for row in rows:
+        image = row[path_col] if len(row) > path_col else ""
+        caption = row[caption_col] if len(row) > caption_col else ""
+        raw = caption.encode("utf-8", errors="surrogateescape")
+        items.append((os.path.join(base, image.strip()) if image.strip() else "", raw, None))
+    return items
+
+
+def convert_item(item: Item, image_size: int) -> tuple[bytes | None, bool, str]:
+    """One item -> (JPEG bytes or None, caption repaired?, caption text or the skip reason)."""
+    image_path, raw_caption, caption_path = item
+    if raw_caption is None:
+        if not os.path.isfile(caption_path):
+            return None, False, "no caption file"
+        with open(caption_path, "rb") as f:
+            raw_caption = f.read()
+    caption, repaired = decode_caption(raw_caption)
+    if not caption:
+        return None, False, "empty caption"
+    if not image_path or not os.path.isfile(image_path):
+        return None, False, "missing image file"
+    with open(image_path, "rb") as f:
+        data = f.read()
+    try:
+        return to_jpeg(data, image_size), repaired, caption
+    except ValueError as e:
+        return None, False, str(e)
+
+
+def _progress(total: int) -> Callable[[int, bool], None]:
+    """A single-line progress report on stderr, refreshed at most 5 times a second."""
+    start, last = time.perf_counter(), [0.0]
+
+    def show(done: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - last[0] < 0.2:
+            return
+        last[0] = now
+        rate = done / max(now - start, 1e-9)
+        pct = 100.0 * done / max(total, 1)
+        end = "\n" if final else ""
+        print(
+            f"\rprepare: {done}/{total} items ({pct:5.1f}%), {rate:.0f}/s", end=end, file=sys.stderr
+        )
+
+    return show
+
+
+def _converted(items: list[Item], image_size: int, workers: int) -> Iterator:
+    """`convert_item` over `items` in threads (PIL releases the GIL), in input order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for i in range(0, len(items), CHUNK):
+            yield from pool.map(lambda it: convert_item(it, image_size), items[i : i + CHUNK])
+
+
+def prepare(
+    items: Iterable[Item],
+    output: str,
+    *,
+    shard_size: int = 10_000,
+    image_size: int = 0,
+    workers: int = 8,
+) -> dict:
+    """Writes `items` as shards in `output`; returns the counts (also in `output/stats.json`)."""
+    import tensorflow as tf
+
+    items = list(items)
+    tf.io.gfile.makedirs(output)
+    if tf.io.gfile.glob(os.path.join(output, "*.tfrecord")):
+        raise UsageError(
+            f"--output {output} already holds .tfrecord shards; use an empty directory"
+        )
+    skipped: collections.Counter = collections.Counter()
+    repaired = 0
+    show = _progress(len(items))
+    with ShardWriter(output, "part", shard_size) as writer:
+        for done, (jpeg, fixed, text) in enumerate(_converted(items, image_size, workers), 1):
+            if jpeg is None:
+                skipped[text] += 1
+            else:
+                writer.write(make_example(jpeg, text, f"{writer.count:09d}"))
+                repaired += fixed
+            show(done)
+        show(len(items), final=True)
+    stats = {
+        "written": writer.count,
+        "skipped": sum(skipped.values()),
+        "skipped_reasons": dict(sorted(skipped.items())),
+        "repaired_captions": repaired,
+        "shards": len(writer.paths),
+    }
+    with tf.io.gfile.GFile(os.path.join(output, "stats.json"), "w") as f:
+        f.write(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+FLAGS = {"input": str, "output": str, "shard_size": int, "image_size": int, "workers": int}
+
+
+def parse_flags(argv: list[str], allowed: dict[str, type]) -> dict:
+    """`--name value` / `--name=value` pairs of `allowed` names; a UsageError for anything else."""
+    args, i = {}, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        name = flag[2:] if flag.startswith("--") else ""
+        if name not in allowed:
+            raise UsageError(
+                f"unknown argument {argv[i]!r}; flags: " + " ".join(f"--{a}" for a in allowed)
+            )
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{flag} needs a value")
+            i, value = i + 1, argv[i + 1]
+        try:
+            args[name] = allowed[name](value)
+        except ValueError:
+            raise UsageError(f"{flag}={value!r} is not an integer") from None
+        i += 1
+    return args
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_flags(argv, FLAGS)
+        if "input" not in args or "output" not in args:
+            raise UsageError("--input DIR_OR_CSV and --output OUTDIR are required")
+        source = args["input"]
+        if os.path.isdir(source):
+            items = folder_items(source)
+        elif os.path.isfile(source):
+            items = table_items(source)
+        else:
+            raise UsageError(f"--input {source} does not exist")
+        shard_size, image_size = args.get("shard_size", 10_000), args.get("image_size", 0)
+        if shard_size < 1 or image_size < 0:
+            raise UsageError("--shard_size must be >= 1 and --image_size >= 0")
+        workers = max(1, args.get("workers", min(32, os.cpu_count() or 1)))
+        stats = prepare(
+            items, args["output"], shard_size=shard_size, image_size=image_size, workers=workers
+        )
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped_reasons"].items()) or "none"
+    print(f"wrote {stats['written']} examples in {stats['shards']} shards to {args['output']}")
+    print(
+        f"skipped {stats['skipped']} ({reasons}); repaired captions: {stats['repaired_captions']}"
+    )
+    if not stats["written"]:
+        print("error: no usable image-caption pair in the input", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

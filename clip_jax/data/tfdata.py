@@ -1,0 +1,231 @@
+"""The tf.data source: readers' raw records -> decoded, augmented, tokenized host-local batches,
+with skipped-record counting and exact resume (the interface is in `sources`).
+
+Per reader, the stream is a pure function of the seed and a position (epoch, offset):
+
+    epoch e0 from offset o0, then epochs e0+1, e0+2, ... (each in its own seeded order)
+      -> number every raw record (epoch, offset) before decoding
+      -> parse + decode + crop (uint8) in a deterministic parallel map, seeded by the position
+      -> drop records that raised (bad image bytes) or are unusable (no or empty caption)
+    then mix the readers' streams (a seeded draw per example), batch, normalise each batch's
+    images and tokenize its captions in one call, prefetch.
+
+Every example carries its position and `raw`, the number of raw records its reader consumed in
+this run before it, so that `raw + 1 - examples emitted` counts the records skipped up to it:
+nothing is dropped without being counted. The state after a batch is, for each reader, the
+position just after its last example in the batch; resuming rebuilds the stream from there and
+skips raw records without decoding them.
+
+A marker closes every epoch; a reader whose stream has two markers in a row without a usable
+example between them (a whole epoch of bad records, or no records) ends the stream, and
+`batches` raises a clear error instead of hanging.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from clip_jax.data import image_ops
+
+Batch = dict[str, np.ndarray]
+EPOCHS = 2**40  # "forever", as a range that tf.data can hold
+PREFETCH_BATCHES = 2
+
+
+def _key(*parts: int) -> int:
+    """A 62-bit key mixed from integers (seed, reader, process)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 2)
+
+
+def _zeros(spec) -> tf.Tensor:
+    """A filler element of `spec` (unknown dimensions become 0)."""
+    return tf.zeros([d or 0 for d in spec.shape], spec.dtype)
+
+
+def _clean_caption(caption: tf.Tensor) -> tf.Tensor:
+    """Invalid UTF-8 is repaired (U+FFFD), surrounding whitespace stripped."""
+    caption = tf.strings.unicode_transcode(caption, "UTF-8", "UTF-8", errors="replace")
+    return tf.strings.strip(caption)
+
+
+def _positioned(reader, epoch: int, offset: int) -> tf.data.Dataset:
+    """Raw records from (epoch, offset) on, each with its position, and a marker per epoch."""
+
+    def one_epoch(e: tf.Tensor) -> tf.data.Dataset:
+        records = reader.epoch(e)
+        spec = records.element_spec
+        numbered = records.enumerate().map(
+            lambda i, r: {"raw": r, "epoch": e, "offset": i, "marker": tf.constant(False)}
+        )
+        marker = {
+            "raw": tf.nest.map_structure(_zeros, spec),
+            "epoch": e,
+            "offset": tf.constant(-1, tf.int64),
+            "marker": tf.constant(True),
+        }
+        return numbered.concatenate(tf.data.Dataset.from_tensors(marker))
+
+    first = one_epoch(tf.constant(epoch, tf.int64)).skip(offset)
+    rest = tf.data.Dataset.range(epoch + 1, EPOCHS).flat_map(one_epoch)
+    # Markers of epochs epoch..e-1 precede a record of epoch e: they are not raw records.
+    return (
+        first.concatenate(rest)
+        .enumerate()
+        .map(lambda n, x: {**x, "raw_index": n - (x["epoch"] - epoch)})
+    )
+
+
+def _decoded(reader, image_fn: Callable, key: int, image_size: int, ds: tf.data.Dataset):
+    """Parses and decodes in parallel (in order); drops bad records; ends on a dead reader."""
+
+    def decode(x: dict) -> dict:
+        seed = tf.stack([tf.constant(key, tf.int64), x["epoch"] * 2**32 + x["offset"]])
+        caption_seed, image_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image_bytes, caption = reader.parse(x["raw"], caption_seed)
+        caption = _clean_caption(caption)
+        usable = tf.logical_and(tf.logical_not(x["marker"]), tf.strings.length(caption) > 0)
+        image = tf.cond(
+            usable,
+            lambda: image_fn(image_bytes, image_seed),
+            lambda: tf.zeros([image_size, image_size, 3], tf.uint8),
+        )
+        return {
+            "image": image,
+            "caption": caption,
+            "epoch": x["epoch"],
+            "offset": x["offset"],
+            "raw": x["raw_index"],
+            "marker": x["marker"],
+            "usable": usable,
+        }
+
+    def watch(markers_since_usable: tf.Tensor, x: dict):
+        count = tf.where(
+            x["usable"],
+            tf.constant(0, tf.int64),
+            markers_since_usable + tf.cast(x["marker"], tf.int64),
+        )
+        return count, (x, count >= 2)
+
+    return (
+        ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()  # undecodable bytes, malformed records: counted through `raw`
+        .scan(tf.constant(0, tf.int64), watch)
+        .take_while(lambda x, dead: tf.logical_not(dead))
+        .filter(lambda x, dead: x["usable"])
+        .map(lambda x, dead: {k: x[k] for k in ("image", "caption", "epoch", "offset", "raw")})
+    )
+
+
+class TFDataSource:
+    """Batches from one or more readers mixed with `weights`; see the module docstring.
+
+    State: `{"sources": [{"epoch", "offset", "skipped"} per reader], "examples": n}`, where
+    `examples` counts the examples this process has drawn (it seeds the mixture's draws).
+    """
+
+    def __init__(
+        self,
+        readers: Sequence,
+        *,
+        tokenize_fn: Callable[[list[str]], np.ndarray],
+        seed: int,
+        image_size: int,
+        context_length: int,
+        weights: Sequence[float] | None = None,
+        crop_scale: tuple[float, float] | None = None,
+        process_index: int = 0,
+    ):
+        weights = list(weights) if weights is not None else [1.0] * len(readers)
+        if len(weights) != len(readers) or min(weights) <= 0:
+            raise ValueError(f"mixture weights {weights} must be positive, one per source")
+        lo, hi = crop_scale or image_ops.DEFAULT_CROP_SCALE
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"train_data.crop_scale {crop_scale} must satisfy 0 < lo <= hi <= 1")
+        self.readers, self.weights = list(readers), [w / sum(weights) for w in weights]
+        self.tokenize_fn, self.seed = tokenize_fn, seed
+        self.image_size, self.context_length = image_size, context_length
+        self.crop_scale, self.process_index = (float(lo), float(hi)), process_index
+        self.skipped_examples = 0
+
+    def _image_fn(self, data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        return image_ops.train_crop(data, self.image_size, seed, self.crop_scale)
+
+    def _tokenize(self, captions: np.ndarray) -> np.ndarray:
+        tokens = self.tokenize_fn([c.decode("utf-8") for c in captions])  # [n, L]
+        return np.asarray(tokens, np.int32)
+
+    def dataset(self, per_process: int, state: dict) -> tf.data.Dataset:
+        """The tf.data pipeline of batches of `per_process` examples from `state` on."""
+        streams = []
+        for j, (reader, pos) in enumerate(zip(self.readers, state["sources"], strict=True)):
+            raw = _positioned(reader, int(pos["epoch"]), int(pos["offset"]))
+            key = _key(self.seed, j, self.process_index)
+            ds = _decoded(reader, self._image_fn, key, self.image_size, raw)
+            streams.append(ds.map(lambda x, j=j: {**x, "source": tf.constant(j, tf.int64)}))
+        if len(streams) == 1:
+            ds = streams[0]
+        else:
+            logits = tf.math.log(tf.constant([self.weights], tf.float32))  # [1, K]
+            mix_key = _key(self.seed, len(streams), self.process_index, 1)
+            choices = tf.data.Dataset.range(int(state["examples"]), EPOCHS).map(
+                lambda i: tf.random.stateless_categorical(
+                    logits, 1, seed=tf.stack([tf.constant(mix_key, tf.int64), i])
+                )[0, 0]
+            )
+            ds = tf.data.Dataset.choose_from_datasets(streams, choices, stop_on_empty_dataset=True)
+
+        def finish(batch: dict) -> dict:
+            """Tokenizes the batch's captions in one call; normalises its images."""
+            tokens = tf.numpy_function(
+                self._tokenize, [batch.pop("caption")], tf.int32, stateful=False
+            )
+            tokens.set_shape([per_process, self.context_length])
+            return {**batch, "image": image_ops.normalize(batch["image"]), "text": tokens}
+
+        ds = ds.batch(per_process, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(finish, num_parallel_calls=2, deterministic=True)  # bounds batches in flight
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.with_options(options).prefetch(PREFETCH_BATCHES)
+
+    def initial_state(self) -> dict:
+        start = {"epoch": 0, "offset": 0, "skipped": 0}
+        return {"sources": [dict(start) for _ in self.readers], "examples": 0}
+
+    def batches(
+        self, global_batch: int, rows: slice, state: dict | None = None
+    ) -> Iterator[tuple[Batch, dict]]:
+        """This process's `rows` of each global batch, from `state` (or the start) on."""
+        n = rows.stop - rows.start
+        if not 0 < n <= global_batch:
+            raise ValueError(f"rows {rows} do not fit a global batch of {global_batch}")
+        state = state or self.initial_state()
+        if len(state.get("sources", ())) != len(self.readers):
+            raise ValueError(f"data state {state} does not match {len(self.readers)} source(s)")
+        positions = [dict(p) for p in state["sources"]]
+        examples = int(state["examples"])
+        emitted = [0] * len(self.readers)  # examples per reader in this run
+        base = [int(p["skipped"]) for p in positions]
+        self.skipped_examples = sum(base)
+        for batch in self.dataset(n, state).as_numpy_iterator():
+            source = batch.pop("source")
+            for j in np.unique(source):
+                rows_j = np.flatnonzero(source == j)
+                last = rows_j[-1]
+                emitted[j] += len(rows_j)
+                positions[j] = {
+                    "epoch": int(batch["epoch"][last]),
+                    "offset": int(batch["offset"][last]) + 1,
+                    "skipped": base[j] + int(batch["raw"][last]) + 1 - emitted[j],
+                }
+            examples += n
+            self.skipped_examples = sum(p["skipped"] for p in positions)
+            out = {"image": batch["image"], "text": batch["text"]}
+            yield out, {"sources": [dict(p) for p in positions], "examples": examples}
+        names = ", ".join(r.name for r in self.readers)
+        raise ValueError(
+            f"{names}: a whole epoch without one usable example ({self.skipped_examples} bad "
+            "records skipped); check the data and train_data.image_key / text_key"
+        )

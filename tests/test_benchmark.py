@@ -1,0 +1,34 @@
+"""`python -m clip_jax.benchmark` modes run on a tiny config and print JSON as their last line."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "clip_jax.benchmark", "--config=configs/tiny.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_input_mode_prints_examples_per_second_last():
+    done = run_benchmark("--what=input", "--steps=2", "--batch_size=16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["what"] == "input" and result["image_size"] == 32
+    assert result["examples_per_sec"] > 0 and result["per_core"] > 0 and result["cores"] >= 1
+    assert result["image_shape"] == [16, 32, 32, 3] and result["skipped_examples"] == 0
+
+
+def test_an_unknown_mode_is_a_usage_error():
+    done = run_benchmark("--what=nonsense")
+    assert done.returncode != 0 and "--what=nonsense: choose one of" in done.stderr
