@@ -136,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer = MetricsWriter(workdir, enabled=is_main)
         watcher = checkpoint.PreemptionWatcher()
         try:
-            return _loop(config, state, train_step, batches, source, ckpt, watcher, writer)
+            return _loop(config, state, train_step, batches, ckpt, watcher, writer)
         finally:
             watcher.close()
             writer.close()
@@ -184,7 +184,7 @@ def prefetch_to_devices(
         yield queue.popleft()
 
 
-def _loop(config, state, train_step, batches, source, ckpt, watcher, writer) -> dict:
+def _loop(config, state, train_step, batches, ckpt, watcher, writer) -> dict:
     start = int(state.step)
     progress = Progress(config.total_steps, start)
     last: dict[str, Any] = {}
@@ -216,7 +216,7 @@ def _loop(config, state, train_step, batches, source, ckpt, watcher, writer) -> 
                 "step_time": elapsed / window_steps,
                 "input_wait_fraction": wait_s / elapsed,
                 "checkpoint_blocking_s": save_s,
-                "skipped_examples": _total_skipped(source),
+                "skipped_examples": _total_skipped(data_state["skipped_examples"]),
                 "nonfinite_steps": int(state.nonfinite_steps),
             }
             writer.write(step, last)
@@ -228,9 +228,9 @@ def _loop(config, state, train_step, batches, source, ckpt, watcher, writer) -> 
     return last
 
 
-def _total_skipped(source) -> int:
-    """Bad records skipped so far by all processes together."""
-    mine = np.array([int(source.skipped_examples)], np.int64)
+def _total_skipped(mine: int) -> int:
+    """Bad records skipped up to the current batch by all processes together."""
+    mine = np.array([int(mine)], np.int64)
     if jax.process_count() == 1:
         return int(mine[0])
     from jax.experimental import multihost_utils

@@ -23,11 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 20
 
 
-def config_overrides(total=TOTAL):
+def config_overrides(total=TOTAL, source="synthetic"):
     return [
         f"--config.total_steps={total}",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=7",
+        f"--config.train_data.source={source}",
     ]
 
 
@@ -104,10 +105,26 @@ def wait_for_step(workdir, step, procs, timeout=300):
 
 
 @pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory):
+    """Real data: the handwritten digits as TFRecord shards, with planted bad records."""
+    from tests.test_train import write_shard_with_bad_records
+
+    directory = tmp_path_factory.mktemp("digits")
+    return write_shard_with_bad_records(directory, good=200)[0]
+
+
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run's losses (8 devices, data=8)."""
     workdir = str(tmp_path_factory.mktemp("reference"))
     train.run(make_config(), workdir)
+    return read_losses(workdir)
+
+
+@pytest.fixture(scope="module")
+def reference_shards(tmp_path_factory, digit_shards):
+    workdir = str(tmp_path_factory.mktemp("reference_shards"))
+    train.run(make_config(**{"train_data.source": digit_shards}), workdir)
     return read_losses(workdir)
 
 
@@ -122,9 +139,15 @@ def reference_mp(tmp_path_factory):
     return read_losses(workdir)
 
 
-def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
+@pytest.mark.parametrize("data", ["synthetic", "tfrecord"])
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, request):
+    if data == "synthetic":
+        source, reference = "synthetic", request.getfixturevalue("reference")
+    else:
+        source = request.getfixturevalue("digit_shards")
+        reference = request.getfixturevalue("reference_shards")
     workdir = str(tmp_path)
-    proc = cli(workdir, *config_overrides())
+    proc = cli(workdir, *config_overrides(source=source))
     wait_for_step(workdir, 3, [proc])
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
@@ -133,7 +156,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
     assert 3 <= k < TOTAL and k in saved_steps(workdir)
     assert f"preempted: saved step {k}" in out
 
-    proc = cli(workdir, *config_overrides())
+    proc = cli(workdir, *config_overrides(source=source))
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     assert f"resuming from the checkpoint at step {k}" in out

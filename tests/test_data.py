@@ -357,7 +357,7 @@ def test_synthetic_needs_no_tokenizer():
     cfg = ml_collections.ConfigDict(dict(source="synthetic"))
     source = pipeline.make_source(cfg, seed=0, image_size=8, context_length=8, vocab_size=100)
     batch, state = next(source.batches(4, slice(0, 4)))
-    assert batch["image"].shape == (4, 8, 8, 3) and state == {"step": 1}
+    assert batch["image"].shape == (4, 8, 8, 3) and state == {"step": 1, "skipped_examples": 0}
 
 
 # --- Image ops ---------------------------------------------------------------------------------

@@ -176,3 +176,32 @@ def test_cli_bad_mesh_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: mesh data=3" in result.stderr
+
+
+def write_shard_with_bad_records(directory, good=64, image_size=32):
+    """One shard: 3 undecodable images first (truncated JPEG, non-image bytes, empty), then
+    `good` real handwritten digits; read in file order (shuffle_buffer=0)."""
+    from clip_jax.data import digits
+    from clip_jax.data.prepare import ShardWriter, make_example
+
+    os.makedirs(directory, exist_ok=True)
+    images, labels = digits.load_digits()
+    jpegs = [digits.render(images[i], image_size) for i in range(good)]
+    bad = [jpegs[0][: len(jpegs[0]) // 2], b"not an image at all", b""]
+    with ShardWriter(str(directory), "mixed", 1000) as writer:
+        for i, data in enumerate(bad):
+            writer.write(make_example(data, "a broken picture", f"bad{i}"))
+        for i, data in enumerate(jpegs):
+            writer.write(make_example(data, f"the digit {labels[i]}", f"{i:04d}"))
+    return f"tfrecord:{directory}/mixed-*.tfrecord", len(bad)
+
+
+@pytest.mark.parametrize("steps,passes", [(2, 1), (4, 2)])
+def test_training_on_shards_counts_planted_bad_records_per_pass(tmp_path, steps, passes):
+    source, planted = write_shard_with_bad_records(tmp_path / "data")
+    config = tiny_config(
+        **{"train_data.source": source, "train_data.shuffle_buffer": 0, "total_steps": steps}
+    )
+    last = train.run(config, str(tmp_path / "run"))  # 2 steps of 32 = one pass of 64 examples
+    assert last["skipped_examples"] == planted * passes
+    assert np.isfinite(last["loss"])

@@ -4,7 +4,8 @@ Every source has the same small interface:
 - `batches(global_batch, rows, state=None)` yields `(batch, state)` pairs: `batch` holds this
   process's `rows` of each global batch as numpy arrays `{"image": [n, H, W, 3] float32,
   "text": [n, L] int32}`; `state` is a small JSON-able dict, the position just after that batch,
-  from which `batches(..., state=state)` resumes exactly.
+  from which `batches(..., state=state)` resumes exactly; its `skipped_examples` counts the bad
+  records skipped up to that batch (the loop reads it there: sources read ahead).
 - `skipped_examples`: how many bad records this process has skipped so far.
 
 `SyntheticSource` lives here; the sources over real data (TFRecord shards, tfds, mixtures) are
@@ -70,4 +71,5 @@ class SyntheticSource:
         while True:
             base = step * global_batch
             step += 1
-            yield self.examples(np.arange(base + rows.start, base + rows.stop)), {"step": step}
+            batch = self.examples(np.arange(base + rows.start, base + rows.stop))
+            yield batch, {"step": step, "skipped_examples": 0}

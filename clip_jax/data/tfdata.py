@@ -223,7 +223,8 @@ class TFDataSource:
             examples += n
             self.skipped_examples = sum(p["skipped"] for p in positions)
             out = {"image": batch["image"], "text": batch["text"]}
-            yield out, {"sources": [dict(p) for p in positions], "examples": examples}
+            state = {"sources": [dict(p) for p in positions], "examples": examples}
+            yield out, {**state, "skipped_examples": self.skipped_examples}
         names = ", ".join(r.name for r in self.readers)
         raise ValueError(
             f"{names}: a whole epoch without one usable example ({self.skipped_examples} bad "
