@@ -2,8 +2,13 @@
 
     python -m clip_jax.benchmark --what=input --config=configs/b32.py \
         [--config.train_data.source=tfrecord:GLOB] [--batch_size=256] [--steps=20]
+    python -m clip_jax.benchmark --what=train_step --config=configs/b32.py --batch_size=16
+    python -m clip_jax.benchmark --what=loss_memory --config=configs/b16.py --batch_size=8192
 
 Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
+- train_step: pairs per second of the full step on all devices, FLOPs and MFU (where the chip's
+  peak is known or given by --peak_tflops), on random data already on the devices.
+- loss_memory: temporary bytes per device of the loss and its gradient, gathered vs chunked.
 - input: decoded, augmented, tokenized examples per second of the training input pipeline at the
   config's resolution, on this host's CPU cores. With `train_data.source=synthetic` (the default)
   it first writes temporary JPEG shards (random smooth images stored at 8/7 of the resolution,
@@ -16,6 +21,7 @@ import os
 import tempfile
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -26,6 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WHAT = flags.DEFINE_string("what", "input", "What to measure: one of MODES.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the mode's default).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Batches timed, after a warm-up.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak FLOP/s per device for MFU (0: known chips).")
 flags.mark_flags_as_required(["config"])
 
 INPUT_BATCH = 256  # per process; the config's global batch may be 32k
@@ -107,7 +114,130 @@ def bench_input(config: ml_collections.ConfigDict, *, batch_size: int, steps: in
     }
 
 
-MODES = {"input": bench_input}
+# Peak dense bf16 FLOP/s per chip, for MFU (`--peak_tflops` overrides; CPUs have none).
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+}
+
+
+def _peak_flops() -> float | None:
+    if _PEAK.value > 0:
+        return _PEAK.value * 1e12
+    kind = jax.devices()[0].device_kind.lower()
+    return next((t * 1e12 for name, t in PEAK_TFLOPS.items() if name.lower() in kind), None)
+
+
+def _random_batch(config, batch_size: int, mesh) -> dict:
+    from clip_jax import sharding
+
+    rng = np.random.default_rng(0)
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    tokens = rng.integers(1, config.model.text.vocab_size - 1, (batch_size, length))
+    tokens[:, -1] = config.model.text.vocab_size - 1  # an end token for argmax pooling
+    return jax.device_put(
+        {
+            "image": rng.standard_normal((batch_size, size, size, 3), np.float32),
+            "text": tokens.astype(np.int32),
+        },
+        {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)},
+    )
+
+
+def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
+    """Pairs per second of the whole jitted train step (both towers, loss, backward, AdamW) on
+    all devices, its FLOPs from XLA's cost analysis, and MFU where the chip's peak is known."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clip_jax import losses, optim, sharding, train
+    from clip_jax.models import CLIP
+    from clip_jax.train_step import create_state, make_train_step
+
+    batch_size = batch_size or config.batch_size
+    mesh = sharding.make_mesh(config.mesh)
+    model = CLIP(**config.model.to_dict())
+    tx, lr = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
+    loss_fn = losses.make_loss_fn(
+        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
+    )
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    images, tokens = jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        shardings, _ = train._state_layout(model, tx, mesh, images, tokens)
+        state = jax.jit(
+            lambda r: create_state(model, tx, r, images, tokens), out_shardings=shardings
+        )(jax.random.key(0))
+        batch = _random_batch(config, batch_size, mesh)
+        step = jax.jit(
+            make_train_step(model, tx, loss_fn, lr, config.optim.accum_steps),
+            in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, batch)),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            donate_argnums=(0,),
+        )
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+        flops = float(cost.get("flops", 0.0)) * jax.device_count()  # per-device program
+        for _ in range(WARMUP_BATCHES):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    peak = _peak_flops()
+    return {
+        "what": "train_step",
+        "pairs_per_sec": round(batch_size / step_s, 2),
+        "step_s": round(step_s, 4),
+        "batch_size": batch_size,
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "dtype": config.model.dtype,
+        "compile_s": round(compile_s, 1),
+        "flops_per_step": flops,
+        "mfu": round(flops / step_s / (peak * jax.device_count()), 4) if peak and flops else None,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def bench_loss_memory(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
+    """Temporary bytes per device of loss + gradient, gathered vs chunked, at the global batch."""
+    import jax.numpy as jnp
+
+    from clip_jax import losses, sharding
+
+    del steps
+    batch_size = batch_size or config.batch_size
+    mesh = sharding.make_mesh(config.mesh)
+    dim = config.model.embed_dim
+    rows = sharding.batch_sharding(mesh, 2)
+    emb = jax.ShapeDtypeStruct((batch_size, dim), jnp.float32, sharding=rows)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    out = {"what": "loss_memory", "batch_size": batch_size, "devices": jax.device_count()}
+    chunk = config.loss.chunk_size or 1024
+    for label, c in (("gathered", 0), ("chunked", chunk)):
+        fn = losses.make_loss_fn(config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=c)
+        grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        memory = grad.lower(emb, emb, scalar, scalar).compile().memory_analysis()
+        out[f"{label}_temp_bytes"] = int(memory.temp_size_in_bytes) if memory else None
+    out["chunk_size"] = chunk
+    return out
+
+
+MODES = {"input": bench_input, "train_step": bench_train_step, "loss_memory": bench_loss_memory}
 
 
 def main(argv: list[str]) -> None:

@@ -32,3 +32,18 @@ def test_input_mode_prints_examples_per_second_last():
 def test_an_unknown_mode_is_a_usage_error():
     done = run_benchmark("--what=nonsense")
     assert done.returncode != 0 and "--what=nonsense: choose one of" in done.stderr
+
+
+def test_train_step_mode_reports_pairs_per_second_and_flops():
+    done = run_benchmark("--what=train_step", "--steps=2", "--batch_size=16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["what"] == "train_step" and result["pairs_per_sec"] > 0
+    assert result["flops_per_step"] > 0 and result["mfu"] is None  # no known peak on a CPU
+
+
+def test_loss_memory_mode_compares_gathered_and_chunked():
+    done = run_benchmark("--what=loss_memory", "--batch_size=1024", "--config.loss.chunk_size=64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 < result["chunked_temp_bytes"] < result["gathered_temp_bytes"]
