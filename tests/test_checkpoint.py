@@ -17,7 +17,7 @@ import pytest
 import clip_jax
 from clip_jax import checkpoint, optim, sharding, train
 from clip_jax.models import CLIP
-from configs import tiny
+from tests.test_train import tiny_config, write_shard_with_bad_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 20
@@ -33,15 +33,7 @@ def config_overrides(total=TOTAL, source="synthetic"):
 
 
 def make_config(total=TOTAL, **overrides):
-    c = tiny.get_config()
-    c.total_steps, c.log_every_steps, c.checkpoint_every_steps = total, 1, 7
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return tiny_config(**{"total_steps": total, "checkpoint_every_steps": 7, **overrides})
 
 
 def read_losses(workdir):
@@ -107,8 +99,6 @@ def wait_for_step(workdir, step, procs, timeout=300):
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory):
     """Real data: the handwritten digits as TFRecord shards, with planted bad records."""
-    from tests.test_train import write_shard_with_bad_records
-
     directory = tmp_path_factory.mktemp("digits")
     return write_shard_with_bad_records(directory, good=200)[0]
 
