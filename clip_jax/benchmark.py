@@ -153,32 +153,27 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
     """Pairs per second of the whole jitted train step (both towers, loss, backward, AdamW) on
     all devices, its FLOPs from XLA's cost analysis, and MFU where the chip's peak is known."""
     import flax.linen as nn
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from clip_jax import losses, optim, sharding, train
-    from clip_jax.models import CLIP
-    from clip_jax.train_step import create_state, make_train_step
+    from clip_jax import losses, sharding
+    from clip_jax import state as state_lib
+    from clip_jax.train_step import make_train_step
 
     batch_size = batch_size or config.batch_size
     mesh = sharding.make_mesh(config.mesh)
-    model = CLIP(**config.model.to_dict())
-    tx, lr = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
+    spec = state_lib.build(config, mesh)
     loss_fn = losses.make_loss_fn(
         config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
     )
-    size, length = config.model.vision.image_size, config.model.text.context_length
-    images, tokens = jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+    state = state_lib.init(spec, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        shardings, _ = train._state_layout(model, tx, mesh, images, tokens)
-        state = jax.jit(
-            lambda r: create_state(model, tx, r, images, tokens), out_shardings=shardings
-        )(jax.random.key(0))
         batch = _random_batch(config, batch_size, mesh)
         step = jax.jit(
-            make_train_step(model, tx, loss_fn, lr, config.optim.accum_steps),
-            in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, batch)),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+            make_train_step(
+                spec.model, spec.tx, loss_fn, spec.lr_schedule, config.optim.accum_steps
+            ),
+            in_shardings=(spec.shardings, jax.tree.map(lambda x: x.sharding, batch)),
+            out_shardings=(spec.shardings, NamedSharding(mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
         t0 = time.perf_counter()

@@ -20,15 +20,12 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from clip_jax import convert, optim
-from clip_jax.models import CLIP
-from clip_jax.train_step import create_state
+from clip_jax import convert
 
 
 class Checkpointer:
@@ -38,14 +35,20 @@ class Checkpointer:
     """
 
     def __init__(
-        self, workdir: str, keep: int = 3, keep_period: int | None = None, async_save: bool = True
+        self,
+        workdir: str,
+        keep: int = 3,
+        keep_period: int | None = None,
+        async_save: bool = True,
+        create: bool = True,
     ):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            keep_period=keep_period or None,
-            cleanup_tmp_directories=True,  # what a killed save left behind
+            max_to_keep=keep if create else None,
+            keep_period=(keep_period or None) if create else None,
+            cleanup_tmp_directories=create,  # what a killed save left behind (writers only)
             enable_async_checkpointing=async_save,
-            create=True,
+            create=create,
+            read_only=not create,  # readers (evaluation, export) never delete or write
         )
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
@@ -54,6 +57,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict) -> float:
         """Starts saving; returns the seconds the training loop was blocked."""
@@ -96,13 +102,6 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs that carry the shardings to restore into."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )
 
 
 def gather_process_states(data_state: dict) -> list[dict]:
@@ -152,31 +151,10 @@ def export_params(workdir: str, out_path: str, step: int | None = None) -> int:
 
     Returns the exported step (the latest unless `step` is given).
     """
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} is missing: is {workdir} a clip_jax run directory?")
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    ckpt = Checkpointer(workdir, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    model_cfg = config.model.to_dict()
-    if isinstance(model_cfg["vision"]["layers"], list):  # JSON turned the ResNet's tuple to a list
-        model_cfg["vision"]["layers"] = tuple(model_cfg["vision"]["layers"])
-    model = CLIP(**model_cfg)
-    tx, _ = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
-    size, length = model_cfg["vision"]["image_size"], model_cfg["text"]["context_length"]
-    images, tokens = np.zeros((1, size, size, 3), np.float32), np.zeros((1, length), np.int32)
-    abstract = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0), images, tokens))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    state, _ = ckpt.restore(
-        step, abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-    )
-    ckpt.close()
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+    from clip_jax import state
+
+    model_cfg = state.model_config(state.read_run_config(workdir).model)
+    _, variables, step = state.load_run(workdir, step)
     convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
     return step
 

@@ -282,8 +282,11 @@ def merge_config(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return out
 
 
-def load_pretrained(path: str, **overrides: Any) -> tuple[CLIP, Variables]:
-    """Loads an OpenAI, OpenCLIP or clip_jax checkpoint file -> (model, variables).
+def load_pretrained(path: str, step: int | None = None, **overrides: Any) -> tuple[CLIP, Variables]:
+    """An OpenAI, OpenCLIP or clip_jax checkpoint file, or a training run -> (model, variables).
+
+    `path` may be a training run's directory (the `--workdir` of `clip_jax.main`): its checkpoint
+    at `step`, the latest by default, on this process's first device.
 
     The architecture is inferred from tensor shapes (or read from our own files' metadata).
     OpenAI-layout files without our metadata are assumed to use QuickGELU, as OpenAI's models do;
@@ -295,6 +298,13 @@ def load_pretrained(path: str, **overrides: Any) -> tuple[CLIP, Variables]:
       variables: `{"params": ...}` (plus `"batch_stats"` for ResNets), for
         `model.apply(variables, images, method="encode_image")`.
     """
+    if os.path.isdir(path):
+        from clip_jax import state
+
+        model, variables, _ = state.load_run(path, step, **overrides)
+        return model, variables
+    if step is not None:
+        raise ValueError(f"step={step} applies to a training run's directory, not to {path}")
     sd, stored = read_state_dict(path)
     cfg = stored if stored is not None else {**infer_config(sd), "quick_gelu": True}
     if is_resnet(cfg["vision"]):

@@ -12,17 +12,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, convert, losses, optim, sharding
+from clip_jax import checkpoint, convert, losses, sharding
+from clip_jax import state as state_lib
 from clip_jax.data import pipeline
+from clip_jax.evals import runner
 from clip_jax.metrics import MetricsWriter, Progress
-from clip_jax.models import CLIP
-from clip_jax.train_step import TrainState, create_state, make_train_step
+from clip_jax.train_step import TrainState, make_train_step
 
 NONFINITE_POLICIES = ("halt", "skip")
 
@@ -55,24 +55,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     rows = sharding.local_rows(mesh, config.batch_size)
     logging.info("mesh: %s", dict(mesh.shape))
 
-    # --- Model and optimizer -----------------------------------------------------------------
-    model = CLIP(**config.model.to_dict())
-    tx, lr_schedule = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
+    # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
+    spec = state_lib.build(config, mesh)
+    model, tx = spec.model, spec.tx
     loss_fn = losses.make_loss_fn(
         config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.get("chunk_size", 0)
     )
     size, length = config.model.vision.image_size, config.model.text.context_length
-    # Parameters do not depend on the batch: initialise from one example.
-    images, tokens = jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+    state_shardings = spec.shardings
+    evaluators = runner.make_evaluators(config, spec.model, mesh)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        # --- Shardings and state: restored, or born sharded -----------------------------------
-        state_shardings, abstract_state = _state_layout(model, tx, mesh, images, tokens)
         ckpt = checkpoint.Checkpointer(
             workdir, keep=config.get("keep_checkpoints", 3), keep_period=config.get("keep_period")
         )
         latest = ckpt.latest_step()
         if latest is not None and latest >= config.total_steps:
+            pending = runner.missing(evaluators, workdir, latest, config.total_steps)
+            if pending:  # preempted during the final evals: finish them
+                state, _ = ckpt.restore(latest, spec.abstract_with_shardings())
+                ckpt.close()
+                return _final_evals(pending, state, latest, workdir, is_main)
             logging.info(
                 "%s already reached step %d of %d: nothing to do",
                 workdir,
@@ -83,14 +86,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             return {}
         if latest is not None:
             logging.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
-            state, data_state = ckpt.restore(
-                latest, checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-            )
+            state, data_state = ckpt.restore(latest, spec.abstract_with_shardings())
         else:
-            state = jax.jit(
-                lambda rng: create_state(model, tx, rng, images, tokens),
-                out_shardings=state_shardings,
-            )(jax.random.key(config.seed))
+            state = state_lib.init(spec, config.seed)
             data_state = None
             if config.get("init_from"):
                 state = _init_from(state, state_shardings, config)
@@ -102,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             model,
             tx,
             loss_fn,
-            lr_schedule,
+            spec.lr_schedule,
             accum_steps=config.optim.get("accum_steps", 1),
             max_logit_scale=config.loss.get("max_logit_scale", 100.0),
             freeze_image="visual" in config.optim.get("frozen", ()),
@@ -136,28 +134,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer = MetricsWriter(workdir, enabled=is_main)
         watcher = checkpoint.PreemptionWatcher()
         try:
-            return _loop(config, state, train_step, batches, ckpt, watcher, writer)
+            if latest is not None:  # preempted while the evals of the restored step ran
+                _run_evals(
+                    runner.missing(evaluators, workdir, latest, config.total_steps),
+                    state,
+                    latest,
+                    workdir,
+                    writer,
+                )
+            return _loop(
+                config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
+            )
         finally:
             watcher.close()
             writer.close()
             ckpt.close()  # waits for an asynchronous save in flight
 
 
-def _state_layout(model, tx, mesh: Mesh, images, tokens) -> tuple[TrainState, TrainState]:
-    """(shardings, abstract shapes) of the train state, computed without allocating it."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens))
-    params = sharding.logical_to_sharding(boxed["params"], mesh)
-    abstract = jax.eval_shape(lambda: create_state(model, tx, jax.random.key(0), images, tokens))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = TrainState(
-        step=replicated,
-        params=params,
-        batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
-        opt_state=sharding.like_params(abstract.opt_state, params, mesh),
-        nonfinite_steps=replicated,
-        first_nonfinite_step=replicated,
-    )
-    return shardings, abstract
+def _run_evals(evaluators, state: TrainState, step: int, workdir: str, writer) -> dict:
+    """Runs `evaluators` on the state's weights, logs their values at `step`; training's state is
+    only read, so evaluation never changes what training does."""
+    if not evaluators:
+        return {}
+    results = runner.run(evaluators, state_lib.variables_of(state), step, workdir)
+    writer.write(step, results)
+    for key, value in sorted(results.items()):
+        logging.info("step %d %s = %.4f", step, key, value)
+    return results
+
+
+def _final_evals(evaluators, state: TrainState, step: int, workdir: str, is_main: bool) -> dict:
+    writer = MetricsWriter(workdir, enabled=is_main)
+    try:
+        return _run_evals(evaluators, state, step, workdir, writer)
+    finally:
+        writer.close()
 
 
 def _init_from(state: TrainState, shardings: TrainState, config) -> TrainState:
@@ -184,7 +195,7 @@ def prefetch_to_devices(
         yield queue.popleft()
 
 
-def _loop(config, state, train_step, batches, ckpt, watcher, writer) -> dict:
+def _loop(config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir) -> dict:
     start = int(state.step)
     progress = Progress(config.total_steps, start)
     last: dict[str, Any] = {}
@@ -222,6 +233,11 @@ def _loop(config, state, train_step, batches, ckpt, watcher, writer) -> dict:
             writer.write(step, last)
             progress.log(step, last["loss"], pairs_per_sec)
             window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
+        if not preempted:
+            due = runner.due(evaluators, step, config.total_steps)
+            if due:
+                last = {**last, **_run_evals(due, state, step, workdir, writer)}
+                window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if preempted:
             logging.warning("preempted: saved step %d and stopping; rerun to resume", step)
             break

@@ -10,13 +10,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import checkpoint, optim, sharding, train
-from clip_jax.models import CLIP
+from clip_jax import checkpoint, sharding, train
+from clip_jax import state as state_lib
 from tests.test_train import tiny_config, write_shard_with_bad_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,18 +231,11 @@ def test_two_processes_sigterm_to_one_both_save_the_same_step(tmp_path, referenc
 
 
 def restore_params(workdir, mesh, config):
-    model = CLIP(**config.model.to_dict())
-    tx, _ = optim.make_optimizer(config.total_steps, **config.optim.to_dict())
-    size = config.model.vision.image_size
-    images, tokens = jnp.zeros((1, size, size, 3)), jnp.zeros((1, 16), jnp.int32)
-    with jax.set_mesh(mesh):
-        shardings, abstract = train._state_layout(model, tx, mesh, images, tokens)
-        ckpt = checkpoint.Checkpointer(workdir)
-        state, _ = ckpt.restore(
-            ckpt.latest_step(), checkpoint.abstract_with_shardings(abstract, shardings)
-        )
-        ckpt.close()
-    return state.params
+    spec = state_lib.build(config, mesh)
+    ckpt = checkpoint.Checkpointer(workdir)
+    restored, _ = ckpt.restore(ckpt.latest_step(), spec.abstract_with_shardings())
+    ckpt.close()
+    return restored.params
 
 
 def test_restore_onto_another_mesh_and_device_count_is_bit_exact(tmp_path):

@@ -14,6 +14,7 @@ import argparse
 import functools
 import gzip
 import html
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -180,8 +181,19 @@ class SentencePieceTokenizer:
     __call__ = tokenize
 
 
-def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int = 77) -> Tokenizer:
-    """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece."""
+def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = None) -> Tokenizer:
+    """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece; a training run's
+    directory -> the tokenizer that run trained with, at its model's context length.
+
+    `context_length` defaults to 77, or to the run's for a run directory.
+    """
+    run_config = os.path.join(name_or_path, "config.json")
+    if os.path.isdir(name_or_path) and os.path.exists(run_config):
+        with open(run_config) as f:
+            config = json.load(f)
+        length = context_length or config["model"]["text"]["context_length"]
+        return get_tokenizer(config["train_data"]["tokenizer"], length)
+    context_length = context_length or 77
     if name_or_path in ("clip_bpe", "openai"):
         return ClipBpeTokenizer(context_length)
     if name_or_path.endswith(".model"):

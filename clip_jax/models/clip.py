@@ -84,9 +84,16 @@ class CLIP(nn.Module):
                 jnp.float32,
             )
 
-    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images [B, H, W, 3], normalised -> projected embeddings [B, E], float32, unnormalised."""
-        return self.visual(images, train=train).astype(jnp.float32)
+    def encode_image(
+        self, images: jax.Array, train: bool = False, project: bool = True
+    ) -> jax.Array:
+        """Images [B, H, W, 3], normalised -> projected embeddings [B, E], float32, unnormalised.
+
+        `project=False` gives the image tower's features before the projection into the joint
+        space instead, [B, width] (the ViT's class token after ln_post; the ResNet's attention
+        pool before its output projection): what linear probes read with `features=pre`.
+        """
+        return self.visual(images, train=train, project=project).astype(jnp.float32)
 
     def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         """Tokens int32 [B, L] -> projected embeddings [B, E] float32, not normalised."""

@@ -98,7 +98,9 @@ class AttentionPool2d(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, output_dim]
+    def __call__(self, x: jax.Array, project: bool = True) -> jax.Array:
+        """[B, H, W, C] -> [B, output_dim]; with `project=False` the pooled attention output
+        before its output projection c_proj, [B, C]."""
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # [B, HW+1, C]
@@ -124,6 +126,8 @@ class AttentionPool2d(nn.Module):
 
         q = proj("q_proj")(x[:, :1])  # [B, 1, H, K]
         out = jax.nn.dot_product_attention(q, proj("k_proj")(x), proj("v_proj")(x))
+        if not project:
+            return out[:, 0].reshape(b, c)
         out = DenseGeneral(
             (self.output_dim,),
             kernel_axes=("heads", "kv", "joint"),
@@ -149,7 +153,7 @@ class ModifiedResNet(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, project: bool = True) -> jax.Array:
         if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
@@ -166,4 +170,4 @@ class ModifiedResNet(nn.Module):
             for i in range(blocks):
                 stride = 2 if (i == 0 and stage > 0) else 1
                 x = Bottleneck(planes, stride, name=f"layer{stage + 1}_{i}", **kw)(x, train)
-        return AttentionPool2d(self.heads, self.output_dim, name="attnpool", **kw)(x)
+        return AttentionPool2d(self.heads, self.output_dim, name="attnpool", **kw)(x, project)

@@ -27,7 +27,9 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, project: bool = True) -> jax.Array:
+        """Images [B, H, W, 3] -> [B, output_dim]; with `project=False` the class token's features
+        before the projection, [B, width] (what the CLIP paper's linear probes of ViTs read)."""
         del train  # no dropout or batch statistics in the ViT
         if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(
@@ -79,6 +81,8 @@ class VisionTransformer(nn.Module):
             name="transformer",
         )(x)
         x = layer_norm("ln_post", self.dtype, self.param_dtype)(x[:, 0])  # [B, D]
+        if not project:
+            return x
         proj = self.param(
             "proj",
             partitioned(nn.initializers.normal(scale), ("embed", "joint")),

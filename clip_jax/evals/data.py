@@ -1,0 +1,351 @@
+"""Evaluation data: labelled or captioned images in a fixed order, cut into global batches so that
+every example is counted exactly once, whatever the number of devices and processes.
+
+Sources (`source=` of an eval, `--dataset=` of the batch jobs):
+
+    tfds:NAME[/CONFIG]:SPLIT   a prepared TensorFlow Datasets split (`data_dir`); labels from its
+                               ClassLabel, or captions from a Text feature (coco_captions-style:
+                               several captions per image)
+    imagefolder:DIR            DIR/<class>/<image file>: one subfolder per class, labels in the
+                               sorted order of the subfolder names
+    tfrecord:GLOB              tf.train.Example shards: encoded image bytes (`image_key`) with an
+                               int64 label (`label_key`), or a caption (`text_key`) and an image id
+                               (`image_id_key`; records sharing an id are one image's captions)
+
+The global batch `k` holds examples `k*B .. (k+1)*B - 1`; each process decodes only its own rows of
+each global batch (`sharding.local_rows`), the last batch is padded, and a mask marks the real
+examples. An image that cannot be decoded becomes a masked row and is counted in `skipped`.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from clip_jax.data import image_ops
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+CAPTION_SEPARATOR = "\x1f"  # joins an image's captions into one string inside tf.data
+SOURCE_HELP = "use tfds:NAME[/CONFIG]:SPLIT, imagefolder:DIR or tfrecord:GLOB"
+
+
+@dataclasses.dataclass
+class EvalSource:
+    """An evaluation dataset, read in one fixed order.
+
+    `records()` gives tf.data elements `{"image": encoded bytes, "label": int64 (-1 when none),
+    "captions": the image's captions joined by CAPTION_SEPARATOR ("" when none), "image_id":
+    string}`; `classnames` are the label names when the data carries them (tfds ClassLabel,
+    imagefolder subfolders).
+    """
+
+    name: str
+    num_examples: int
+    records: Callable[[], tf.data.Dataset]
+    classnames: list[str] | None = None
+    has_labels: bool = False
+    has_captions: bool = False
+    has_image_ids: bool = False  # records sharing an image id are captions of one image
+
+
+def open_source(
+    spec: str,
+    *,
+    data_dir: str = "",
+    image_key: str = "",
+    label_key: str = "",
+    text_key: str = "",
+    image_id_key: str = "",
+) -> EvalSource:
+    """The source named by `spec`; empty keys mean each kind's defaults (tfds: the only Image and
+    ClassLabel or Text feature; tfrecord: `jpg`, `label`, `txt`, `key`)."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "imagefolder" and rest:
+        return _imagefolder(rest)
+    if kind == "tfrecord" and rest:
+        return _tfrecord(
+            rest, image_key or "jpg", label_key or "label", text_key or "txt", image_id_key or "key"
+        )
+    name, _, split = rest.partition(":")
+    if kind == "tfds" and name and split:
+        return _tfds(name, split, data_dir, image_key, label_key, text_key)
+    raise ValueError(f"unknown evaluation source {spec!r}; {SOURCE_HELP}")
+
+
+def _record(image, label=None, captions=None, image_id=None) -> dict[str, tf.Tensor]:
+    return {
+        "image": image,
+        "label": tf.constant(-1, tf.int64) if label is None else tf.cast(label, tf.int64),
+        "captions": tf.constant("") if captions is None else captions,
+        "image_id": tf.constant("") if image_id is None else image_id,
+    }
+
+
+def _imagefolder(directory: str) -> EvalSource:
+    if not tf.io.gfile.isdir(directory):
+        raise ValueError(f"imagefolder:{directory}: no such directory")
+    classes = sorted(
+        d.rstrip("/")
+        for d in tf.io.gfile.listdir(directory)
+        if tf.io.gfile.isdir(os.path.join(directory, d))
+    )
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted(tf.io.gfile.listdir(os.path.join(directory, name))):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(directory, name, f))
+                labels.append(label)
+    if not paths:
+        raise ValueError(
+            f"imagefolder:{directory}: no images in class subfolders (DIR/<class>/<image>; "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)})"
+        )
+
+    def records() -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+        return ds.map(lambda p, y: _record(tf.io.read_file(p), y, image_id=p))
+
+    return EvalSource(
+        f"imagefolder:{directory}",
+        len(paths),
+        records,
+        classnames=[c.replace("_", " ") for c in classes],
+        has_labels=True,
+    )
+
+
+def _tfrecord(
+    pattern: str, image_key: str, label_key: str, text_key: str, image_id_key: str
+) -> EvalSource:
+    from clip_jax.data.readers import list_files
+
+    files = list_files(pattern)
+    keys: set[str] = set()
+    for raw in tf.data.TFRecordDataset(files[0]).take(8):
+        keys |= set(tf.train.Example.FromString(raw.numpy()).features.feature)
+    if image_key not in keys:
+        raise ValueError(
+            f"{files[0]}: records have no image feature {image_key!r} (they have "
+            f"{sorted(keys)}); set image_key"
+        )
+    has_labels, has_captions = label_key in keys, text_key in keys
+    if not (has_labels or has_captions):
+        raise ValueError(
+            f"{files[0]}: records have neither a label {label_key!r} nor a caption {text_key!r} "
+            f"(they have {sorted(keys)}); set label_key or text_key"
+        )
+    spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    if has_labels:
+        spec[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+    if has_captions:
+        spec[text_key] = tf.io.FixedLenFeature([], tf.string, default_value="")
+        spec[image_id_key] = tf.io.FixedLenFeature([], tf.string, default_value="")
+
+    def parse(raw):
+        x = tf.io.parse_single_example(raw, spec)
+        return _record(
+            x[image_key],
+            x.get(label_key),
+            x.get(text_key),
+            x.get(image_id_key),
+        )
+
+    def records() -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(files).map(parse)
+
+    count = int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+    return EvalSource(
+        f"tfrecord:{pattern}",
+        count,
+        records,
+        has_labels=has_labels,
+        has_captions=has_captions,
+        has_image_ids=has_captions,
+    )
+
+
+def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, text_key: str):
+    import tensorflow_datasets as tfds
+
+    from clip_jax.data.readers import _find_feature, _only
+
+    label = f"tfds:{name}:{split}"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"{label}: tfds knows no dataset {name!r}") from None
+    if not builder.is_prepared():
+        raise ValueError(
+            f"{label}: not prepared in {builder.data_dir}; run `tfds build {name} "
+            "--data_dir=DIR` and pass data_dir=DIR"
+        )
+    features = builder.info.features
+    if not isinstance(_find_feature(features, image_key or "image"), tfds.features.Image):
+        image_key = _only(features, tfds.features.Image, "image", name)
+    image_key = image_key or "image"
+    text_key = text_key or ("captions/text" if "captions" in features else "caption")
+    label_key = label_key or "label"
+    text = _find_feature(features, text_key)
+    classnames, label_feature = None, None
+    if not isinstance(text, tfds.features.Text):
+        text_key = ""
+        if isinstance(_find_feature(features, label_key), tfds.features.ClassLabel):
+            label_feature = label_key
+        else:
+            label_feature = _only(features, tfds.features.ClassLabel, "label", name)
+        classnames = [n.replace("_", " ") for n in _find_feature(features, label_feature).names]
+    try:
+        num_examples = int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{label}: {str(e).splitlines()[0]}") from None
+
+    def at(example: dict, path: str) -> tf.Tensor:
+        for part in path.split("/"):
+            example = example[part]
+        return example
+
+    def select(example: dict) -> dict:
+        if label_feature is not None:
+            return _record(example[image_key], at(example, label_feature))
+        captions = tf.strings.reduce_join(
+            tf.reshape(at(example, text_key), [-1]), separator=CAPTION_SEPARATOR
+        )
+        return _record(example[image_key], captions=captions)
+
+    def records() -> tf.data.Dataset:
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1),
+        )
+        return ds.map(select)
+
+    return EvalSource(
+        label,
+        num_examples,
+        records,
+        classnames=classnames,
+        has_labels=label_feature is not None,
+        has_captions=label_feature is None,
+    )
+
+
+def num_batches(num_examples: int, global_batch: int) -> int:
+    return -(-num_examples // global_batch)
+
+
+def batches(
+    source: EvalSource,
+    *,
+    image_size: int,
+    global_batch: int,
+    rows: slice,
+    tokenize_fn: Callable[[list[str]], np.ndarray] | None = None,
+    max_captions: int = 0,
+    start: int = 0,
+    stats: dict[str, int] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's `rows` of global batches `start, start+1, ...`, every one of them.
+
+    Yields numpy dicts of `n = rows.stop - rows.start` rows: `image` uint8 [n, S, S, 3] (OpenAI's
+    evaluation crop: shorter side to S, centre crop), `mask` bool [n] (real, decodable examples),
+    `index` int32 [n] (global position), `label` int32 [n] (-1 when none) and, with `tokenize_fn`,
+    `tokens` int32 [n, max_captions, L] and `num_captions` int32 [n] (captions past
+    `max_captions` are dropped and counted in `stats["dropped_captions"]`). Undecodable images
+    are counted in `stats["skipped"]`.
+    """
+    n = rows.stop - rows.start
+    total = num_batches(source.num_examples, global_batch)
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", 0)
+    stats.setdefault("dropped_captions", 0)
+
+    def mine(i, _):
+        return (i % global_batch >= rows.start) & (i % global_batch < rows.stop)
+
+    def decode(i, x):
+        out = {
+            "index": i,
+            "image": image_ops.eval_crop(x["image"], image_size),
+            "label": x["label"],
+            "captions": x["captions"],
+        }
+        if source.has_image_ids:  # a 62-bit hash of the id as two int32 halves (no x64 on device)
+            h = tf.strings.to_hash_bucket_fast(x["image_id"], 2**62)
+            out["image_key"] = tf.stack([h // 2**31, h % 2**31])
+        return out
+
+    ds = source.records().skip(start * global_batch)
+    ds = tf.data.Dataset.zip(
+        tf.data.Dataset.range(start * global_batch, source.num_examples), ds
+    ).filter(mine)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()  # undecodable images; their rows stay masked and are counted
+    options = tf.data.Options()
+    options.deterministic = True
+    stream = ds.batch(max(n, 1)).with_options(options).prefetch(2).as_numpy_iterator()
+    pending: dict[str, np.ndarray] | None = None
+
+    for k in range(start, total):
+        lo, hi = k * global_batch + rows.start, k * global_batch + rows.stop
+        present = max(0, min(hi, source.num_examples) - lo)
+        out = {
+            "image": np.zeros((n, image_size, image_size, 3), np.uint8),
+            "mask": np.zeros((n,), bool),
+            "index": np.arange(lo, hi, dtype=np.int32),
+            "label": np.full((n,), -1, np.int32),
+        }
+        if source.has_image_ids:
+            out["image_key"] = np.zeros((n, 2), np.int32)
+        captions = [""] * n
+        while present:
+            if pending is None or not len(pending["index"]):
+                pending = next(stream, None)
+                if pending is None:
+                    break
+            take = pending["index"] < hi
+            if not take.any():
+                break
+            slots = pending["index"][take] - lo
+            out["image"][slots] = pending["image"][take]
+            out["label"][slots] = pending["label"][take]
+            out["mask"][slots] = True
+            if source.has_image_ids:
+                out["image_key"][slots] = pending["image_key"][take]
+            for s, c in zip(slots, pending["captions"][take], strict=True):
+                captions[s] = c.decode("utf-8")
+            pending = {key: v[~take] for key, v in pending.items()}
+        stats["skipped"] += present - int(out["mask"].sum())
+        if tokenize_fn is not None:
+            out["tokens"], out["num_captions"] = _tokenize(
+                captions, out["mask"], tokenize_fn, max_captions, stats
+            )
+        yield out
+
+
+def _tokenize(
+    captions: list[str], mask: np.ndarray, tokenize_fn, max_captions: int, stats: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's captions -> tokens [n, max_captions, L] and their count [n]."""
+    split = [
+        c.split(CAPTION_SEPARATOR) if c and m else [] for c, m in zip(captions, mask, strict=True)
+    ]
+    counts = np.array([min(len(s), max_captions) for s in split], np.int32)
+    stats["dropped_captions"] += sum(max(0, len(s) - max_captions) for s in split)
+    flat = [c for s in split for c in s[:max_captions]]
+    length = int(np.asarray(tokenize_fn(["x"])).shape[-1])
+    tokens = np.zeros((len(captions), max_captions, length), np.int32)
+    if flat:
+        encoded = np.asarray(tokenize_fn(flat), np.int32)
+        rows = np.repeat(np.arange(len(captions)), counts)
+        cols = np.concatenate([np.arange(c) for c in counts]) if len(counts) else counts
+        tokens[rows, cols] = encoded
+    return tokens, counts
+
+
+def describe(source: EvalSource) -> dict[str, Any]:
+    return {"source": source.name, "examples": source.num_examples}

@@ -1,0 +1,211 @@
+"""Running a function of the model over an evaluation dataset on every device and host: batches in,
+per-example outputs back in dataset order, padding removed, optionally cached on disk so that a
+preempted job resumes at the batch where it stopped.
+
+    outputs = extract.run(predict_fn, variables, batches, mesh=mesh, global_batch=B, ...)
+
+`predict_fn(variables, batch) -> {name: [B, ...]}` is jitted with the batch sharded over the mesh's
+batch axes and its outputs replicated, so every process sees the outputs of the whole batch; the
+mask, labels and indices travel with them.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from clip_jax import sharding
+from clip_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+
+PASSED_THROUGH = ("mask", "index", "label", "num_captions", "image_key")
+PROGRESS_EVERY_S = 30.0
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [..., 3] -> CLIP-normalised float32, on the device (a quarter of the bytes to copy)."""
+    mean = np.asarray(CLIP_MEAN, np.float32) * 255
+    std = np.asarray(CLIP_STD, np.float32) * 255
+    return (images.astype(np.float32) - mean) / std
+
+
+def make_step(
+    predict_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]], mesh: Mesh
+) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+    """The jitted per-batch function: predictions and the pass-through fields, replicated."""
+
+    def step(variables, batch):
+        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            out = dict(predict_fn(variables, batch))
+        for key in PASSED_THROUGH:
+            if key in batch:
+                out[key] = batch[key]
+        return out
+
+    return jax.jit(step, out_shardings=replicated(mesh))
+
+
+class FeatureCache:
+    """Outputs of finished batches on disk, one `.npz` per `every` batches, written by process 0;
+    `meta` (dataset, model step, resolution, ...) must match for a cache to be reused."""
+
+    def __init__(self, directory: str, meta: Mapping[str, Any], every: int):
+        self.directory, self.meta, self.every = directory, dict(meta), max(1, every)
+        self.enabled = jax.process_index() == 0
+
+    def _meta_path(self) -> str:
+        return os.path.join(self.directory, "meta.json")
+
+    def load(self) -> list[dict[str, np.ndarray]]:
+        """The cached chunks in order (empty when there is no matching cache)."""
+        if not self.enabled or not os.path.exists(self._meta_path()):
+            return []
+        with open(self._meta_path()) as f:
+            if json.load(f) != self.meta:
+                logging.warning("%s was made for other settings: recomputing", self.directory)
+                return []
+        chunks = []
+        while os.path.exists(path := self._chunk_path(len(chunks))):
+            with np.load(path) as f:
+                chunks.append({k: f[k] for k in f.files})
+        return chunks
+
+    def _chunk_path(self, i: int) -> str:
+        return os.path.join(self.directory, f"chunk-{i:06d}.npz")
+
+    def save(self, i: int, chunk: dict[str, np.ndarray]) -> None:
+        if not self.enabled:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        if i == 0:
+            with open(self._meta_path(), "w") as f:
+                json.dump(self.meta, f)
+        tmp = self._chunk_path(i) + ".tmp.npz"
+        np.savez(tmp, **chunk)
+        os.replace(tmp, self._chunk_path(i))  # a chunk exists whole or not at all
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds whole -> rows sharded over the batch axes."""
+    return jax.make_array_from_callback(
+        x.shape, sharding.batch_sharding(mesh, x.ndim), lambda idx: x[idx]
+    )
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host or single-device arrays -> arrays replicated over every device of `mesh` (arrays
+    already on the mesh, as training's, are left where they are)."""
+
+    def place(x):
+        current = getattr(x, "sharding", None)
+        if isinstance(current, NamedSharding) and current.mesh == mesh:
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
+
+    return jax.tree.map(place, tree)
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-able value on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else None
+    size = _broadcast_int(raw.size if raw is not None else 0)
+    buf = np.zeros(size, np.uint8)
+    if raw is not None:
+        buf[:] = raw
+    return json.loads(bytes(multihost_utils.broadcast_one_to_all(buf)).decode())
+
+
+def _broadcast_int(value: int) -> int:
+    """Process 0's value on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not chunks:
+        return {}
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def run(
+    predict_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],
+    variables: Any,
+    make_batches: Callable[[int], Iterator[dict[str, np.ndarray]]],
+    *,
+    mesh: Mesh,
+    global_batch: int,
+    total_batches: int,
+    cache: FeatureCache | None = None,
+    label: str = "eval",
+) -> dict[str, np.ndarray]:
+    """All outputs of `predict_fn` over the dataset, in dataset order, padding removed.
+
+    Args:
+      predict_fn: `(variables, batch) -> {name: [B, ...]}` for a global batch.
+      variables: the model's variables, already placed on the mesh (or replicated).
+      make_batches: `start -> iterator` of this process's rows of global batches from `start`
+        (`evals.data.batches`).
+      mesh: the device mesh; the batch is sharded over its batch axes.
+      global_batch, total_batches: the global batch size and the number of batches.
+      cache: where finished batches are kept (None: nowhere).
+      label: names the work in progress lines.
+    Returns:
+      {name: [num_examples, ...]} of every real example, plus `index` (its position) and the
+      pass-through fields; identical on every process (process 0 only, with a cache, since only
+      it reads the cache back).
+    """
+    chunks = cache.load() if cache is not None else []
+    every = cache.every if cache is not None else total_batches or 1
+    start = _broadcast_int(min(len(chunks) * every, total_batches))
+    if start:
+        logging.info(
+            "%s: resuming at batch %d of %d from %s", label, start, total_batches, cache.directory
+        )
+    step = make_step(predict_fn, mesh)
+    pending: list[dict[str, np.ndarray]] = []
+    t0 = last_log = time.perf_counter()
+    with jax.set_mesh(mesh):
+        for k, local in enumerate(make_batches(start), start):
+            batch = sharding.global_batch(local, mesh, global_batch)
+            out = jax.device_get(step(variables, batch))
+            keep = out["mask"]
+            pending.append({name: v[keep] for name, v in out.items()})
+            if cache is not None and ((k + 1) % every == 0 or k + 1 == total_batches):
+                cache.save(len(chunks), _concat(pending))
+                chunks.append(_concat(pending))
+                pending = []
+            now = time.perf_counter()
+            if now - last_log > PROGRESS_EVERY_S or k + 1 == total_batches:
+                done = k + 1 - start
+                rate = done * global_batch / (now - t0)
+                eta = (total_batches - k - 1) * (now - t0) / done
+                logging.info(
+                    "%s: batch %d/%d, %.1f examples/s, ETA %.0fs",
+                    label,
+                    k + 1,
+                    total_batches,
+                    rate,
+                    eta,
+                )
+                last_log = now
+    result = _concat(chunks + pending)
+    result.pop("mask", None)
+    return result

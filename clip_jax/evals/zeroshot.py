@@ -1,0 +1,119 @@
+"""Zero-shot classification (Radford et al. 2021, section 3.1): a classifier from class names and
+prompt templates, and its accuracy on labelled images.
+
+    classifier = build_classifier(model, variables, tokenizer, classnames, templates)  # [E, C]
+    logits = l2_normalize(model.apply(variables, images, method="encode_image")) @ classifier
+
+The classifier is laid out as open_clip's `build_zero_shot_classifier` lays it out: column c is
+the mean of the L2-normalised text embeddings of class c's prompts, renormalised (prompt
+ensembling, section 3.1.4).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from clip_jax import sharding
+from clip_jax.evals import extract
+from clip_jax.models.clip import l2_normalize
+
+PROMPTS_PER_BATCH = 1024  # text rows embedded at once while building a classifier
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def build_classifier(
+    model: Any,
+    variables: Any,
+    tokenizer: Any,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    mesh: Mesh | None = None,
+    prompts_per_batch: int = PROMPTS_PER_BATCH,
+) -> np.ndarray:
+    """The zero-shot classifier of `classnames`, float32 [embed_dim, num_classes].
+
+    Args:
+      model, variables: a CLIP and its variables (`load_pretrained`'s pair).
+      tokenizer: `tokenize(list[str]) -> int32 [n, L]` at the model's context length.
+      classnames: the class names, in label order.
+      templates: format strings holding `{}` once ("a photo of a {}.").
+      mesh: the devices to shard the prompts over (default: all devices, data-parallel).
+      prompts_per_batch: prompts embedded per step; classes are batched so that 1000 classes x
+        80 templates never sit in memory as one batch.
+    Returns:
+      numpy float32 [embed_dim, num_classes].
+    """
+    if not classnames or not templates:
+        raise ValueError("zero-shot classifier: need at least one class name and one template")
+    if mesh is None:
+        mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    variables = extract.replicate(variables, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_step = max(1, prompts_per_batch // len(templates))  # classes per step
+    rows = -(-per_step * len(templates) // shards) * shards  # padded to the batch shards
+
+    def encode(variables, tokens):
+        return model.apply(variables, tokens, method="encode_text")
+
+    embed = jax.jit(encode, out_shardings=extract.replicated(mesh))
+
+    columns = []
+    with jax.set_mesh(mesh):
+        for start in range(0, len(classnames), per_step):
+            names = classnames[start : start + per_step]
+            texts = [t.format(c) for c in names for t in templates]
+            tokens = np.zeros((rows, tokenizer.context_length), np.int32)
+            tokens[: len(texts)] = tokenizer.tokenize(texts)
+            tokens = extract.shard_rows(tokens, mesh)
+            emb = np.asarray(jax.device_get(embed(variables, tokens)))[: len(texts)]
+            emb = _normalize(emb.astype(np.float32)).reshape(len(names), len(templates), -1)
+            columns.append(_normalize(emb.mean(axis=1)))
+    return np.concatenate(columns).T.astype(np.float32)
+
+
+def make_predict_fn(model: Any, classifier: jax.Array, top_k: int = 5):
+    """`(variables, batch) -> {"top": int32 [B, k]}`: each image's k best classes, best first."""
+    k = min(top_k, classifier.shape[1])
+
+    def predict(variables, batch):
+        images = extract.normalize(batch["image"])
+        emb = l2_normalize(model.apply(variables, images, method="encode_image"))
+        logits = jnp.dot(emb, classifier, precision=jax.lax.Precision.HIGHEST)  # [B, C]
+        return {"top": jax.lax.top_k(logits, k)[1].astype(jnp.int32)}
+
+    return predict
+
+
+def classification_metrics(top: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Top-1, top-5 and mean per-class recall (the mean over the classes present in `labels` of
+    the fraction of their examples predicted right; CLIP_benchmark's balanced accuracy).
+
+    Args:
+      top: int [N, k] predicted classes, best first.
+      labels: int [N] true classes.
+      num_classes: the classifier's width.
+    """
+    if len(labels) == 0:
+        raise ValueError("zero-shot evaluation: the dataset has no usable example")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels range over [{labels.min()}, {labels.max()}] but there are {num_classes} "
+            "class names; check the class names against the dataset"
+        )
+    hit1 = top[:, 0] == labels
+    hit5 = (top[:, :5] == labels[:, None]).any(axis=1)
+    present = np.unique(labels)
+    recall = [hit1[labels == c].mean() for c in present]
+    return {
+        "top1": float(hit1.mean()),
+        "top5": float(hit5.mean()),
+        "mean_per_class_recall": float(np.mean(recall)),
+    }

@@ -1,0 +1,160 @@
+"""The one place that builds a model and its train state from a config: the model, the optimizer,
+the abstract train state and its shardings over a mesh, a fresh state born sharded, and a run's
+parameters read back from its checkpoints. Training, evaluation, the benchmark, export and tests
+all call these, so that none of them rebuilds the layout on its own.
+
+    spec = state.build(config, mesh)        # model, optimizer, abstract state, shardings
+    train_state = state.init(spec, seed)    # parameters created in place, already sharded
+    model, variables = state.load_run(workdir, step=None)   # a training run's weights
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from clip_jax import optim, sharding
+from clip_jax.models.clip import CLIP, is_resnet
+from clip_jax.train_step import TrainState, create_state
+
+CONFIG_FILE = "config.json"  # what train.run writes into the workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """Everything about a run's state that does not depend on parameter values."""
+
+    model: CLIP
+    model_config: dict[str, Any]  # CLIP's keyword arguments
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    abstract: TrainState  # ShapeDtypeStructs
+    shardings: TrainState  # NamedShardings on `mesh`
+    mesh: Mesh
+
+    def abstract_with_shardings(self) -> TrainState:
+        """ShapeDtypeStructs that carry their shardings: what a checkpoint restores into."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.abstract,
+            self.shardings,
+        )
+
+
+def model_config(model: Mapping[str, Any]) -> dict[str, Any]:
+    """`config.model` (a ConfigDict, or a dict read back from JSON) -> CLIP's keyword arguments;
+    JSON turns the ResNet's stage tuple into a list, which is turned back here."""
+    cfg = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+    cfg["vision"], cfg["text"] = dict(cfg["vision"]), dict(cfg["text"])
+    if is_resnet(cfg["vision"]):
+        cfg["vision"]["layers"] = tuple(cfg["vision"]["layers"])
+    return cfg
+
+
+def example_inputs(model_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """One image and one token row: parameters do not depend on the batch size."""
+    size, length = model_cfg["vision"]["image_size"], model_cfg["text"]["context_length"]
+    return jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
+    """The model, optimizer, abstract train state and its shardings for `config` on `mesh`,
+    computed without allocating any parameter."""
+    cfg = model_config(config.model)
+    model = CLIP(**cfg)
+    optim_cfg = config.optim.to_dict() if hasattr(config.optim, "to_dict") else dict(config.optim)
+    tx, lr_schedule = optim.make_optimizer(config.total_steps, **optim_cfg)
+    images, tokens = example_inputs(cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens))
+        params = sharding.logical_to_sharding(boxed["params"], mesh)
+        abstract = jax.eval_shape(
+            lambda: create_state(model, tx, jax.random.key(0), images, tokens)
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(
+        step=replicated,
+        params=params,
+        batch_stats=jax.tree.map(lambda _: replicated, abstract.batch_stats),
+        opt_state=sharding.like_params(abstract.opt_state, params, mesh),
+        nonfinite_steps=replicated,
+        first_nonfinite_step=replicated,
+    )
+    return StateSpec(model, cfg, tx, lr_schedule, abstract, shardings, mesh)
+
+
+def init(spec: StateSpec, seed: int) -> TrainState:
+    """A fresh train state, each parameter created directly in its sharding."""
+    images, tokens = example_inputs(spec.model_config)
+    with jax.set_mesh(spec.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        return jax.jit(
+            lambda rng: create_state(spec.model, spec.tx, rng, images, tokens),
+            out_shardings=spec.shardings,
+        )(jax.random.key(seed))
+
+
+def variables_of(train_state: TrainState) -> dict[str, Any]:
+    """The model's variables in a train state: `{"params"}`, plus `"batch_stats"` for ResNets."""
+    variables = {"params": train_state.params}
+    if train_state.batch_stats:
+        variables["batch_stats"] = train_state.batch_stats
+    return variables
+
+
+def is_run_dir(path: str) -> bool:
+    """A training run's directory: it holds the config that `train.run` wrote."""
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (`workdir/config.json`)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: is {workdir} a clip_jax run directory?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_run(
+    workdir: str, step: int | None = None, mesh: Mesh | None = None, **overrides: Any
+) -> tuple[CLIP, dict[str, Any], int]:
+    """A training run's model and variables at `step` (the latest checkpoint by default).
+
+    Args:
+      workdir: the run's directory.
+      step: the checkpoint step; None for the latest.
+      mesh: where to put the variables, laid out as training lays them out; None: this process's
+        first device.
+      overrides: model fields to change (`dtype="bfloat16"`), as `convert.merge_config` takes.
+    Returns:
+      (model, variables, step).
+    """
+    from clip_jax import checkpoint, convert
+
+    config = read_run_config(workdir)
+    if mesh is None:
+        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
+    spec = build(config, mesh)
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
+    try:
+        available = ckpt.all_steps()
+        if not available:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+        step = max(available) if step is None else int(step)
+        if step not in available:
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {ckpt.directory}; there are {sorted(available)}"
+            )
+        restored, _ = ckpt.restore(step, spec.abstract_with_shardings())
+    finally:
+        ckpt.close()
+    cfg = convert.merge_config(spec.model_config, overrides)
+    return CLIP(**cfg), variables_of(restored), step
