@@ -23,7 +23,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["clip_jax", "clip_jax.*"]),
-    package_data={"clip_jax.data": ["bpe_simple_vocab_16e6.txt.gz", "BPE_LICENSE.txt"]},
+    package_data={
+        "clip_jax.data": ["bpe_simple_vocab_16e6.txt.gz", "BPE_LICENSE.txt"],
+        "clip_jax.evals": ["prompt_data/*.json", "prompt_data/*.txt", "prompt_data/README.md"],
+    },
     install_requires=[
         "jax>=0.7,<0.11",
         "flax>=0.11,<0.13",

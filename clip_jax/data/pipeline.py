@@ -10,7 +10,7 @@ e.g. `--config.train_data.source='tfrecord:gs://b/laion/*.tfrecord@0.7,tfds:coco
 
 Keys of `train_data` read here, with their defaults: `image_key` ("jpg"), `text_key` ("txt"),
 `tokenizer` ("clip_bpe"), `data_dir` (None: tfds's default), `shuffle_buffer` (10000 records),
-`crop_scale` ((0.9, 1.0)), `templates` (None: `evals.prompts.CAPTION_TEMPLATES`).
+`crop_scale` ((0.9, 1.0)), `templates` (None: `captions.CAPTION_TEMPLATES`).
 """
 
 from typing import Any

@@ -17,7 +17,7 @@ record; `TFDSReader` uses `tfds.even_splits`.
 
 import tensorflow as tf
 
-from clip_jax.evals import prompts
+from clip_jax.data import captions
 
 MAX_CYCLE = 16  # files read at once, interleaved record by record
 READ_BUFFER = 4 << 20  # bytes buffered per open file; large reads suit gs:// as well as disks
@@ -184,8 +184,8 @@ class TFDSReader:
             else:
                 self._label = _only(features, tfds.features.ClassLabel, "label", name)
             self._names = [n.replace("_", " ") for n in _find_feature(features, self._label).names]
-            self._prefixes, self._suffixes = prompts.split_templates(
-                templates or prompts.CAPTION_TEMPLATES
+            self._prefixes, self._suffixes = captions.split_templates(
+                templates or captions.CAPTION_TEMPLATES
             )
         try:
             self._base = builder.as_dataset(

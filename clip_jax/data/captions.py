@@ -1,0 +1,44 @@
+"""Caption templates: the sentences that turn a class name into a training caption.
+
+`CAPTION_TEMPLATES` give label-only training datasets (a tfds dataset with a ClassLabel and no
+text) varied captions; each template holds `{}` once, where the class name goes. (The zero-shot
+evaluation prompts are `clip_jax.evals.prompts`.)
+"""
+
+CAPTION_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+    "a cropped photo of a {}.",
+    "a good photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a blurry photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a {}.",
+    "the {}.",
+    "itap of a {}.",
+)
+
+
+def split_templates(templates: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """Templates -> (prefixes, suffixes): the text before and after their one `{}`.
+
+    Args:
+      templates: caption templates, each holding `{}` exactly once.
+
+    Returns:
+      (prefixes, suffixes), one of each per template, in order.
+    """
+    if not templates:
+        raise ValueError("caption templates: the list is empty")
+    prefixes, suffixes = [], []
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ValueError(f"caption template {t!r} must hold '{{}}' exactly once")
+        before, after = t.split("{}")
+        prefixes.append(before)
+        suffixes.append(after)
+    return prefixes, suffixes

@@ -1,0 +1,110 @@
+"""Evaluation suites: named sets of zero-shot classification datasets, as plain data.
+
+Each entry of a suite names one dataset and holds:
+- `source`: "tfds:NAME[/CONFIG]:SPLIT", the split the paper evaluates on (a tfds split string, so
+  slices such as `train[80%:]` work);
+- `classnames`, `templates`: names for `prompts.classnames` and `prompts.templates`; the class
+  names are in the tfds builder's label order;
+- `class_subset` (only ImageNet-R and ImageNet-A): a name for `prompts.class_subset`. Their tfds
+  labels are the 1,000 ImageNet classes; the paper scores only the dataset's 200 classes, so an
+  evaluator keeps those logits and maps label `classes[i]` to `i` (one that ignores the key scores
+  all 1,000 classes: valid, but harder than the paper's task);
+- `image_key` and `label_key` where they are not the default "image" and "label" (none today).
+
+`PAPER` holds the datasets of the CLIP paper's zero-shot evaluation (Radford et al. 2021; the 27
+of its Table 9) that TensorFlow Datasets provides, and the ImageNet distribution shifts of its
+Figure 13, each with OpenAI's published prompts. Left out:
+- not in tfds: Birdsnap, Country211, FGVC Aircraft, GTSRB, FER2013, Hateful Memes, Rendered
+  SST2, Kinetics700, ObjectNet;
+- in tfds but not as the paper's classification task: KITTI (closest-vehicle distance), CLEVR
+  (object counts), PASCAL VOC 2007 (per-object crops), UCF101 (videos, the paper used one frame);
+- SVHN (`svhn_cropped`): not in the paper's table, and OpenAI published no prompts for it.
+
+EuroSAT and RESISC45 have a single tfds split; the paper drew its own test sets, so these use the
+last 20% of tfds's train split (VTAB's test split) and are close to, not equal to, the paper's.
+"""
+
+PAPER = {
+    "imagenet": {
+        "source": "tfds:imagenet2012:validation",
+        "classnames": "imagenet",
+        "templates": "imagenet",
+    },
+    "imagenet_v2": {
+        "source": "tfds:imagenet_v2/matched-frequency:test",
+        "classnames": "imagenet",
+        "templates": "imagenet",
+    },
+    "imagenet_sketch": {
+        "source": "tfds:imagenet_sketch:test",
+        "classnames": "imagenet",
+        "templates": "imagenet",
+    },
+    "imagenet_r": {
+        "source": "tfds:imagenet_r:test",
+        "classnames": "imagenet",
+        "templates": "imagenet",
+        "class_subset": "imagenet_r",
+    },
+    "imagenet_a": {
+        "source": "tfds:imagenet_a:test",
+        "classnames": "imagenet",
+        "templates": "imagenet",
+        "class_subset": "imagenet_a",
+    },
+    "food101": {
+        "source": "tfds:food101:validation",  # tfds's name for the 25,250-image test set
+        "classnames": "food101",
+        "templates": "food101",
+    },
+    "cifar10": {"source": "tfds:cifar10:test", "classnames": "cifar10", "templates": "cifar10"},
+    "cifar100": {"source": "tfds:cifar100:test", "classnames": "cifar100", "templates": "cifar100"},
+    "sun397": {
+        # The standard partition 1: 50 test images a class, the paper's 19,850.
+        "source": "tfds:sun397/standard-part1-120k:test",
+        "classnames": "sun397",
+        "templates": "sun397",
+    },
+    "cars": {"source": "tfds:cars196:test", "classnames": "cars", "templates": "cars"},
+    "dtd": {"source": "tfds:dtd:test", "classnames": "dtd", "templates": "dtd"},
+    "pets": {"source": "tfds:oxford_iiit_pet:test", "classnames": "pets", "templates": "pets"},
+    "caltech101": {
+        "source": "tfds:caltech101:test",
+        "classnames": "caltech101",
+        "templates": "caltech101",
+    },
+    "flowers102": {
+        "source": "tfds:oxford_flowers102:test",
+        "classnames": "flowers102",
+        "templates": "flowers102",
+    },
+    "mnist": {"source": "tfds:mnist:test", "classnames": "mnist", "templates": "mnist"},
+    "stl10": {"source": "tfds:stl10:test", "classnames": "stl10", "templates": "stl10"},
+    "eurosat": {
+        "source": "tfds:eurosat/rgb:train[80%:]",
+        "classnames": "eurosat",
+        "templates": "eurosat",
+    },
+    "resisc45": {
+        "source": "tfds:resisc45:train[80%:]",
+        "classnames": "resisc45",
+        "templates": "resisc45",
+    },
+    "pcam": {"source": "tfds:patch_camelyon:test", "classnames": "pcam", "templates": "pcam"},
+}
+
+SUITES = {"paper": PAPER}
+
+
+def suite(name: str) -> dict[str, dict[str, str]]:
+    """A suite by name: {dataset: entry}, in the suite's order.
+
+    Args:
+      name: a key of `SUITES` ("paper").
+
+    Returns:
+      A copy of the suite, safe to change.
+    """
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return {dataset: dict(entry) for dataset, entry in SUITES[name].items()}
