@@ -43,7 +43,7 @@ COMMON = dict(
     image_id_key="",
 )
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "zeroshot": dict(classnames="", templates="imagenet"),
+    "zeroshot": dict(classnames="", templates="imagenet", class_subset=""),
     "retrieval": dict(ks=(1, 5, 10), max_captions=7),
     "linear_probe": dict(
         train_source="", val_source="", features="pre", val_fraction=0.2, seed=0, cache_dir=""
@@ -100,12 +100,29 @@ class Evaluator:
         self.train_source = self._open(cfg["train_source"]) if cfg.get("train_source") else None
         self.val_source = self._open(cfg["val_source"]) if cfg.get("val_source") else None
         if self.kind == "zeroshot":
-            self.classnames = prompts.classnames(cfg["classnames"] or self.source.classnames or "")
-            self.templates = prompts.templates(cfg["templates"])
+            self._zeroshot_classes(cfg)
         if self.kind == "retrieval" and not self.source.has_captions:
             raise ValueError(f"evals.{self.name}: {self.source.name} has no captions to retrieve")
         if self.kind in ("zeroshot", "linear_probe", "fewshot") and not self.source.has_labels:
             raise ValueError(f"evals.{self.name}: {self.source.name} has no labels")
+
+    def _zeroshot_classes(self, cfg: dict[str, Any]) -> None:
+        """Class names and templates; with `class_subset` (ImageNet-R/A) only the subset's
+        classes are scored and the dataset's labels are mapped onto them."""
+        names = cfg["classnames"] or self.source.classnames
+        if not names:
+            raise ValueError(
+                f"evals.{self.name}: {self.source.name} carries no class names; set classnames "
+                "(a known dataset name, a list, or a file with one name per line)"
+            )
+        self.classnames = prompts.classnames(names)
+        self.templates = prompts.templates(cfg["templates"])
+        self.label_map = None
+        if cfg["class_subset"]:
+            subset = prompts.class_subset(cfg["class_subset"])
+            self.label_map = np.full(len(self.classnames), -1, np.int64)
+            self.label_map[subset] = np.arange(len(subset))
+            self.classnames = [self.classnames[i] for i in subset]
 
     def _open(self, spec: str) -> data.EvalSource:
         c = self.cfg
@@ -178,7 +195,10 @@ class Evaluator:
         classifier = extract.replicate(jnp.asarray(classifier), self.mesh)
         predict = zeroshot.make_predict_fn(self.model, classifier)
         out, skipped = self._extract(predict, variables, self.source)
-        metrics = zeroshot.classification_metrics(out["top"], out["label"], len(self.classnames))
+        labels = out["label"]
+        if self.label_map is not None:
+            labels = self.label_map[np.clip(labels, 0, len(self.label_map) - 1)]
+        metrics = zeroshot.classification_metrics(out["top"], labels, len(self.classnames))
         return {**metrics, **({"skipped": skipped} if skipped else {})}
 
     def _run_retrieval(self, variables, step, cache_root) -> dict:

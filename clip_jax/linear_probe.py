@@ -1,0 +1,166 @@
+"""The linear-probe batch job (CLIP paper, appendix A.3) on a training run or a weight file:
+
+    python -m clip_jax.linear_probe --workdir=DIR [--step=N] --dataset=tfds:cifar10
+    python -m clip_jax.linear_probe --pretrained=FILE --dataset=imagefolder:DIR [--features=post]
+    python -m clip_jax.linear_probe --pretrained=FILE --train=tfrecord:A* --test=tfrecord:B*
+
+Image features (before the projection by default, as the paper probed its ViTs) are extracted
+over all devices and hosts and cached on disk per split (`--cache_dir`), so a preempted job
+resumes where it stopped; then L-BFGS logistic regression with scikit-learn's objective, C chosen
+on a validation split held out from train (or `--val_split`), refit on train+val, test top-1.
+`--fewshot=1,5,10,25` adds k-shot ridge classifiers on the same features.
+
+Datasets: `tfds:NAME[/CONFIG]` (splits `--train_split`, `--test_split`), `imagefolder:DIR`
+(DIR/train and DIR/test, one subfolder per class), or explicit `--train` and `--test` sources.
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clip_jax import cli
+from clip_jax.evals import jobs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config (mesh, tokenizer); optional.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
+_STEP = flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "A weight file (OpenAI, OpenCLIP, ours).")
+_DATASET = flags.DEFINE_string("dataset", "", "tfds:NAME[/CONFIG] or imagefolder:DIR.")
+_TRAIN = flags.DEFINE_string("train", "", "Training source (instead of --dataset).")
+_TEST = flags.DEFINE_string("test", "", "Test source (instead of --dataset).")
+_TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "tfds split to train on.")
+_TEST_SPLIT = flags.DEFINE_string("test_split", "test", "tfds split to test on.")
+_VAL_SPLIT = flags.DEFINE_string("val_split", "", "tfds validation split ('': held out).")
+_FEATURES = flags.DEFINE_enum("features", "pre", ["pre", "post"], "Before/after the projection.")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.2, "Share of train held out to choose C.")
+_FEWSHOT = flags.DEFINE_string("fewshot", "", "k-shot probes too, e.g. 1,5,10,25.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch for feature extraction.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Feature cache (default: beside the model).")
+_OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON results.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -> dict[str, str]:
+    """{"train_source", "source" (test), "val_source"} from the flags."""
+    train_split, test_split, val_split = splits
+    if train or test:
+        if dataset or not (train and test):
+            raise ValueError("give --dataset, or both --train and --test (not both forms)")
+        return {"train_source": train, "source": test, "val_source": ""}
+    kind, _, rest = dataset.partition(":")
+    if kind == "tfds" and rest:
+        val = f"tfds:{rest}:{val_split}" if val_split else ""
+        return {
+            "train_source": f"tfds:{rest}:{train_split}",
+            "source": f"tfds:{rest}:{test_split}",
+            "val_source": val,
+        }
+    if kind == "imagefolder" and rest:
+        val = os.path.join(rest, "val")
+        return {
+            "train_source": f"imagefolder:{os.path.join(rest, 'train')}",
+            "source": f"imagefolder:{os.path.join(rest, 'test')}",
+            "val_source": f"imagefolder:{val}" if os.path.isdir(val) else "",
+        }
+    raise ValueError(
+        f"--dataset={dataset!r}: use tfds:NAME[/CONFIG] or imagefolder:DIR (DIR/train, DIR/test), "
+        "or --train and --test sources"
+    )
+
+
+def probe(
+    config,
+    *,
+    workdir: str | None,
+    step: int | None,
+    pretrained: str | None,
+    entry: dict,
+    fewshot: tuple[int, ...] = (),
+    cache_dir: str = "",
+) -> list[dict]:
+    """Runs the probe (and k-shot probes) once; returns records in CLIP_benchmark's shape."""
+    from clip_jax import sharding, state
+    from clip_jax.evals import runner
+
+    if bool(workdir) == bool(pretrained):
+        raise ValueError("give either --workdir (a training run) or --pretrained (a weight file)")
+    if config is None and workdir:
+        config = state.read_run_config(workdir)
+    mesh_shape = config.mesh if config is not None else dict(data=-1, fsdp=1, tensor=1)
+    mesh = sharding.make_mesh(mesh_shape)
+    model, variables, model_name, tokenizer = jobs.load_model(
+        config, workdir, step, pretrained, mesh
+    )
+    if not cache_dir and workdir:
+        cache_dir = os.path.join(workdir, "features", f"step_{model_name.rpartition('@')[2]}")
+    elif not cache_dir:
+        cache_dir = os.path.join(os.path.expanduser("~/.cache/clip_jax/features"), model_name)
+    name = entry.pop("name")
+    evaluators = [runner.Evaluator(runner.entry_config(name, entry), model, tokenizer, mesh)]
+    if fewshot:
+        probe_only = ("val_fraction", "val_source", "seed")
+        shots = {k: v for k, v in entry.items() if k not in probe_only}
+        shots.update(type="fewshot", shots=fewshot)
+        evaluators.append(
+            runner.Evaluator(runner.entry_config(name, shots), model, tokenizer, mesh)
+        )
+    records = []
+    for e in evaluators:
+        logging.info("%s on %s (train %s)", e.kind, e.source.name, e.train_source.name)
+        records.append(runner.record(e, e.run(variables, step, cache_dir), model_name))
+    return records
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_libraries()
+    with cli.user_errors():
+        cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        srcs = sources(
+            _DATASET.value,
+            _TRAIN.value,
+            _TEST.value,
+            (_TRAIN_SPLIT.value, _TEST_SPLIT.value, _VAL_SPLIT.value),
+        )
+        name = _DATASET.value.partition(":")[2].split("/")[0] or "probe"
+        entry = dict(
+            type="linear_probe",
+            name=os.path.basename(name.rstrip("/")) or "probe",
+            **srcs,
+            features=_FEATURES.value,
+            val_fraction=_VAL_FRACTION.value,
+            batch_size=_BATCH.value,
+            data_dir=_DATA_DIR.value,
+        )
+        try:
+            shots = tuple(int(k) for k in _FEWSHOT.value.split(",") if k.strip())
+        except ValueError:
+            raise ValueError(
+                f"--fewshot={_FEWSHOT.value!r}: give shot counts like 1,5,10"
+            ) from None
+        records = probe(
+            _CONFIG.value,
+            workdir=_WORKDIR.value,
+            step=_STEP.value,
+            pretrained=_PRETRAINED.value,
+            entry=entry,
+            fewshot=shots,
+            cache_dir=_CACHE_DIR.value,
+        )
+    import jax
+
+    if jax.process_index() == 0:
+        if _OUTPUT.value:
+            jobs.write_results(_OUTPUT.value, records, records[0]["model"])
+        print(jobs.format_table(records))
+        print(json.dumps(records), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
