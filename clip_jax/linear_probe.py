@@ -17,7 +17,7 @@ Datasets: `tfds:NAME[/CONFIG]` (splits `--train_split`, `--test_split`), `imagef
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from clip_jax import cli
@@ -45,84 +45,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -> dict[str, str]:
-    """{"train_source", "source" (test), "val_source"} from the flags."""
-    train_split, test_split, val_split = splits
-    if train or test:
-        if dataset or not (train and test):
-            raise ValueError("give --dataset, or both --train and --test (not both forms)")
-        return {"train_source": train, "source": test, "val_source": ""}
-    kind, _, rest = dataset.partition(":")
-    if kind == "tfds" and rest:
-        val = f"tfds:{rest}:{val_split}" if val_split else ""
-        return {
-            "train_source": f"tfds:{rest}:{train_split}",
-            "source": f"tfds:{rest}:{test_split}",
-            "val_source": val,
-        }
-    if kind == "imagefolder" and rest:
-        val = os.path.join(rest, "val")
-        return {
-            "train_source": f"imagefolder:{os.path.join(rest, 'train')}",
-            "source": f"imagefolder:{os.path.join(rest, 'test')}",
-            "val_source": f"imagefolder:{val}" if os.path.isdir(val) else "",
-        }
-    raise ValueError(
-        f"--dataset={dataset!r}: use tfds:NAME[/CONFIG] or imagefolder:DIR (DIR/train, DIR/test), "
-        "or --train and --test sources"
-    )
-
-
-def probe(
-    config,
-    *,
-    workdir: str | None,
-    step: int | None,
-    pretrained: str | None,
-    entry: dict,
-    fewshot: tuple[int, ...] = (),
-    cache_dir: str = "",
-) -> list[dict]:
-    """Runs the probe (and k-shot probes) once; returns records in CLIP_benchmark's shape."""
-    from clip_jax import sharding, state
-    from clip_jax.evals import runner
-
-    if bool(workdir) == bool(pretrained):
-        raise ValueError("give either --workdir (a training run) or --pretrained (a weight file)")
-    if config is None and workdir:
-        config = state.read_run_config(workdir)
-    mesh_shape = config.mesh if config is not None else dict(data=-1, fsdp=1, tensor=1)
-    mesh = sharding.make_mesh(mesh_shape)
-    model, variables, model_name, tokenizer = jobs.load_model(
-        config, workdir, step, pretrained, mesh
-    )
-    if not cache_dir and workdir:
-        cache_dir = os.path.join(workdir, "features", f"step_{model_name.rpartition('@')[2]}")
-    elif not cache_dir:
-        cache_dir = os.path.join(os.path.expanduser("~/.cache/clip_jax/features"), model_name)
-    name = entry.pop("name")
-    evaluators = [runner.Evaluator(runner.entry_config(name, entry), model, tokenizer, mesh)]
-    if fewshot:
-        probe_only = ("val_fraction", "val_source", "seed")
-        shots = {k: v for k, v in entry.items() if k not in probe_only}
-        shots.update(type="fewshot", shots=fewshot)
-        evaluators.append(
-            runner.Evaluator(runner.entry_config(name, shots), model, tokenizer, mesh)
-        )
-    records = []
-    for e in evaluators:
-        logging.info("%s on %s (train %s)", e.kind, e.source.name, e.train_source.name)
-        records.append(runner.record(e, e.run(variables, step, cache_dir), model_name))
-    return records
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_libraries()
     with cli.user_errors():
         cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        srcs = sources(
+        srcs = jobs.sources(
             _DATASET.value,
             _TRAIN.value,
             _TEST.value,
@@ -144,7 +73,7 @@ def main(argv: list[str]) -> None:
             raise ValueError(
                 f"--fewshot={_FEWSHOT.value!r}: give shot counts like 1,5,10"
             ) from None
-        records = probe(
+        records = jobs.probe(
             _CONFIG.value,
             workdir=_WORKDIR.value,
             step=_STEP.value,

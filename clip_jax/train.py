@@ -135,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         watcher = checkpoint.PreemptionWatcher()
         try:
             if latest is not None:  # preempted while the evals of the restored step ran
-                _run_evals(
+                _resumed_evals(
                     runner.missing(evaluators, workdir, latest, config.total_steps),
                     state,
                     latest,
@@ -151,22 +151,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             ckpt.close()  # waits for an asynchronous save in flight
 
 
-def _run_evals(evaluators, state: TrainState, step: int, workdir: str, writer) -> dict:
-    """Runs `evaluators` on the state's weights, logs their values at `step`; training's state is
-    only read, so evaluation never changes what training does."""
+def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:
+    """Runs `evaluators` on the state's weights at `step`; training's state is only read, so
+    evaluation never changes what training does."""
     if not evaluators:
         return {}
     results = runner.run(evaluators, state_lib.variables_of(state), step, workdir)
-    writer.write(step, results)
     for key, value in sorted(results.items()):
         logging.info("step %d %s = %.4f", step, key, value)
+    return results
+
+
+def _resumed_evals(evaluators, state: TrainState, step: int, workdir: str, writer) -> dict:
+    """The evals of `step` that a preemption interrupted; their values get a row of their own."""
+    results = _run_evals(evaluators, state, step, workdir)
+    if results:
+        writer.write(step, results)
     return results
 
 
 def _final_evals(evaluators, state: TrainState, step: int, workdir: str, is_main: bool) -> dict:
     writer = MetricsWriter(workdir, enabled=is_main)
     try:
-        return _run_evals(evaluators, state, step, workdir, writer)
+        return _resumed_evals(evaluators, state, step, workdir, writer)
     finally:
         writer.close()
 
@@ -216,7 +223,8 @@ def _loop(config, state, train_step, batches, ckpt, watcher, writer, evaluators,
             blocked = ckpt.save(step, state, data_state)
             save_s += blocked
             logging.info("checkpoint at step %d (blocked the loop for %.2fs)", step, blocked)
-        if step % config.log_every_steps == 0 or step == config.total_steps or preempted:
+        due = [] if preempted else runner.due(evaluators, step, config.total_steps)
+        if step % config.log_every_steps == 0 or step == config.total_steps or preempted or due:
             metrics = jax.device_get(metrics)
             _check_finite(pending, config.get("nonfinite", "halt"))
             elapsed = time.perf_counter() - window_t0
@@ -230,14 +238,11 @@ def _loop(config, state, train_step, batches, ckpt, watcher, writer, evaluators,
                 "skipped_examples": _total_skipped(data_state["skipped_examples"]),
                 "nonfinite_steps": int(state.nonfinite_steps),
             }
-            writer.write(step, last)
             progress.log(step, last["loss"], pairs_per_sec)
+            # Evaluations add their keys to this step's row (and their time to no throughput).
+            last.update(_run_evals(due, state, step, workdir))
+            writer.write(step, last)
             window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
-        if not preempted:
-            due = runner.due(evaluators, step, config.total_steps)
-            if due:
-                last = {**last, **_run_evals(due, state, step, workdir, writer)}
-                window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if preempted:
             logging.warning("preempted: saved step %d and stopping; rerun to resume", step)
             break

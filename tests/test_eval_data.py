@@ -299,12 +299,6 @@ def test_tfrecord_captions_with_image_ids(captioned, tokenizer):
     assert text_ids.tolist() == [first_seen.index(i) for i in images]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evals.data._tfrecord sets has_image_ids whenever records have a caption, even when "
-    "they have no image_id_key feature: every record then gets the id '' and group_captions "
-    "makes all of them one image",
-)
 def test_tfrecord_captions_without_image_ids_are_separate_images(tmp_path, tokenizer):
     """Shards of `jpg` + `txt` only: each record is its own image (or the source says which key
     is missing). Either is a fix; silently one image for the whole set is not."""

@@ -132,6 +132,7 @@ def _tfrecord(
             f"{sorted(keys)}); set image_key"
         )
     has_labels, has_captions = label_key in keys, text_key in keys
+    has_ids = has_captions and image_id_key in keys  # without ids, each record is one image
     if not (has_labels or has_captions):
         raise ValueError(
             f"{files[0]}: records have neither a label {label_key!r} nor a caption {text_key!r} "
@@ -142,6 +143,7 @@ def _tfrecord(
         spec[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
     if has_captions:
         spec[text_key] = tf.io.FixedLenFeature([], tf.string, default_value="")
+    if has_ids:
         spec[image_id_key] = tf.io.FixedLenFeature([], tf.string, default_value="")
 
     def parse(raw):
@@ -163,14 +165,14 @@ def _tfrecord(
         records,
         has_labels=has_labels,
         has_captions=has_captions,
-        has_image_ids=has_captions,
+        has_image_ids=has_ids,
     )
 
 
 def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, text_key: str):
     import tensorflow_datasets as tfds
 
-    from clip_jax.data.readers import _find_feature, _only
+    from clip_jax.data.readers import _find_feature
 
     label = f"tfds:{name}:{split}"
     try:
@@ -183,9 +185,19 @@ def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, 
             "--data_dir=DIR` and pass data_dir=DIR"
         )
     features = builder.info.features
-    if not isinstance(_find_feature(features, image_key or "image"), tfds.features.Image):
-        image_key = _only(features, tfds.features.Image, "image", name)
+
+    def only(kind, what: str, key: str) -> str:
+        found = [k for k, f in features.items() if isinstance(f, kind)]
+        if len(found) != 1:
+            raise ValueError(
+                f"{label}: {len(found)} {what} features ({found}) and none named by {key}; "
+                f"set {key} (features: {sorted(features)})"
+            )
+        return found[0]
+
     image_key = image_key or "image"
+    if not isinstance(_find_feature(features, image_key), tfds.features.Image):
+        image_key = only(tfds.features.Image, "image", "image_key")
     text_key = text_key or ("captions/text" if "captions" in features else "caption")
     label_key = label_key or "label"
     text = _find_feature(features, text_key)
@@ -195,7 +207,7 @@ def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, 
         if isinstance(_find_feature(features, label_key), tfds.features.ClassLabel):
             label_feature = label_key
         else:
-            label_feature = _only(features, tfds.features.ClassLabel, "label", name)
+            label_feature = only(tfds.features.ClassLabel, "ClassLabel", "label_key or text_key")
         classnames = [n.replace("_", " ") for n in _find_feature(features, label_feature).names]
     try:
         num_examples = int(builder.info.splits[split].num_examples)

@@ -2,11 +2,13 @@
 per-example outputs back in dataset order, padding removed, optionally cached on disk so that a
 preempted job resumes at the batch where it stopped.
 
-    outputs = extract.run(predict_fn, variables, batches, mesh=mesh, global_batch=B, ...)
+    step = extract.make_step(predict_fn, mesh)   # compiled once, reused by every evaluation
+    outputs = extract.run(step, variables, make_batches, mesh=mesh, global_batch=B, ...)
 
-`predict_fn(variables, batch) -> {name: [B, ...]}` is jitted with the batch sharded over the mesh's
-batch axes and its outputs replicated, so every process sees the outputs of the whole batch; the
-mask, labels and indices travel with them.
+`predict_fn(variables, batch, extra) -> {name: [B, ...]}` is jitted with the batch sharded over the
+mesh's batch axes and its outputs replicated, so every process sees the outputs of the whole
+batch; the mask, labels and indices travel with them. `extra` is any other array input (a
+zero-shot classifier), an argument rather than a constant so that a new one does not recompile.
 """
 
 import json
@@ -35,14 +37,13 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(np.float32) - mean) / std
 
 
-def make_step(
-    predict_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]], mesh: Mesh
-) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-    """The jitted per-batch function: predictions and the pass-through fields, replicated."""
+def make_step(predict_fn: Callable[..., dict[str, jax.Array]], mesh: Mesh) -> Callable:
+    """The jitted per-batch function `(variables, batch, extra)`: predictions and the
+    pass-through fields, replicated."""
 
-    def step(variables, batch):
+    def step(variables, batch, extra):
         with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            out = dict(predict_fn(variables, batch))
+            out = dict(predict_fn(variables, batch, extra))
         for key in PASSED_THROUGH:
             if key in batch:
                 out[key] = batch[key]
@@ -146,7 +147,7 @@ def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def run(
-    predict_fn: Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]],
+    step: Callable,
     variables: Any,
     make_batches: Callable[[int], Iterator[dict[str, np.ndarray]]],
     *,
@@ -155,11 +156,12 @@ def run(
     total_batches: int,
     cache: FeatureCache | None = None,
     label: str = "eval",
+    extra: Any = None,
 ) -> dict[str, np.ndarray]:
     """All outputs of `predict_fn` over the dataset, in dataset order, padding removed.
 
     Args:
-      predict_fn: `(variables, batch) -> {name: [B, ...]}` for a global batch.
+      step: `make_step`'s function.
       variables: the model's variables, already placed on the mesh (or replicated).
       make_batches: `start -> iterator` of this process's rows of global batches from `start`
         (`evals.data.batches`).
@@ -167,6 +169,7 @@ def run(
       global_batch, total_batches: the global batch size and the number of batches.
       cache: where finished batches are kept (None: nowhere).
       label: names the work in progress lines.
+      extra: `step`'s third argument.
     Returns:
       {name: [num_examples, ...]} of every real example, plus `index` (its position) and the
       pass-through fields; identical on every process (process 0 only, with a cache, since only
@@ -179,13 +182,12 @@ def run(
         logging.info(
             "%s: resuming at batch %d of %d from %s", label, start, total_batches, cache.directory
         )
-    step = make_step(predict_fn, mesh)
     pending: list[dict[str, np.ndarray]] = []
     t0 = last_log = time.perf_counter()
     with jax.set_mesh(mesh):
         for k, local in enumerate(make_batches(start), start):
             batch = sharding.global_batch(local, mesh, global_batch)
-            out = jax.device_get(step(variables, batch))
+            out = jax.device_get(step(variables, batch, extra))
             keep = out["mask"]
             pending.append({name: v[keep] for name, v in out.items()})
             if cache is not None and ((k + 1) % every == 0 or k + 1 == total_batches):

@@ -25,8 +25,10 @@ import optax
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# scikit-learn's tolerance (its lbfgs `gtol`) and the CLIP paper's iteration cap (appendix A.3).
-TOL = 1e-4
+# The bound on the largest gradient entry of the scaled objective (sklearn's lbfgs `gtol` test),
+# tighter than sklearn's 1e-4, which can stop 0.3% above the optimum (C=10 on digits); and the
+# CLIP paper's iteration cap (appendix A.3).
+TOL = 1e-6
 MAX_ITER = 1000
 
 # The paper's grid: C in 10^-6 .. 10^6 at 8 steps per decade (97 values); the search starts on

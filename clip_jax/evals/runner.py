@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -90,6 +89,7 @@ class Evaluator:
         self.cfg, self.model, self.tokenizer, self.mesh = cfg, model, tokenizer, mesh
         self.name, self.kind = cfg["name"], cfg["type"]
         self.every_steps = int(cfg["every_steps"])
+        self._steps: dict[str, Any] = {}
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if cfg["batch_size"] % shards:
             raise ValueError(
@@ -135,7 +135,15 @@ class Evaluator:
             image_id_key=c["image_id_key"],
         )
 
-    def _extract(self, predict_fn, variables, source, with_text=False, cache_dir="", meta=None):
+    def _step(self, what: str) -> Any:
+        """This evaluator's jitted per-batch function, built and compiled once."""
+        if what not in self._steps:
+            self._steps[what] = extract.make_step(PREDICT_FNS[what](self.model, self), self.mesh)
+        return self._steps[what]
+
+    def _extract(
+        self, what, variables, source, with_text=False, cache_dir="", meta=None, extra=None
+    ):
         size = self.model.vision["image_size"]
         batch = self.cfg["batch_size"]
         rows = sharding.local_rows(self.mesh, batch)
@@ -162,7 +170,7 @@ class Evaluator:
                 16,
             )
         out = extract.run(
-            predict_fn,
+            self._step(what),
             variables,
             make_batches,
             mesh=self.mesh,
@@ -170,6 +178,7 @@ class Evaluator:
             total_batches=total,
             cache=cache,
             label=f"{self.name} {source.name}",
+            extra=extra,
         )
         skipped = _sum_over_processes(stats.get("skipped", 0))
         if skipped:
@@ -192,9 +201,8 @@ class Evaluator:
         classifier = zeroshot.build_classifier(
             self.model, variables, self.tokenizer, self.classnames, self.templates, mesh=self.mesh
         )
-        classifier = extract.replicate(jnp.asarray(classifier), self.mesh)
-        predict = zeroshot.make_predict_fn(self.model, classifier)
-        out, skipped = self._extract(predict, variables, self.source)
+        classifier = extract.replicate(classifier, self.mesh)
+        out, skipped = self._extract("zeroshot", variables, self.source, extra=classifier)
         labels = out["label"]
         if self.label_map is not None:
             labels = self.label_map[np.clip(labels, 0, len(self.label_map) - 1)]
@@ -202,36 +210,16 @@ class Evaluator:
         return {**metrics, **({"skipped": skipped} if skipped else {})}
 
     def _run_retrieval(self, variables, step, cache_root) -> dict:
-        model = self.model
-
-        def predict(variables, batch):
-            images = extract.normalize(batch["image"])
-            zimg = model.apply(variables, images, method="encode_image")
-            tokens = batch["tokens"]  # [B, M, L]
-            b, m, length = tokens.shape
-            ztxt = model.apply(variables, tokens.reshape(b * m, length), method="encode_text")
-            return {
-                "image_emb": l2_normalize(zimg),
-                "text_emb": l2_normalize(ztxt).reshape(b, m, -1),
-            }
-
-        out, _ = self._extract(predict, variables, self.source, with_text=True)
+        out, _ = self._extract("retrieval", variables, self.source, with_text=True)
         image_emb, text_emb, text_ids = group_captions(out)
         return retrieval.metrics(image_emb, text_emb, text_ids, ks=tuple(self.cfg["ks"]))
 
     def _features(self, variables, source, split, step, cache_root) -> tuple[np.ndarray, ...]:
-        project = self.cfg["features"] == "post"
-        model = self.model
-
-        def predict(variables, batch):
-            images = extract.normalize(batch["image"])
-            return {"x": model.apply(variables, images, project=project, method="encode_image")}
-
         cache_dir = self.cfg["cache_dir"] or cache_root
         if cache_dir:
             cache_dir = os.path.join(cache_dir, self.name, split)
         meta = {"features": self.cfg["features"], "step": step}
-        out, _ = self._extract(predict, variables, source, cache_dir=cache_dir, meta=meta)
+        out, _ = self._extract("features", variables, source, cache_dir=cache_dir, meta=meta)
         return out.get("x", np.zeros((0, 0), np.float32)), out.get("label", np.zeros(0, np.int32))
 
     def _probe_data(self, variables, step, cache_root):
@@ -273,6 +261,38 @@ class Evaluator:
             seeds=tuple(self.cfg["seeds"]),
             num_classes=num_classes,
         )
+
+
+def _retrieval_predict(model: Any, evaluator: Evaluator):
+    def predict(variables, batch, extra):
+        del extra
+        images = extract.normalize(batch["image"])
+        zimg = model.apply(variables, images, method="encode_image")
+        tokens = batch["tokens"]  # [B, M, L]
+        b, m, length = tokens.shape
+        ztxt = model.apply(variables, tokens.reshape(b * m, length), method="encode_text")
+        return {"image_emb": l2_normalize(zimg), "text_emb": l2_normalize(ztxt).reshape(b, m, -1)}
+
+    return predict
+
+
+def _features_predict(model: Any, evaluator: Evaluator):
+    project = evaluator.cfg["features"] == "post"
+
+    def predict(variables, batch, extra):
+        del extra
+        images = extract.normalize(batch["image"])
+        return {"x": model.apply(variables, images, project=project, method="encode_image")}
+
+    return predict
+
+
+# What each evaluator runs per batch: `fn(model, evaluator) -> predict(variables, batch, extra)`.
+PREDICT_FNS = {
+    "zeroshot": lambda model, e: zeroshot.make_predict_fn(model, len(e.classnames)),
+    "retrieval": _retrieval_predict,
+    "features": _features_predict,
+}
 
 
 def group_captions(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -59,11 +59,7 @@ def build_classifier(
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     per_step = max(1, prompts_per_batch // len(templates))  # classes per step
     rows = -(-per_step * len(templates) // shards) * shards  # padded to the batch shards
-
-    def encode(variables, tokens):
-        return model.apply(variables, tokens, method="encode_text")
-
-    embed = jax.jit(encode, out_shardings=extract.replicated(mesh))
+    embed = _text_encoder(model, mesh)
 
     columns = []
     with jax.set_mesh(mesh):
@@ -79,11 +75,29 @@ def build_classifier(
     return np.concatenate(columns).T.astype(np.float32)
 
 
-def make_predict_fn(model: Any, classifier: jax.Array, top_k: int = 5):
-    """`(variables, batch) -> {"top": int32 [B, k]}`: each image's k best classes, best first."""
-    k = min(top_k, classifier.shape[1])
+_ENCODERS: dict[tuple[int, Mesh], tuple[Any, Any]] = {}
 
-    def predict(variables, batch):
+
+def _text_encoder(model: Any, mesh: Mesh):
+    """The jitted text tower of `model` on `mesh`, compiled once however many classifiers are
+    built (training builds one per evaluation)."""
+    cached = _ENCODERS.get((id(model), mesh))
+    if cached is None or cached[0] is not model:
+
+        def encode(variables, tokens):
+            return model.apply(variables, tokens, method="encode_text")
+
+        cached = (model, jax.jit(encode, out_shardings=extract.replicated(mesh)))
+        _ENCODERS[(id(model), mesh)] = cached
+    return cached[1]
+
+
+def make_predict_fn(model: Any, num_classes: int, top_k: int = 5):
+    """`(variables, batch, classifier [E, C]) -> {"top": int32 [B, k]}`: each image's k best
+    classes, best first."""
+    k = min(top_k, num_classes)
+
+    def predict(variables, batch, classifier):
         images = extract.normalize(batch["image"])
         emb = l2_normalize(model.apply(variables, images, method="encode_image"))
         logits = jnp.dot(emb, classifier, precision=jax.lax.Precision.HIGHEST)  # [B, C]

@@ -1,0 +1,264 @@
+"""Evaluation end to end on the tiny model: evals during training (same losses with and without
+them, results in metrics.jsonl, rerun after a preemption), a run's weights and tokenizer by its
+directory, the batch jobs, and identical results on 1 device, 8 devices and 2 processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax import sharding, state, train
+from clip_jax.evals import jobs, runner
+from tests.test_train import free_port, read_losses, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 4, 2
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    from clip_jax.data import digits
+
+    out = tmp_path_factory.mktemp("digits")
+    digits.write_digits(str(out), image_size=32)
+    return str(out)
+
+
+def eval_entries(digits_dir):
+    test = f"tfrecord:{digits_dir}/test-*.tfrecord"
+    train_src = f"tfrecord:{digits_dir}/train-*.tfrecord"
+    return {
+        # 300 test digits in batches of 64: a ragged last batch of 44.
+        "digits": dict(
+            type="zeroshot",
+            source=test,
+            classnames="digits",
+            templates="digits",
+            batch_size=64,
+            every_steps=EVERY,
+        ),
+        "probe": dict(type="linear_probe", train_source=train_src, source=test, batch_size=64),
+        "shots": dict(
+            type="fewshot",
+            train_source=train_src,
+            source=test,
+            batch_size=64,
+            shots=(1, 5),
+            every_steps=EVERY,
+        ),
+    }
+
+
+def config_with_evals(digits_dir, **overrides):
+    config = tiny_config(total_steps=STEPS, checkpoint_every_steps=EVERY, **overrides)
+    for name, entry in eval_entries(digits_dir).items():
+        config.evals[name] = entry
+    return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digits_dir):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    train.run(config_with_evals(digits_dir), workdir)
+    return workdir
+
+
+def read_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_evals_run_on_schedule_and_never_change_training(tmp_path, run_dir):
+    train.run(tiny_config(total_steps=STEPS, checkpoint_every_steps=EVERY), str(tmp_path))
+    assert read_losses(run_dir) == read_losses(str(tmp_path))
+    evals = {}
+    for row in read_rows(run_dir):
+        for key, value in row.items():
+            if "/" in key:
+                evals.setdefault(key, {})[row["step"]] = value
+    assert sorted(evals["zeroshot/digits/top1"]) == [2, 4]
+    assert sorted(evals["fewshot/shots/5shot"]) == [2, 4]
+    assert sorted(evals["linear_probe/probe/top1"]) == [4]  # every_steps=0: at the end only
+    for key in (
+        "zeroshot/digits/top5",
+        "zeroshot/digits/mean_per_class_recall",
+        "linear_probe/probe/C",
+        "fewshot/shots/1shot",
+        "eval/probe/seconds",
+    ):
+        assert key in evals, key
+    assert 0.5 < evals["linear_probe/probe/top1"][4] <= 1.0  # even a barely trained tower
+    with open(os.path.join(run_dir, "evals", "step_4", "digits.json")) as f:
+        result = json.load(f)
+    assert result["task"] == "zeroshot_classification"
+    assert set(result["metrics"]) == {"top1", "top5", "mean_per_class_recall"}
+
+
+def test_a_run_preempted_during_its_final_evals_finishes_them(tmp_path, run_dir, digits_dir):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    os.remove(os.path.join(workdir, "evals", "step_4", "probe.json"))
+    before = len(read_rows(workdir))
+    config = config_with_evals(digits_dir)
+    result = train.run(config, workdir)
+    assert set(result) == {
+        "linear_probe/probe/top1",
+        "linear_probe/probe/C",
+        "linear_probe/probe/val_top1",
+        "eval/probe/seconds",
+    }
+    assert len(read_rows(workdir)) == before + 1
+    assert train.run(config, workdir) == {}  # now nothing is left to do
+
+
+def test_load_pretrained_and_tokenizer_of_a_run(run_dir):
+    model, variables = clip_jax.load_pretrained(run_dir)
+    _, at_two = clip_jax.load_pretrained(run_dir, step=2)
+    tokenizer = clip_jax.get_tokenizer(run_dir)
+    assert tokenizer.context_length == model.text["context_length"] == 16
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    last = model.apply(variables, images, method="encode_image")
+    early = model.apply(at_two, images, method="encode_image")
+    assert last.shape == (2, model.embed_dim)
+    assert not np.allclose(last, early)  # two different checkpoints
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
+        clip_jax.load_pretrained(run_dir, step=3)
+
+
+def one_device_results(run_dir):
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    model, variables, _ = state.load_run(run_dir, mesh=mesh)
+    config = state.read_run_config(run_dir)
+    results = {}
+    for e in runner.make_evaluators(config, model, mesh):
+        results.update(e.run(variables, 4))
+    return results
+
+
+def assert_same_results(a, b):
+    keys = sorted(k for k in a if not k.startswith("eval/"))
+    assert keys == sorted(k for k in b if not k.startswith("eval/"))
+    for k in keys:
+        assert a[k] == b[k], (k, a[k], b[k])
+
+
+def test_results_identical_on_one_and_eight_devices(run_dir):
+    eight = {}
+    for row in read_rows(run_dir):
+        if row["step"] == 4:
+            eight.update({k: v for k, v in row.items() if "/" in k})
+    assert_same_results(one_device_results(run_dir), eight)
+
+
+def test_evaluate_job_on_two_processes_matches_one_device(tmp_path, run_dir):
+    port = free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": ROOT,
+    }
+    output = tmp_path / "results.json"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clip_jax.evaluate",
+                f"--workdir={run_dir}",
+                "--evals=digits,probe",
+                f"--output={output}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    records = json.loads(output.read_text())
+    kind = {task: kind for kind, task in runner.TASKS.items()}
+    got = {
+        f"{kind[r['task']]}/{r['dataset']}/{k}": v for r in records for k, v in r["metrics"].items()
+    }
+    expected = {
+        k: v
+        for k, v in one_device_results(run_dir).items()
+        if k.split("/")[1] in ("digits", "probe")
+    }
+    assert_same_results(expected, got)
+    assert (tmp_path / "results.md").read_text().count("| digits |") == 1
+
+
+def test_linear_probe_job_resumes_from_its_feature_cache(tmp_path, run_dir, digits_dir, capsys):
+    args = dict(workdir=run_dir, step=None, pretrained=None, cache_dir=str(tmp_path / "cache"))
+
+    def entry():
+        return dict(
+            type="linear_probe",
+            name="digits",
+            train_source=f"tfrecord:{digits_dir}/train-*.tfrecord",
+            source=f"tfrecord:{digits_dir}/test-*.tfrecord",
+            val_source="",
+            batch_size=64,
+        )
+
+    first = jobs.probe(None, entry=entry(), fewshot=(1,), **args)
+    chunks = sorted(os.listdir(tmp_path / "cache" / "digits" / "train"))
+    assert chunks[0] == "chunk-000000.npz" and "meta.json" in chunks
+    os.remove(tmp_path / "cache" / "digits" / "train" / chunks[1])  # preempted: one chunk lost
+    second = jobs.probe(None, entry=entry(), fewshot=(1,), **args)
+    assert first[0]["metrics"] == second[0]["metrics"]
+    assert first[1]["metrics"] == second[1]["metrics"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--workdir=RUN", "--evals=nope"], "no eval named nope"),
+        (["--workdir=RUN", "--pretrained=x.safetensors"], "either --workdir"),
+        (["--pretrained=missing.safetensors", "--evals=paper"], "no checkpoint at"),
+    ],
+)
+def test_evaluate_user_errors_are_one_line(run_dir, args, message):
+    args = [a.replace("RUN", run_dir) for a in args]
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_jax.evaluate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_bad_eval_entries_are_clear(digits_dir):
+    test = f"tfrecord:{digits_dir}/test-*.tfrecord"
+    with pytest.raises(ValueError, match="choose one of"):
+        runner.entry_config("x", dict(type="zero_shot", source=test))
+    with pytest.raises(ValueError, match="unknown key"):
+        runner.entry_config("x", dict(type="zeroshot", source=test, every=5))
+    with pytest.raises(ValueError, match="train_source is empty"):
+        runner.entry_config("x", dict(type="linear_probe", source=test))
+    with pytest.raises(ValueError, match="features="):
+        runner.entry_config(
+            "x", dict(type="fewshot", source=test, train_source=test, features="mid")
+        )
+    assert jobs.select_evals(None, "paper", "/data", 0)["cifar10"]["data_dir"] == "/data"
