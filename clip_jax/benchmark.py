@@ -4,11 +4,14 @@
         [--config.train_data.source=tfrecord:GLOB] [--batch_size=256] [--steps=20]
     python -m clip_jax.benchmark --what=train_step --config=configs/b32.py --batch_size=16
     python -m clip_jax.benchmark --what=loss_memory --config=configs/b16.py --batch_size=8192
+    python -m clip_jax.benchmark --what=zeroshot --config=configs/b32.py --batch_size=64
 
 Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
 - train_step: pairs per second of the full step on all devices, FLOPs and MFU (where the chip's
   peak is known or given by --peak_tflops), on random data already on the devices.
 - loss_memory: temporary bytes per device of the loss and its gradient, gathered vs chunked.
+- zeroshot: zero-shot evaluation's per-batch step against the image tower's forward alone on the
+  same batch (their ratio), and the whole zero-shot evaluation end to end over JPEG shards.
 - input: decoded, augmented, tokenized examples per second of the training input pipeline at the
   config's resolution, on this host's CPU cores. With `train_data.source=synthetic` (the default)
   it first writes temporary JPEG shards (random smooth images stored at 8/7 of the resolution,
@@ -232,7 +235,109 @@ def bench_loss_memory(config: ml_collections.ConfigDict, *, batch_size: int, ste
     return out
 
 
-MODES = {"input": bench_input, "train_step": bench_train_step, "loss_memory": bench_loss_memory}
+def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
+    """Zero-shot evaluation's per-batch step (uint8 images normalised on the device, the image
+    tower, logits against a 1000-class classifier, top-5) against the image tower's forward alone
+    on the same batch, timed alternately; and, end to end, examples per second of the whole
+    zero-shot evaluation over JPEG shards (decoding on this host's cores included)."""
+    from clip_jax import sharding
+    from clip_jax import state as state_lib
+    from clip_jax.evals import extract, zeroshot
+
+    batch_size = batch_size or 256
+    mesh = sharding.make_mesh(config.mesh)
+    spec = state_lib.build(config, mesh)
+    model, variables = spec.model, state_lib.variables_of(state_lib.init(spec, 0))
+    size = config.model.vision.image_size
+    rng = np.random.default_rng(0)
+    classifier = rng.standard_normal((config.model.embed_dim, ZEROSHOT_CLASSES), np.float32)
+    classifier = extract.replicate(classifier / np.linalg.norm(classifier, axis=0), mesh)
+    pixels = rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    batch = {
+        "image": pixels,
+        "mask": np.ones(batch_size, bool),
+        "index": np.arange(batch_size, dtype=np.int32),
+        "label": np.zeros(batch_size, np.int32),
+    }
+    batch = {k: extract.shard_rows(v, mesh) for k, v in batch.items()}
+    images = extract.shard_rows(np.asarray(extract.normalize(pixels)), mesh)
+    zs_step = extract.make_step(zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES), mesh)
+    tower = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
+    with jax.set_mesh(mesh):
+        runs = {
+            "tower": lambda: tower(variables, images),
+            "zeroshot": lambda: zs_step(variables, batch, classifier),
+        }
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            for _ in range(WARMUP_BATCHES):
+                jax.block_until_ready(fn())
+        for _ in range(steps):
+            for name, fn in runs.items():  # alternately, so that drift hits both
+                t = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - t)
+    tower_rate = batch_size / float(np.median(times["tower"]))
+    zs_rate = batch_size / float(np.median(times["zeroshot"]))
+    return {
+        "what": "zeroshot",
+        "batch_size": batch_size,
+        "devices": jax.device_count(),
+        "image_size": size,
+        "classes": ZEROSHOT_CLASSES,
+        "tower_examples_per_sec": round(tower_rate, 2),
+        "zeroshot_examples_per_sec": round(zs_rate, 2),
+        "zeroshot_over_tower": round(zs_rate / tower_rate, 4),
+        **_zeroshot_end_to_end(config, model, variables, mesh, classifier, batch_size, steps),
+    }
+
+
+def _zeroshot_end_to_end(config, model, variables, mesh, classifier, batch_size, steps) -> dict:
+    """Examples per second of `extract.run` with zero-shot over JPEG shards of labelled images."""
+    from clip_jax import sharding
+    from clip_jax.data.prepare import ShardWriter, make_example
+    from clip_jax.evals import data, extract, zeroshot
+
+    size = config.model.vision.image_size
+    rng = np.random.default_rng(1)
+    n = batch_size * steps
+    with tempfile.TemporaryDirectory() as tmp:
+        jpegs = [smooth_jpeg(rng, round(size * 8 / 7)) for _ in range(DISTINCT_IMAGES)]
+        with ShardWriter(tmp, "eval", SHARD_IMAGES // SHARD_FILES) as writer:
+            for i in range(n):
+                label = int(rng.integers(ZEROSHOT_CLASSES))
+                writer.write(make_example(jpegs[i % DISTINCT_IMAGES], "x", f"{i}", label=label))
+        source = data.open_source(f"tfrecord:{tmp}/eval-*.tfrecord")
+        rows = sharding.local_rows(mesh, batch_size)
+        step = extract.make_step(zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES), mesh)
+
+        def make_batches(start):
+            return data.batches(
+                source, image_size=size, global_batch=batch_size, rows=rows, start=start
+            )
+
+        t0 = time.perf_counter()
+        out = extract.run(
+            step,
+            variables,
+            make_batches,
+            mesh=mesh,
+            global_batch=batch_size,
+            total_batches=steps,
+            extra=classifier,
+        )
+        elapsed = time.perf_counter() - t0
+    return {"end_to_end_examples_per_sec": round(len(out["top"]) / elapsed, 2)}
+
+
+ZEROSHOT_CLASSES = 1000  # ImageNet's
+
+MODES = {
+    "input": bench_input,
+    "train_step": bench_train_step,
+    "loss_memory": bench_loss_memory,
+    "zeroshot": bench_zeroshot,
+}
 
 
 def main(argv: list[str]) -> None:

@@ -47,3 +47,17 @@ def test_loss_memory_mode_compares_gathered_and_chunked():
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < result["chunked_temp_bytes"] < result["gathered_temp_bytes"]
+
+
+def test_zeroshot_mode_compares_the_eval_step_with_the_tower():
+    done = run_benchmark("--what=zeroshot", "--steps=2", "--batch_size=16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["what"] == "zeroshot" and result["classes"] == 1000
+    for key in (
+        "tower_examples_per_sec",
+        "zeroshot_examples_per_sec",
+        "zeroshot_over_tower",
+        "end_to_end_examples_per_sec",
+    ):
+        assert result[key] > 0, key

@@ -249,6 +249,41 @@ def test_evaluate_user_errors_are_one_line(run_dir, args, message):
     assert message in result.stderr
 
 
+def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir):
+    """Digits shards hold one caption per record under a unique key: retrieval over them equals
+    `retrieval.metrics` of the embeddings computed directly."""
+    from clip_jax.data.image_ops import eval_image
+    from clip_jax.evals import data, retrieval
+
+    config = state.read_run_config(run_dir)
+    config.evals = {
+        "r": dict(
+            type="retrieval",
+            source=f"tfrecord:{digits_dir}/test-*.tfrecord",
+            batch_size=48,
+            max_captions=1,
+            ks=(1, 5),
+        )
+    }
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+    model, variables, _ = state.load_run(run_dir, mesh=mesh)
+    got = runner.make_evaluators(config, model, mesh)[0].run(variables)
+    source = data.open_source(f"tfrecord:{digits_dir}/test-*.tfrecord")
+    records = list(source.records().as_numpy_iterator())
+    images = np.stack([eval_image(r["image"], 32).numpy() for r in records])
+    tokens = clip_jax.get_tokenizer(run_dir)([r["captions"].decode() for r in records])
+    m, v = clip_jax.load_pretrained(run_dir)
+    expected = retrieval.metrics(
+        np.asarray(m.apply(v, images, method="encode_image")),
+        np.asarray(m.apply(v, tokens, method="encode_text")),
+        np.arange(len(records)),
+        ks=(1, 5),
+    )
+    assert expected["image_to_text_r@5"] > 0
+    for key, value in expected.items():
+        assert abs(got[f"retrieval/r/{key}"] - value) <= 1e-6, key
+
+
 def test_bad_eval_entries_are_clear(digits_dir):
     test = f"tfrecord:{digits_dir}/test-*.tfrecord"
     with pytest.raises(ValueError, match="choose one of"):
