@@ -138,7 +138,7 @@ def one_device_results(run_dir):
     config = state.read_run_config(run_dir)
     results = {}
     for e in runner.make_evaluators(config, model, mesh):
-        results.update(e.run(variables, 4))
+        results.update(e.run(variables))
     return results
 
 

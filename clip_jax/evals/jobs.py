@@ -32,6 +32,15 @@ def load_model(
     return model, extract.replicate(variables, mesh), os.path.basename(pretrained), tokenizer
 
 
+def model_id(workdir: str | None, pretrained: str | None, model_name: str) -> str:
+    """What identifies the weights in a feature cache: a run's path and step, or a file's path,
+    size and modification time."""
+    if workdir:
+        return os.path.abspath(workdir) + "@" + model_name.rpartition("@")[2]
+    info = os.stat(pretrained)
+    return f"{os.path.abspath(pretrained)}:{info.st_size}:{info.st_mtime_ns}"
+
+
 def format_table(records: list[dict]) -> str:
     """Results as a Markdown table, one row per eval, with the mean of each shared metric."""
     keys: list[str] = []
@@ -116,7 +125,8 @@ def evaluate(
     for e in evaluators:
         logging.info("evaluating %s on %s", e.name, e.source.name)
         cache_root = os.path.join(os.path.dirname(output) or ".", "features") if output else ""
-        records.append(runner.record(e, e.run(variables, step, cache_root), model_name))
+        metrics = e.run(variables, model_id(workdir, pretrained, model_name), cache_root)
+        records.append(runner.record(e, metrics, model_name))
     if output and jax.process_index() == 0:
         write_results(output, records, model_name)
     return records
@@ -185,5 +195,6 @@ def probe(
     records = []
     for e in evaluators:
         logging.info("%s on %s (train %s)", e.kind, e.source.name, e.train_source.name)
-        records.append(runner.record(e, e.run(variables, step, cache_dir), model_name))
+        metrics = e.run(variables, model_id(workdir, pretrained, model_name), cache_dir)
+        records.append(runner.record(e, metrics, model_name))
     return records

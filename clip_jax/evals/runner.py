@@ -7,7 +7,7 @@ the model). Each entry of `config.evals` names one:
                               source="tfds:cifar10:test", features="pre")
     config.evals.shots = dict(type="fewshot", train_source=..., source=..., shots=(1, 5, 10))
 
-Every evaluator is built from its entry and the model, and has one method, `run(variables, step)
+Every evaluator is built from its entry and the model, and has one method, `run(variables)
 -> {metric key: value}`; the loop only schedules them. Keys: `zeroshot/NAME/top1`, `.../top5`,
 `.../mean_per_class_recall`, `retrieval/NAME/image_to_text_r@1`, ..., `linear_probe/NAME/top1`,
 `linear_probe/NAME/C`, `fewshot/NAME/10shot`, and `eval/NAME/seconds` for each.
@@ -187,17 +187,24 @@ class Evaluator:
             )
         return out, skipped
 
-    def run(self, variables: Any, step: int | None = None, cache_root: str = "") -> dict:
-        """This eval's metrics for `variables`, the same on every process."""
+    def run(self, variables: Any, model_id: str = "", cache_root: str = "") -> dict:
+        """This eval's metrics for `variables`, the same on every process.
+
+        Args:
+          variables: the model's variables (on the mesh, or anywhere: they are replicated).
+          model_id: names the weights (a run and step, a file and its date) in the feature
+            caches of probes, so that a cache is only reused for the same weights.
+          cache_root: where probes cache features (`cache_dir` of the entry wins); "": nowhere.
+        """
         t0 = time.perf_counter()
         variables = extract.replicate(variables, self.mesh)
-        metrics = getattr(self, f"_run_{self.kind}")(variables, step, cache_root)
+        metrics = getattr(self, f"_run_{self.kind}")(variables, model_id, cache_root)
         metrics = extract.broadcast_json(metrics if jax.process_index() == 0 else None)
         out = {f"{self.kind}/{self.name}/{k}": float(v) for k, v in metrics.items()}
         out[f"eval/{self.name}/seconds"] = time.perf_counter() - t0
         return out
 
-    def _run_zeroshot(self, variables, step, cache_root) -> dict:
+    def _run_zeroshot(self, variables, model_id, cache_root) -> dict:
         classifier = zeroshot.build_classifier(
             self.model, variables, self.tokenizer, self.classnames, self.templates, mesh=self.mesh
         )
@@ -209,29 +216,31 @@ class Evaluator:
         metrics = zeroshot.classification_metrics(out["top"], labels, len(self.classnames))
         return {**metrics, **({"skipped": skipped} if skipped else {})}
 
-    def _run_retrieval(self, variables, step, cache_root) -> dict:
+    def _run_retrieval(self, variables, model_id, cache_root) -> dict:
         out, _ = self._extract("retrieval", variables, self.source, with_text=True)
         image_emb, text_emb, text_ids = group_captions(out)
         return retrieval.metrics(image_emb, text_emb, text_ids, ks=tuple(self.cfg["ks"]))
 
-    def _features(self, variables, source, split, step, cache_root) -> tuple[np.ndarray, ...]:
+    def _features(self, variables, source, split, model_id, cache_root) -> tuple[np.ndarray, ...]:
         cache_dir = self.cfg["cache_dir"] or cache_root
         if cache_dir:
             cache_dir = os.path.join(cache_dir, self.name, split)
-        meta = {"features": self.cfg["features"], "step": step}
+        meta = {"features": self.cfg["features"], "model": model_id}
         out, _ = self._extract("features", variables, source, cache_dir=cache_dir, meta=meta)
         return out.get("x", np.zeros((0, 0), np.float32)), out.get("label", np.zeros(0, np.int32))
 
-    def _probe_data(self, variables, step, cache_root):
-        train = self._features(variables, self.train_source, "train", step, cache_root)
-        test = self._features(variables, self.source, "test", step, cache_root)
+    def _probe_data(self, variables, model_id, cache_root):
+        train = self._features(variables, self.train_source, "train", model_id, cache_root)
+        test = self._features(variables, self.source, "test", model_id, cache_root)
         val = None
         if self.val_source is not None:
-            val = self._features(variables, self.val_source, "val", step, cache_root)
+            val = self._features(variables, self.val_source, "val", model_id, cache_root)
         return train, val, test
 
-    def _run_linear_probe(self, variables, step, cache_root) -> dict:
-        (train_x, train_y), val, (test_x, test_y) = self._probe_data(variables, step, cache_root)
+    def _run_linear_probe(self, variables, model_id, cache_root) -> dict:
+        (train_x, train_y), val, (test_x, test_y) = self._probe_data(
+            variables, model_id, cache_root
+        )
         if jax.process_index() != 0:  # the fit runs once; its result is broadcast
             return {}
         num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -247,8 +256,8 @@ class Evaluator:
         )
         return {"top1": result["top1"], "C": result["C"], "val_top1": result["val_top1"]}
 
-    def _run_fewshot(self, variables, step, cache_root) -> dict:
-        (train_x, train_y), _, (test_x, test_y) = self._probe_data(variables, step, cache_root)
+    def _run_fewshot(self, variables, model_id, cache_root) -> dict:
+        (train_x, train_y), _, (test_x, test_y) = self._probe_data(variables, model_id, cache_root)
         if jax.process_index() != 0:
             return {}
         num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -377,7 +386,7 @@ def run(evaluators: Sequence[Evaluator], variables: Any, step: int, workdir: str
     results = {}
     for e in evaluators:
         cache_root = os.path.join(workdir, RESULTS_DIR, f"step_{step}", "features")
-        metrics = e.run(variables, step, cache_root)
+        metrics = e.run(variables, f"{os.path.abspath(workdir)}@{step}", cache_root)
         results.update(metrics)
         if jax.process_index() == 0:
             path = _result_path(workdir, step, e.name)
