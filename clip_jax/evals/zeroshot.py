@@ -57,8 +57,9 @@ def build_classifier(
         mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
     variables = extract.replicate(variables, mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    per_step = max(1, prompts_per_batch // len(templates))  # classes per step
-    rows = -(-per_step * len(templates) // shards) * shards  # padded to the batch shards
+    per_step = min(max(1, prompts_per_batch // len(templates)), len(classnames))  # classes
+    rows = -(-per_step * len(templates) // shards) * shards  # padded to the batch shards; every
+    # step, the last one included, has this shape, so the text tower compiles once
     embed = _text_encoder(model, mesh)
 
     columns = []
@@ -76,6 +77,7 @@ def build_classifier(
 
 
 _ENCODERS: dict[tuple[int, Mesh], tuple[Any, Any]] = {}
+_MAX_ENCODERS = 4  # models kept compiled at once (training evaluates one)
 
 
 def _text_encoder(model: Any, mesh: Mesh):
@@ -89,6 +91,8 @@ def _text_encoder(model: Any, mesh: Mesh):
 
         cached = (model, jax.jit(encode, out_shardings=extract.replicated(mesh)))
         _ENCODERS[(id(model), mesh)] = cached
+        while len(_ENCODERS) > _MAX_ENCODERS:
+            del _ENCODERS[next(iter(_ENCODERS))]  # the oldest
     return cached[1]
 
 
