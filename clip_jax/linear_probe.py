@@ -45,6 +45,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+def probe_name(dataset: str) -> str:
+    """What results call the dataset: the tfds name, the image folder's name, or "probe"."""
+    kind, _, rest = dataset.partition(":")
+    if kind == "tfds":
+        return rest.split("/")[0]
+    return os.path.basename(rest.rstrip("/")) or "probe"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -57,10 +65,9 @@ def main(argv: list[str]) -> None:
             _TEST.value,
             (_TRAIN_SPLIT.value, _TEST_SPLIT.value, _VAL_SPLIT.value),
         )
-        name = _DATASET.value.partition(":")[2].split("/")[0] or "probe"
         entry = dict(
             type="linear_probe",
-            name=os.path.basename(name.rstrip("/")) or "probe",
+            name=probe_name(_DATASET.value),
             **srcs,
             features=_FEATURES.value,
             val_fraction=_VAL_FRACTION.value,

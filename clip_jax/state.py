@@ -109,11 +109,6 @@ def variables_of(train_state: TrainState) -> dict[str, Any]:
     return variables
 
 
-def is_run_dir(path: str) -> bool:
-    """A training run's directory: it holds the config that `train.run` wrote."""
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
-
-
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was trained with (`workdir/config.json`)."""
     path = os.path.join(workdir, CONFIG_FILE)

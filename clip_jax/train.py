@@ -71,11 +71,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         )
         latest = ckpt.latest_step()
         if latest is not None and latest >= config.total_steps:
-            pending = runner.missing(evaluators, workdir, latest, config.total_steps)
-            if pending:  # preempted during the final evals: finish them
+            if runner.missing(evaluators, workdir, latest, config.total_steps):
+                # Preempted during the final evals: finish them.
                 state, _ = ckpt.restore(latest, spec.abstract_with_shardings())
                 ckpt.close()
-                return _final_evals(pending, state, latest, workdir, is_main)
+                writer = MetricsWriter(workdir, enabled=is_main)
+                try:
+                    return _resumed_evals(
+                        evaluators, state, latest, config.total_steps, workdir, writer
+                    )
+                finally:
+                    writer.close()
             logging.info(
                 "%s already reached step %d of %d: nothing to do",
                 workdir,
@@ -135,13 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         watcher = checkpoint.PreemptionWatcher()
         try:
             if latest is not None:  # preempted while the evals of the restored step ran
-                _resumed_evals(
-                    runner.missing(evaluators, workdir, latest, config.total_steps),
-                    state,
-                    latest,
-                    workdir,
-                    writer,
-                )
+                _resumed_evals(evaluators, state, latest, config.total_steps, workdir, writer)
             return _loop(
                 config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
             )
@@ -162,20 +162,16 @@ def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:
     return results
 
 
-def _resumed_evals(evaluators, state: TrainState, step: int, workdir: str, writer) -> dict:
-    """The evals of `step` that a preemption interrupted; their values get a row of their own."""
-    results = _run_evals(evaluators, state, step, workdir)
-    if results:
-        writer.write(step, results)
-    return results
-
-
-def _final_evals(evaluators, state: TrainState, step: int, workdir: str, is_main: bool) -> dict:
-    writer = MetricsWriter(workdir, enabled=is_main)
-    try:
-        return _resumed_evals(evaluators, state, step, workdir, writer)
-    finally:
-        writer.close()
+def _resumed_evals(evaluators, state, step: int, total_steps: int, workdir: str, writer) -> dict:
+    """Runs the evals of `step` that a preemption interrupted, and logs all of that step's eval
+    values again (those that had finished, from their result files, and the new ones)."""
+    missing = runner.missing(evaluators, workdir, step, total_steps)
+    if not missing:
+        return {}
+    new = _run_evals(missing, state, step, workdir)
+    done = [e for e in runner.due(evaluators, step, total_steps) if e not in missing]
+    writer.write(step, {**runner.stored(done, workdir, step), **new})
+    return new
 
 
 def _init_from(state: TrainState, shardings: TrainState, config) -> TrainState:
@@ -238,10 +234,12 @@ def _loop(config, state, train_step, batches, ckpt, watcher, writer, evaluators,
                 "skipped_examples": _total_skipped(data_state["skipped_examples"]),
                 "nonfinite_steps": int(state.nonfinite_steps),
             }
-            progress.log(step, last["loss"], pairs_per_sec)
-            # Evaluations add their keys to this step's row (and their time to no throughput).
-            last.update(_run_evals(due, state, step, workdir))
             writer.write(step, last)
+            progress.log(step, last["loss"], pairs_per_sec)
+            if due:  # a row of their own, once they have all run; their time is not training's
+                evals = _run_evals(due, state, step, workdir)
+                writer.write(step, evals)
+                last = {**last, **evals}
             window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
         if preempted:
             logging.warning("preempted: saved step %d and stopping; rerun to resume", step)

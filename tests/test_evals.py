@@ -14,7 +14,7 @@ import pytest
 
 import clip_jax
 from clip_jax import sharding, state, train
-from clip_jax.evals import jobs, runner
+from clip_jax.evals import evaluator, jobs, runner
 from tests.test_train import free_port, read_losses, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,9 +75,15 @@ def read_rows(workdir):
         return [json.loads(line) for line in f]
 
 
+def training_losses(workdir):
+    """{step: loss} of the training rows (evals write rows of their own)."""
+    return {r["step"]: r["loss"] for r in read_rows(workdir) if "loss" in r}
+
+
 def test_evals_run_on_schedule_and_never_change_training(tmp_path, run_dir):
     train.run(tiny_config(total_steps=STEPS, checkpoint_every_steps=EVERY), str(tmp_path))
-    assert read_losses(run_dir) == read_losses(str(tmp_path))
+    assert training_losses(run_dir) == read_losses(str(tmp_path))
+    assert sorted(training_losses(run_dir)) == [1, 2, 3, 4]
     evals = {}
     for row in read_rows(run_dir):
         for key, value in row.items():
@@ -114,8 +120,32 @@ def test_a_run_preempted_during_its_final_evals_finishes_them(tmp_path, run_dir,
         "linear_probe/probe/val_top1",
         "eval/probe/seconds",
     }
-    assert len(read_rows(workdir)) == before + 1
+    rows = read_rows(workdir)
+    assert len(rows) == before + 1
+    # The step's row holds every eval of the step again: those that had finished and the new one.
+    assert rows[-1]["step"] == 4 and "zeroshot/digits/top1" in rows[-1]
+    assert "linear_probe/probe/top1" in rows[-1]
     assert train.run(config, workdir) == {}  # now nothing is left to do
+
+
+def test_a_run_preempted_during_evals_mid_run_runs_them_on_resume(tmp_path, run_dir, digits_dir):
+    """Preempted while the evals of step 2 ran: the resume from step 2's checkpoint runs the one
+    that had not finished, then trains on exactly as before."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    shutil.rmtree(os.path.join(workdir, "evals", "step_4"))
+    os.remove(os.path.join(workdir, "evals", "step_2", "shots.json"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= 2][:-1]  # step 2's evals lost
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(kept)
+    train.run(config_with_evals(digits_dir), workdir)
+    rows = read_rows(workdir)
+    step2 = [r for r in rows if r["step"] == 2 and "fewshot/shots/1shot" in r]
+    assert len(step2) == 1 and "zeroshot/digits/top1" in step2[0]
+    assert training_losses(workdir) == training_losses(run_dir)
+    assert os.path.exists(os.path.join(workdir, "evals", "step_4", "probe.json"))
 
 
 def test_load_pretrained_and_tokenizer_of_a_run(run_dir):
@@ -284,16 +314,34 @@ def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir
         assert abs(got[f"retrieval/r/{key}"] - value) <= 1e-6, key
 
 
+def test_suite_results_get_a_mean_record():
+    records = [
+        {
+            "dataset": d,
+            "source": d,
+            "model": "m",
+            "task": "zeroshot_classification",
+            "metrics": {"top1": t, "top5": 1.0},
+            "seconds": 1.0,
+        }
+        for d, t in (("a", 0.5), ("b", 0.75))
+    ]
+    mean = jobs.with_mean(records)[-1]
+    assert mean["dataset"] == "mean" and mean["metrics"] == {"top1": 0.625, "top5": 1.0}
+    assert jobs.with_mean(records[:1]) == records[:1]
+    assert "| mean |" in jobs.format_table(jobs.with_mean(records))
+
+
 def test_bad_eval_entries_are_clear(digits_dir):
     test = f"tfrecord:{digits_dir}/test-*.tfrecord"
     with pytest.raises(ValueError, match="choose one of"):
-        runner.entry_config("x", dict(type="zero_shot", source=test))
+        evaluator.entry_config("x", dict(type="zero_shot", source=test))
     with pytest.raises(ValueError, match="unknown key"):
-        runner.entry_config("x", dict(type="zeroshot", source=test, every=5))
+        evaluator.entry_config("x", dict(type="zeroshot", source=test, every=5))
     with pytest.raises(ValueError, match="train_source is empty"):
-        runner.entry_config("x", dict(type="linear_probe", source=test))
+        evaluator.entry_config("x", dict(type="linear_probe", source=test))
     with pytest.raises(ValueError, match="features="):
-        runner.entry_config(
+        evaluator.entry_config(
             "x", dict(type="fewshot", source=test, train_source=test, features="mid")
         )
     assert jobs.select_evals(None, "paper", "/data", 0)["cifar10"]["data_dir"] == "/data"

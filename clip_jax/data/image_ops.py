@@ -16,8 +16,8 @@ import math
 
 import tensorflow as tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+
 DEFAULT_CROP_SCALE = (0.9, 1.0)  # open_clip's default for CLIP training
 CROP_RATIO = (3 / 4, 4 / 3)
 # Downscaling by more than this gets an antialiasing filter, as PIL's resize (which OpenAI and

@@ -29,14 +29,15 @@ def _shuffle_seed(key: int, epoch: tf.Tensor) -> tf.Tensor:
     return (tf.constant(key % (2**31 - 1), tf.int64) + epoch * 1_000_003) % (2**31 - 1)
 
 
-def list_files(pattern: str) -> list[str]:
-    """The files matching `pattern` (local or gs://), sorted; a clear error when there are none."""
+def list_files(pattern: str, what: str = "train_data.source") -> list[str]:
+    """The files matching `pattern` (local or gs://), sorted; a clear error naming `what` (the
+    setting that gave the pattern) when there are none."""
     try:
         files = sorted(tf.io.gfile.glob(pattern))
     except tf.errors.OpError as e:
         raise ValueError(f"cannot list {pattern!r}: {e.message}") from None
     if not files:
-        raise ValueError(f"no files match {pattern!r} (train_data.source); check the path")
+        raise ValueError(f"no files match {pattern!r} ({what}); check the path")
     return files
 
 

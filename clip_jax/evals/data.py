@@ -18,9 +18,9 @@ examples. An image that cannot be decoded becomes a masked row and is counted in
 """
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -43,12 +43,16 @@ class EvalSource:
     """
 
     name: str
-    num_examples: int
+    count: Callable[[], int]  # the number of examples (counted when first asked: shards are read)
     records: Callable[[], tf.data.Dataset]
     classnames: list[str] | None = None
     has_labels: bool = False
     has_captions: bool = False
     has_image_ids: bool = False  # records sharing an image id are captions of one image
+
+    @functools.cached_property
+    def num_examples(self) -> int:
+        return int(self.count())
 
 
 def open_source(
@@ -110,7 +114,7 @@ def _imagefolder(directory: str) -> EvalSource:
 
     return EvalSource(
         f"imagefolder:{directory}",
-        len(paths),
+        lambda: len(paths),
         records,
         classnames=[c.replace("_", " ") for c in classes],
         has_labels=True,
@@ -122,7 +126,7 @@ def _tfrecord(
 ) -> EvalSource:
     from clip_jax.data.readers import list_files
 
-    files = list_files(pattern)
+    files = list_files(pattern, what="the evaluation source")
     keys: set[str] = set()
     for raw in tf.data.TFRecordDataset(files[0]).take(8):
         keys |= set(tf.train.Example.FromString(raw.numpy()).features.feature)
@@ -158,7 +162,9 @@ def _tfrecord(
     def records() -> tf.data.Dataset:
         return tf.data.TFRecordDataset(files).map(parse)
 
-    count = int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+    def count() -> int:
+        return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+
     return EvalSource(
         f"tfrecord:{pattern}",
         count,
@@ -238,7 +244,7 @@ def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, 
 
     return EvalSource(
         label,
-        num_examples,
+        lambda: num_examples,
         records,
         classnames=classnames,
         has_labels=label_feature is not None,
@@ -357,7 +363,3 @@ def _tokenize(
         cols = np.concatenate([np.arange(c) for c in counts]) if len(counts) else counts
         tokens[rows, cols] = encoded
     return tokens, counts
-
-
-def describe(source: EvalSource) -> dict[str, Any]:
-    return {"source": source.name, "examples": source.num_examples}

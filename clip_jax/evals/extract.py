@@ -13,6 +13,7 @@ zero-shot classifier), an argument rather than a constant so that a new one does
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clip_jax import sharding
-from clip_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 
 PASSED_THROUGH = ("mask", "index", "label", "num_captions", "image_key")
 PROGRESS_EVERY_S = 30.0
@@ -53,8 +54,12 @@ def make_step(predict_fn: Callable[..., dict[str, jax.Array]], mesh: Mesh) -> Ca
 
 
 class FeatureCache:
-    """Outputs of finished batches on disk, one `.npz` per `every` batches, written by process 0;
-    `meta` (dataset, model step, resolution, ...) must match for a cache to be reused."""
+    """Outputs of finished batches on disk, one `.npz` per `every` batches, written by process 0.
+
+    `meta` (the weights, dataset, its size, resolution, batch) is written first; a directory
+    holding another `meta` is emptied before anything is written, so chunks of two different
+    settings can never be read together.
+    """
 
     def __init__(self, directory: str, meta: Mapping[str, Any], every: int):
         self.directory, self.meta, self.every = directory, dict(meta), max(1, every)
@@ -63,30 +68,35 @@ class FeatureCache:
     def _meta_path(self) -> str:
         return os.path.join(self.directory, "meta.json")
 
+    def _chunk_path(self, i: int) -> str:
+        return os.path.join(self.directory, f"chunk-{i:06d}.npz")
+
     def load(self) -> list[dict[str, np.ndarray]]:
-        """The cached chunks in order (empty when there is no matching cache)."""
-        if not self.enabled or not os.path.exists(self._meta_path()):
+        """The cached chunks in order; a cache of other settings is removed (empty result)."""
+        if not self.enabled:
             return []
-        with open(self._meta_path()) as f:
-            if json.load(f) != self.meta:
+        if os.path.exists(self._meta_path()):
+            with open(self._meta_path()) as f:
+                same = json.load(f) == self.meta
+            if not same:
                 logging.warning("%s was made for other settings: recomputing", self.directory)
-                return []
+        else:
+            same = False
+        if not same:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            os.makedirs(self.directory, exist_ok=True)
+            with open(self._meta_path(), "w") as f:
+                json.dump(self.meta, f)
+            return []
         chunks = []
         while os.path.exists(path := self._chunk_path(len(chunks))):
             with np.load(path) as f:
                 chunks.append({k: f[k] for k in f.files})
         return chunks
 
-    def _chunk_path(self, i: int) -> str:
-        return os.path.join(self.directory, f"chunk-{i:06d}.npz")
-
     def save(self, i: int, chunk: dict[str, np.ndarray]) -> None:
         if not self.enabled:
             return
-        os.makedirs(self.directory, exist_ok=True)
-        if i == 0:
-            with open(self._meta_path(), "w") as f:
-                json.dump(self.meta, f)
         tmp = self._chunk_path(i) + ".tmp.npz"
         np.savez(tmp, **chunk)
         os.replace(tmp, self._chunk_path(i))  # a chunk exists whole or not at all

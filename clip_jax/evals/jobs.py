@@ -3,46 +3,87 @@ lines): `evaluate(config, workdir=... | pretrained=...)` runs configured evals o
 once, `probe(...)` the linear-probe protocol; both return records in CLIP_benchmark's shape
 (dataset, model, task, metrics)."""
 
+import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 import clip_jax
 from clip_jax import sharding, state
-from clip_jax.evals import extract, runner, suites
+from clip_jax.evals import evaluator, extract, runner, suites
+
+FEATURE_CACHE = os.path.expanduser("~/.cache/clip_jax/features")  # for weight files
 
 
-def load_model(
-    config, workdir: str | None, step: int | None, pretrained: str | None, mesh, tokenizer: str = ""
-):
-    """(model, variables on the mesh, model name, tokenizer)."""
+@dataclasses.dataclass
+class Subject:
+    """The model under evaluation: where it came from, on which mesh, with which tokenizer."""
 
+    config: Any  # the run's or the given config (None for a weight file without --config)
+    mesh: Any
+    model: Any
+    variables: Any  # on the mesh
+    name: str  # shown in results: "DIR@STEP" or the file's name
+    weights_id: str  # identifies the weights in feature caches
+    tokenizer: Any
+
+
+def prepare(
+    config: Any,
+    workdir: str | None,
+    step: int | None,
+    pretrained: str | None,
+    tokenizer: str = "",
+) -> Subject:
+    """The model of a training run (`workdir`, `step`) or of a weight file, on the config's mesh
+    (all devices data-parallel without a config), with its tokenizer."""
+    if bool(workdir) == bool(pretrained):
+        raise ValueError("give either --workdir (a training run) or --pretrained (a weight file)")
+    if config is None and workdir:
+        config = state.read_run_config(workdir)
+    mesh = sharding.make_mesh(
+        config.mesh if config is not None else dict(data=-1, fsdp=1, tensor=1)
+    )
     if workdir:
         model, variables, step = state.load_run(workdir, step, mesh=mesh)
-        return model, variables, f"{workdir}@{step}", clip_jax.get_tokenizer(workdir)
+        return Subject(
+            config,
+            mesh,
+            model,
+            variables,
+            f"{workdir}@{step}",
+            f"{os.path.abspath(workdir)}@{step}",
+            clip_jax.get_tokenizer(workdir),
+        )
     model, variables = clip_jax.load_pretrained(pretrained)
-    tokenizer_name = tokenizer or (
-        config.train_data.tokenizer if config is not None else "clip_bpe"
-    )
-    tokenizer = clip_jax.get_tokenizer(tokenizer_name, model.text["context_length"])
-    return model, extract.replicate(variables, mesh), os.path.basename(pretrained), tokenizer
-
-
-def model_id(workdir: str | None, pretrained: str | None, model_name: str) -> str:
-    """What identifies the weights in a feature cache: a run's path and step, or a file's path,
-    size and modification time."""
-    if workdir:
-        return os.path.abspath(workdir) + "@" + model_name.rpartition("@")[2]
+    name = tokenizer or (config.train_data.tokenizer if config is not None else "clip_bpe")
     info = os.stat(pretrained)
-    return f"{os.path.abspath(pretrained)}:{info.st_size}:{info.st_mtime_ns}"
+    return Subject(
+        config,
+        mesh,
+        model,
+        extract.replicate(variables, mesh),
+        os.path.basename(pretrained),
+        f"{os.path.abspath(pretrained)}:{info.st_size}:{info.st_mtime_ns}",
+        clip_jax.get_tokenizer(name, model.text["context_length"]),
+    )
+
+
+def make_evaluator(subject: Subject, name: str, entry: Mapping[str, Any]) -> Any:
+    return evaluator.Evaluator(
+        evaluator.entry_config(name, entry), subject.model, subject.tokenizer, subject.mesh
+    )
 
 
 def format_table(records: list[dict]) -> str:
-    """Results as a Markdown table, one row per eval, with the mean of each shared metric."""
+    """Results as a Markdown table, one row per eval (the mean is a record of its own)."""
     keys: list[str] = []
     for r in records:
         keys += [k for k in r["metrics"] if k not in keys]
@@ -50,27 +91,42 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         cells = [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in keys]
         lines.append(f"| {r['dataset']} | {r['task']} | " + " | ".join(cells) + " |")
-    if len(records) > 1 and len({r["task"] for r in records}) == 1:
-        means = [np.mean([r["metrics"][k] for r in records if k in r["metrics"]]) for k in keys]
-        lines.append("| **mean** | | " + " | ".join(f"{m:.4f}" for m in means) + " |")
     return "\n".join(lines)
 
 
-def write_results(output: str, records: list[dict], model_name: str) -> None:
+def with_mean(records: list[dict]) -> list[dict]:
+    """`records`, plus a record "mean" of each metric over them when they are of one task."""
+    if len(records) < 2 or len({r["task"] for r in records}) != 1:
+        return records
+    keys = [k for k in records[0]["metrics"] if all(k in r["metrics"] for r in records)]
+    mean = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys}
+    return [
+        *records,
+        {
+            **records[0],
+            "dataset": "mean",
+            "source": "",
+            "metrics": mean,
+            "seconds": float(sum(r["seconds"] for r in records)),
+        },
+    ]
+
+
+def write_results(output: str, records: list[dict], model_name: str, skipped=()) -> None:
     """`output` (JSON, CLIP_benchmark's shape) and a Markdown table beside it (`.md`)."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(records, f, indent=1)
+    notes = "".join(f"\n- skipped {name}: {why}" for name, why in skipped)
     with open(os.path.splitext(output)[0] + ".md", "w") as f:
-        f.write(f"Model: {model_name}\n\n{format_table(records)}\n")
+        f.write(f"Model: {model_name}\n\n{format_table(records)}\n{notes}\n")
 
 
 def select_evals(config: Any, names: str, data_dir: str, batch_size: int) -> dict[str, dict]:
     """The eval entries to run: `names` from `config.evals` (all when empty), or the paper suite."""
     if names == "paper":
         entries = {
-            name: {"type": "zeroshot", **{k: v for k, v in entry.items()}}
-            for name, entry in suites.suite("paper").items()
+            name: {"type": "zeroshot", **entry} for name, entry in suites.suite("paper").items()
         }
     else:
         available = dict(config.evals.to_dict()) if config is not None and config.evals else {}
@@ -104,31 +160,31 @@ def evaluate(
     batch_size: int = 0,
     tokenizer: str = "",
 ) -> list[dict]:
-    """Runs the selected evals once; returns their records (CLIP_benchmark's shape)."""
-    import jax
-
-    if bool(workdir) == bool(pretrained):
-        raise ValueError("give either --workdir (a training run) or --pretrained (a weight file)")
-    if config is None and workdir:
-        config = state.read_run_config(workdir)
-    entries = select_evals(config, evals, data_dir, batch_size)
-    mesh_shape = config.mesh if config is not None else dict(data=-1, fsdp=1, tensor=1)
-    mesh = sharding.make_mesh(mesh_shape)
-    model, variables, model_name, tokenizer = load_model(
-        config, workdir, step, pretrained, mesh, tokenizer
-    )
-    evaluators = [
-        runner.Evaluator(runner.entry_config(name, entry), model, tokenizer, mesh)
-        for name, entry in entries.items()
-    ]
+    """Runs the selected evals once; returns their records (CLIP_benchmark's shape), with a mean
+    record when they are all of one task (the paper suite)."""
+    subject = prepare(config, workdir, step, pretrained, tokenizer)
+    entries = select_evals(subject.config, evals, data_dir, batch_size)
+    evaluators, skipped = [], []
+    for name, entry in entries.items():
+        try:
+            evaluators.append(make_evaluator(subject, name, entry))
+        except ValueError as e:
+            if evals != "paper":
+                raise
+            # A suite runs on the datasets the user has prepared; the others are reported.
+            logging.warning("skipping %s: %s", name, e)
+            skipped.append((name, str(e)))
+    if not evaluators:
+        raise ValueError(f"none of the datasets could be read: {skipped[0][1]}")
+    cache_root = os.path.join(os.path.dirname(output) or ".", "features") if output else ""
     records = []
     for e in evaluators:
         logging.info("evaluating %s on %s", e.name, e.source.name)
-        cache_root = os.path.join(os.path.dirname(output) or ".", "features") if output else ""
-        metrics = e.run(variables, model_id(workdir, pretrained, model_name), cache_root)
-        records.append(runner.record(e, metrics, model_name))
+        metrics = e.run(subject.variables, subject.weights_id, cache_root)
+        records.append(runner.record(e, metrics, subject.name))
+    records = with_mean(records)
     if output and jax.process_index() == 0:
-        write_results(output, records, model_name)
+        write_results(output, records, subject.name, skipped)
     return records
 
 
@@ -161,40 +217,34 @@ def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -
 
 
 def probe(
-    config,
+    config: Any,
     *,
     workdir: str | None,
     step: int | None,
     pretrained: str | None,
-    entry: dict,
+    entry: Mapping[str, Any],
     fewshot: tuple[int, ...] = (),
     cache_dir: str = "",
 ) -> list[dict]:
-    """Runs the probe (and k-shot probes) once; returns records in CLIP_benchmark's shape."""
-
-    if bool(workdir) == bool(pretrained):
-        raise ValueError("give either --workdir (a training run) or --pretrained (a weight file)")
-    if config is None and workdir:
-        config = state.read_run_config(workdir)
-    mesh_shape = config.mesh if config is not None else dict(data=-1, fsdp=1, tensor=1)
-    mesh = sharding.make_mesh(mesh_shape)
-    model, variables, model_name, tokenizer = load_model(config, workdir, step, pretrained, mesh)
-    if not cache_dir and workdir:
-        cache_dir = os.path.join(workdir, "features", f"step_{model_name.rpartition('@')[2]}")
-    elif not cache_dir:
-        cache_dir = os.path.join(os.path.expanduser("~/.cache/clip_jax/features"), model_name)
+    """Runs the linear probe (and k-shot probes on the same features) once; returns records in
+    CLIP_benchmark's shape. `entry` is a linear_probe eval entry with its `name`."""
+    subject = prepare(config, workdir, step, pretrained)
+    entry = dict(entry)
     name = entry.pop("name")
-    evaluators = [runner.Evaluator(runner.entry_config(name, entry), model, tokenizer, mesh)]
+    if not cache_dir:
+        digest = hashlib.sha256(subject.weights_id.encode()).hexdigest()[:12]
+        base = os.path.join(workdir, "features") if workdir else FEATURE_CACHE
+        cache_dir = os.path.join(base, f"{os.path.basename(subject.name)}-{digest}")
+    evaluators = [make_evaluator(subject, name, entry)]
     if fewshot:
         probe_only = ("val_fraction", "val_source", "seed")
         shots = {k: v for k, v in entry.items() if k not in probe_only}
-        shots.update(type="fewshot", shots=fewshot)
         evaluators.append(
-            runner.Evaluator(runner.entry_config(name, shots), model, tokenizer, mesh)
+            make_evaluator(subject, name, {**shots, "type": "fewshot", "shots": fewshot})
         )
     records = []
     for e in evaluators:
         logging.info("%s on %s (train %s)", e.kind, e.source.name, e.train_source.name)
-        metrics = e.run(variables, model_id(workdir, pretrained, model_name), cache_dir)
-        records.append(runner.record(e, metrics, model_name))
+        metrics = e.run(subject.variables, subject.weights_id, cache_dir)
+        records.append(runner.record(e, metrics, subject.name))
     return records

@@ -1,57 +1,19 @@
-"""The config-driven evaluators that training and the batch jobs share (big_vision's evaluators are
-the model). Each entry of `config.evals` names one:
-
-    config.evals.cifar10 = dict(type="zeroshot", source="tfds:cifar10:test", every_steps=5000)
-    config.evals.coco = dict(type="retrieval", source="tfds:coco_captions:val")
-    config.evals.probe = dict(type="linear_probe", train_source="tfds:cifar10:train",
-                              source="tfds:cifar10:test", features="pre")
-    config.evals.shots = dict(type="fewshot", train_source=..., source=..., shots=(1, 5, 10))
-
-Every evaluator is built from its entry and the model, and has one method, `run(variables)
--> {metric key: value}`; the loop only schedules them. Keys: `zeroshot/NAME/top1`, `.../top5`,
-`.../mean_per_class_recall`, `retrieval/NAME/image_to_text_r@1`, ..., `linear_probe/NAME/top1`,
-`linear_probe/NAME/C`, `fewshot/NAME/10shot`, and `eval/NAME/seconds` for each.
-"""
+"""Scheduling the evaluators of `config.evals` for training and recording their results: which
+are due at a step, which a preemption interrupted, and where results go
+(`workdir/evals/step_N/NAME.json`, in CLIP_benchmark's shape)."""
 
 import json
 import os
 import shutil
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 
-from clip_jax import sharding
-from clip_jax.evals import data, extract, fewshot, linear_probe, prompts, retrieval, zeroshot
-from clip_jax.models.clip import l2_normalize
+from clip_jax.evals import extract
+from clip_jax.evals.evaluator import Evaluator, entry_config
 
-# Each type's keys and their defaults: the one place they are stated. `source` is the dataset
-# evaluated (the test split of probes); `every_steps=0` runs an eval at the end of training only.
-COMMON = dict(
-    source="",
-    every_steps=0,
-    batch_size=256,
-    data_dir="",
-    image_key="",
-    label_key="",
-    text_key="",
-    image_id_key="",
-)
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "zeroshot": dict(classnames="", templates="imagenet", class_subset=""),
-    "retrieval": dict(ks=(1, 5, 10), max_captions=7),
-    "linear_probe": dict(
-        train_source="", val_source="", features="pre", val_fraction=0.2, seed=0, cache_dir=""
-    ),
-    "fewshot": dict(
-        train_source="", features="pre", shots=(1, 5, 10, 25), seeds=(0, 1, 2), cache_dir=""
-    ),
-}
-FEATURES = ("pre", "post")
 RESULTS_DIR = "evals"  # workdir/evals/step_N/NAME.json: what ran, for resumes and people
 TASKS = {  # CLIP_benchmark's task names
     "zeroshot": "zeroshot_classification",
@@ -59,275 +21,6 @@ TASKS = {  # CLIP_benchmark's task names
     "linear_probe": "linear_probe",
     "fewshot": "fewshot",
 }
-
-
-def entry_config(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """An eval's entry with every key filled in; unknown types and keys are errors."""
-    entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
-    kind = entry.pop("type", None)
-    if kind not in DEFAULTS:
-        raise ValueError(f"evals.{name}.type={kind!r}; choose one of {sorted(DEFAULTS)}")
-    known = {**COMMON, **DEFAULTS[kind]}
-    unknown = sorted(set(entry) - set(known))
-    if unknown:
-        raise ValueError(f"evals.{name}: unknown key(s) {unknown}; {kind} takes {sorted(known)}")
-    cfg = {**known, **entry, "type": kind, "name": name}
-    if not cfg["source"]:
-        raise ValueError(f"evals.{name}.source is empty; {data.SOURCE_HELP}")
-    if kind in ("linear_probe", "fewshot"):
-        if not cfg["train_source"]:
-            raise ValueError(f"evals.{name}.train_source is empty: a {kind} trains on it")
-        if cfg["features"] not in FEATURES:
-            raise ValueError(f"evals.{name}.features={cfg['features']!r}; choose pre or post")
-    return cfg
-
-
-class Evaluator:
-    """One eval over one model: its data opened, its compiled functions built on first use."""
-
-    def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, mesh: Mesh):
-        self.cfg, self.model, self.tokenizer, self.mesh = cfg, model, tokenizer, mesh
-        self.name, self.kind = cfg["name"], cfg["type"]
-        self.every_steps = int(cfg["every_steps"])
-        self._steps: dict[str, Any] = {}
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        if cfg["batch_size"] % shards:
-            raise ValueError(
-                f"evals.{self.name}.batch_size={cfg['batch_size']} is not divisible by the "
-                f"{shards} batch shards of the mesh"
-            )
-        self.source = self._open(cfg["source"])
-        self.train_source = self._open(cfg["train_source"]) if cfg.get("train_source") else None
-        self.val_source = self._open(cfg["val_source"]) if cfg.get("val_source") else None
-        if self.kind == "zeroshot":
-            self._zeroshot_classes(cfg)
-        if self.kind == "retrieval" and not self.source.has_captions:
-            raise ValueError(f"evals.{self.name}: {self.source.name} has no captions to retrieve")
-        if self.kind in ("zeroshot", "linear_probe", "fewshot") and not self.source.has_labels:
-            raise ValueError(f"evals.{self.name}: {self.source.name} has no labels")
-
-    def _zeroshot_classes(self, cfg: dict[str, Any]) -> None:
-        """Class names and templates; with `class_subset` (ImageNet-R/A) only the subset's
-        classes are scored and the dataset's labels are mapped onto them."""
-        names = cfg["classnames"] or self.source.classnames
-        if not names:
-            raise ValueError(
-                f"evals.{self.name}: {self.source.name} carries no class names; set classnames "
-                "(a known dataset name, a list, or a file with one name per line)"
-            )
-        self.classnames = prompts.classnames(names)
-        self.templates = prompts.templates(cfg["templates"])
-        self.label_map = None
-        if cfg["class_subset"]:
-            subset = prompts.class_subset(cfg["class_subset"])
-            self.label_map = np.full(len(self.classnames), -1, np.int64)
-            self.label_map[subset] = np.arange(len(subset))
-            self.classnames = [self.classnames[i] for i in subset]
-
-    def _open(self, spec: str) -> data.EvalSource:
-        c = self.cfg
-        return data.open_source(
-            spec,
-            data_dir=c["data_dir"],
-            image_key=c["image_key"],
-            label_key=c["label_key"],
-            text_key=c["text_key"],
-            image_id_key=c["image_id_key"],
-        )
-
-    def _step(self, what: str) -> Any:
-        """This evaluator's jitted per-batch function, built and compiled once."""
-        if what not in self._steps:
-            self._steps[what] = extract.make_step(PREDICT_FNS[what](self.model, self), self.mesh)
-        return self._steps[what]
-
-    def _extract(
-        self, what, variables, source, with_text=False, cache_dir="", meta=None, extra=None
-    ):
-        size = self.model.vision["image_size"]
-        batch = self.cfg["batch_size"]
-        rows = sharding.local_rows(self.mesh, batch)
-        stats: dict[str, int] = {}
-
-        def make_batches(start):
-            return data.batches(
-                source,
-                image_size=size,
-                global_batch=batch,
-                rows=rows,
-                start=start,
-                stats=stats,
-                tokenize_fn=self.tokenizer.tokenize if with_text else None,
-                max_captions=self.cfg.get("max_captions", 0),
-            )
-
-        total = data.num_batches(source.num_examples, batch)
-        cache = None
-        if cache_dir:
-            cache = extract.FeatureCache(
-                cache_dir,
-                {**(meta or {}), "source": source.name, "batch_size": batch, "image_size": size},
-                16,
-            )
-        out = extract.run(
-            self._step(what),
-            variables,
-            make_batches,
-            mesh=self.mesh,
-            global_batch=batch,
-            total_batches=total,
-            cache=cache,
-            label=f"{self.name} {source.name}",
-            extra=extra,
-        )
-        skipped = _sum_over_processes(stats.get("skipped", 0))
-        if skipped:
-            logging.warning(
-                "%s: %d undecodable images skipped in %s", self.name, skipped, source.name
-            )
-        return out, skipped
-
-    def run(self, variables: Any, model_id: str = "", cache_root: str = "") -> dict:
-        """This eval's metrics for `variables`, the same on every process.
-
-        Args:
-          variables: the model's variables (on the mesh, or anywhere: they are replicated).
-          model_id: names the weights (a run and step, a file and its date) in the feature
-            caches of probes, so that a cache is only reused for the same weights.
-          cache_root: where probes cache features (`cache_dir` of the entry wins); "": nowhere.
-        """
-        t0 = time.perf_counter()
-        variables = extract.replicate(variables, self.mesh)
-        metrics = getattr(self, f"_run_{self.kind}")(variables, model_id, cache_root)
-        metrics = extract.broadcast_json(metrics if jax.process_index() == 0 else None)
-        out = {f"{self.kind}/{self.name}/{k}": float(v) for k, v in metrics.items()}
-        out[f"eval/{self.name}/seconds"] = time.perf_counter() - t0
-        return out
-
-    def _run_zeroshot(self, variables, model_id, cache_root) -> dict:
-        classifier = zeroshot.build_classifier(
-            self.model, variables, self.tokenizer, self.classnames, self.templates, mesh=self.mesh
-        )
-        classifier = extract.replicate(classifier, self.mesh)
-        out, skipped = self._extract("zeroshot", variables, self.source, extra=classifier)
-        labels = out["label"]
-        if self.label_map is not None:
-            labels = self.label_map[np.clip(labels, 0, len(self.label_map) - 1)]
-        metrics = zeroshot.classification_metrics(out["top"], labels, len(self.classnames))
-        return {**metrics, **({"skipped": skipped} if skipped else {})}
-
-    def _run_retrieval(self, variables, model_id, cache_root) -> dict:
-        out, _ = self._extract("retrieval", variables, self.source, with_text=True)
-        image_emb, text_emb, text_ids = group_captions(out)
-        return retrieval.metrics(image_emb, text_emb, text_ids, ks=tuple(self.cfg["ks"]))
-
-    def _features(self, variables, source, split, model_id, cache_root) -> tuple[np.ndarray, ...]:
-        cache_dir = self.cfg["cache_dir"] or cache_root
-        if cache_dir:
-            cache_dir = os.path.join(cache_dir, self.name, split)
-        meta = {"features": self.cfg["features"], "model": model_id}
-        out, _ = self._extract("features", variables, source, cache_dir=cache_dir, meta=meta)
-        return out.get("x", np.zeros((0, 0), np.float32)), out.get("label", np.zeros(0, np.int32))
-
-    def _probe_data(self, variables, model_id, cache_root):
-        train = self._features(variables, self.train_source, "train", model_id, cache_root)
-        test = self._features(variables, self.source, "test", model_id, cache_root)
-        val = None
-        if self.val_source is not None:
-            val = self._features(variables, self.val_source, "val", model_id, cache_root)
-        return train, val, test
-
-    def _run_linear_probe(self, variables, model_id, cache_root) -> dict:
-        (train_x, train_y), val, (test_x, test_y) = self._probe_data(
-            variables, model_id, cache_root
-        )
-        if jax.process_index() != 0:  # the fit runs once; its result is broadcast
-            return {}
-        num_classes = int(max(train_y.max(), test_y.max())) + 1
-        result = linear_probe.sweep_and_evaluate(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            val_fraction=self.cfg["val_fraction"],
-            seed=self.cfg["seed"],
-            num_classes=num_classes,
-            **({"val_x": val[0], "val_y": val[1]} if val is not None else {}),
-        )
-        return {"top1": result["top1"], "C": result["C"], "val_top1": result["val_top1"]}
-
-    def _run_fewshot(self, variables, model_id, cache_root) -> dict:
-        (train_x, train_y), _, (test_x, test_y) = self._probe_data(variables, model_id, cache_root)
-        if jax.process_index() != 0:
-            return {}
-        num_classes = int(max(train_y.max(), test_y.max())) + 1
-        return fewshot.fewshot_accuracies(
-            train_x,
-            train_y,
-            test_x,
-            test_y,
-            shots=tuple(self.cfg["shots"]),
-            seeds=tuple(self.cfg["seeds"]),
-            num_classes=num_classes,
-        )
-
-
-def _retrieval_predict(model: Any, evaluator: Evaluator):
-    def predict(variables, batch, extra):
-        del extra
-        images = extract.normalize(batch["image"])
-        zimg = model.apply(variables, images, method="encode_image")
-        tokens = batch["tokens"]  # [B, M, L]
-        b, m, length = tokens.shape
-        ztxt = model.apply(variables, tokens.reshape(b * m, length), method="encode_text")
-        return {"image_emb": l2_normalize(zimg), "text_emb": l2_normalize(ztxt).reshape(b, m, -1)}
-
-    return predict
-
-
-def _features_predict(model: Any, evaluator: Evaluator):
-    project = evaluator.cfg["features"] == "post"
-
-    def predict(variables, batch, extra):
-        del extra
-        images = extract.normalize(batch["image"])
-        return {"x": model.apply(variables, images, project=project, method="encode_image")}
-
-    return predict
-
-
-# What each evaluator runs per batch: `fn(model, evaluator) -> predict(variables, batch, extra)`.
-PREDICT_FNS = {
-    "zeroshot": lambda model, e: zeroshot.make_predict_fn(model, len(e.classnames)),
-    "retrieval": _retrieval_predict,
-    "features": _features_predict,
-}
-
-
-def group_captions(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-example outputs of retrieval's predict -> (image_emb [I, E], text_emb [T, E],
-    text_image_ids [T]). Examples sharing an image id (TFRecord shards of one caption per
-    record) are one image; tfds examples carry all their captions and no id."""
-    counts = out["num_captions"]
-    texts = np.concatenate([out["text_emb"][i, :c] for i, c in enumerate(counts)])
-    example_of_text = np.repeat(np.arange(len(counts)), counts)
-    ids = out.get("image_key")
-    if ids is None:
-        return out["image_emb"], texts, example_of_text
-    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True, axis=0)
-    order = np.argsort(first)  # images in order of first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    image_of_example = rank[inverse.reshape(-1)]
-    return out["image_emb"][first[order]], texts, image_of_example[example_of_text]
-
-
-def _sum_over_processes(n: int) -> int:
-    if jax.process_count() == 1:
-        return int(n)
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.process_allgather(np.array([n], np.int32)).sum())
 
 
 def make_evaluators(config: Any, model: Any, mesh: Mesh, tokenizer: Any = None) -> list[Evaluator]:
@@ -360,12 +53,27 @@ def _result_path(workdir: str, step: int, name: str) -> str:
 
 
 def missing(evaluators: Sequence[Evaluator], workdir: str, step: int, total: int) -> list:
-    """The evaluators due at `step` whose results are not in `workdir` (a preempted eval)."""
-    return [
-        e
-        for e in due(evaluators, step, total)
-        if not os.path.exists(_result_path(workdir, step, e.name))
-    ]
+    """The evaluators due at `step` whose results are not in `workdir` (a preempted eval), as
+    process 0 sees them, so that every process runs the same evals."""
+    due_now = due(evaluators, step, total)
+    names = None
+    if jax.process_index() == 0:
+        names = [e.name for e in due_now if not os.path.exists(_result_path(workdir, step, e.name))]
+    names = extract.broadcast_json(names)
+    return [e for e in due_now if e.name in names]
+
+
+def stored(evaluators: Sequence[Evaluator], workdir: str, step: int) -> dict[str, float]:
+    """The metric values of evaluators whose results at `step` are in `workdir` (process 0)."""
+    values = {}
+    for e in evaluators:
+        path = _result_path(workdir, step, e.name)
+        if jax.process_index() == 0 and os.path.exists(path):
+            with open(path) as f:
+                result = json.load(f)
+            values.update({f"{e.kind}/{e.name}/{k}": v for k, v in result["metrics"].items()})
+            values[f"eval/{e.name}/seconds"] = result["seconds"]
+    return values
 
 
 def record(evaluator: Evaluator, metrics: Mapping[str, float], model_name: str) -> dict:
