@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-# Errors a user fixes by changing a flag, a config value or a file: one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+from clip_jax.errors import UsageError
 
 
 def _cluster_detected() -> bool:
@@ -30,7 +29,7 @@ def initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is not None:
         if num_processes is None or process_id is None:
-            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+            raise UsageError("--coordinator_address needs --num_processes and --process_id")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif _cluster_detected():
         jax.distributed.initialize()
@@ -50,11 +49,12 @@ def quiet_libraries() -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """A user error inside ends the program with one line on stderr and exit status 2
-    (`CLIP_JAX_DEBUG=1` keeps the traceback); anything else keeps its traceback."""
+    """A `UsageError` inside ends the program with one line on stderr and exit status 2
+    (`CLIP_JAX_DEBUG=1` keeps the traceback); anything else, a plain ValueError included, is a
+    bug and keeps its traceback."""
     try:
         yield
-    except USER_ERRORS as e:
+    except UsageError as e:
         if os.environ.get("CLIP_JAX_DEBUG"):
             raise
         logging.error("%s", e)

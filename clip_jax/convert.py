@@ -23,6 +23,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors c
 import numpy as np
 from flax import traverse_util
 
+from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
 
 CONFIG_KEY = "clip_jax_model"  # safetensors metadata / npz entry holding our model config as JSON
@@ -115,7 +116,7 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
     )
     missing = [k for k in required if k not in sd]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"not an OpenAI/OpenCLIP CLIP state dict: missing {', '.join(missing)} "
             f"(found keys like {', '.join(sorted(sd)[:5])})"
         )
@@ -149,7 +150,7 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
             heads=max(vwidth * 32 // 64, 1),
         )
     else:
-        raise ValueError(
+        raise UsageError(
             "the state dict has neither a ViT (visual.proj) nor a ResNet (visual.attnpool)"
         )
     cfg = dict(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text)
@@ -202,7 +203,7 @@ def from_state_dict(sd: StateDict, cfg: Mapping[str, Any]) -> Variables:
             f"unused tensors: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}"
         )
     if problems:
-        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems[:6]))
+        raise UsageError("checkpoint does not fit the model: " + "; ".join(problems[:6]))
     return traverse_util.unflatten_dict(flat)
 
 
@@ -226,7 +227,7 @@ def to_state_dict(variables: Variables, cfg: Mapping[str, Any]) -> StateDict:
 def read_state_dict(path: str) -> tuple[StateDict, dict[str, Any] | None]:
     """Reads a checkpoint file -> (state dict of numpy arrays, our stored model config or None)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise UsageError(f"no checkpoint at {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
         from safetensors import safe_open
@@ -242,7 +243,7 @@ def read_state_dict(path: str) -> tuple[StateDict, dict[str, Any] | None]:
     elif ext in (".pt", ".pth", ".bin"):
         sd, cfg = _read_torch(path), None
     else:
-        raise ValueError(
+        raise UsageError(
             f"unknown checkpoint format {ext!r} of {path}: use .safetensors, .npz, .pt or .bin"
         )
     return _strip_prefix(sd), cfg
@@ -252,7 +253,7 @@ def _read_torch(path: str) -> StateDict:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise UsageError(
             f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors"
         ) from e
     try:  # OpenAI's released models are TorchScript archives.
@@ -275,7 +276,7 @@ def merge_config(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
     known = set(CLIP.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown model override(s) {unknown}; known: {sorted(known)}")
+        raise UsageError(f"unknown model override(s) {unknown}; known: {sorted(known)}")
     out = dict(cfg)
     for key, value in overrides.items():
         out[key] = {**out[key], **value} if key in ("vision", "text") else value
@@ -304,7 +305,7 @@ def load_pretrained(path: str, step: int | None = None, **overrides: Any) -> tup
         model, variables, _ = state.load_run(path, step, **overrides)
         return model, variables
     if step is not None:
-        raise ValueError(f"step={step} applies to a training run's directory, not to {path}")
+        raise UsageError(f"step={step} applies to a training run's directory, not to {path}")
     sd, stored = read_state_dict(path)
     cfg = stored if stored is not None else {**infer_config(sd), "quick_gelu": True}
     if is_resnet(cfg["vision"]):
@@ -328,7 +329,7 @@ def save_pretrained(path: str, variables: Variables, cfg: Mapping[str, Any]) -> 
         with open(tmp, "wb") as f:
             np.savez(f, **sd, **{CONFIG_KEY: np.asarray(meta)})
     else:
-        raise ValueError(f"export path must end in .safetensors or .npz, got {path}")
+        raise UsageError(f"export path must end in .safetensors or .npz, got {path}")
     os.replace(tmp, path)  # never leave a half-written file under the final name
 
 

@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clip_jax import cli
+from clip_jax.errors import UsageError
 from clip_jax.evals import jobs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (mesh, tokenizer); optional.")
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
         try:
             shots = tuple(int(k) for k in _FEWSHOT.value.split(",") if k.strip())
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"--fewshot={_FEWSHOT.value!r}: give shot counts like 1,5,10"
             ) from None
         records = jobs.probe(

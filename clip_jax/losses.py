@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from clip_jax.errors import UsageError
+
 LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
@@ -60,7 +62,7 @@ LOSSES = {"softmax": softmax_loss, "sigmoid": sigmoid_loss}
 
 def _bias(logit_bias: jax.Array | None) -> jax.Array:
     if logit_bias is None:
-        raise ValueError("the sigmoid loss needs a logit_bias: set model.init_logit_bias")
+        raise UsageError("the sigmoid loss needs a logit_bias: set model.init_logit_bias")
     return logit_bias
 
 
@@ -209,9 +211,9 @@ def make_loss_fn(
     (O(b·chunk)). Every form equals the plain one on the whole batch.
     """
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+        raise UsageError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     if chunk_size < 0:
-        raise ValueError(f"loss.chunk_size must be >= 0 (0: not chunked), got {chunk_size}")
+        raise UsageError(f"loss.chunk_size must be >= 0 (0: not chunked), got {chunk_size}")
     body = _softmax_body if name == "softmax" else _sigmoid_body
     if mesh is None:
         fn = functools.partial(body, axes=None, chunk=chunk_size)

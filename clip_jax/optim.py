@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import optax
 
+from clip_jax.errors import UsageError
+
 # Leaves never decayed (the paper: "gains or biases" are excluded; so are the class token and the
 # temperature, whose decay would pull them to zero for no reason).
 _NO_DECAY = frozenset({"bias", "scale", "class_embedding", "logit_scale", "logit_bias"})
@@ -34,7 +36,7 @@ def make_schedule(
             ],
             [warmup_steps],
         )
-    raise ValueError(f"unknown optim.schedule {schedule!r}; choose 'cosine' or 'constant'")
+    raise UsageError(f"unknown optim.schedule {schedule!r}; choose 'cosine' or 'constant'")
 
 
 def decay_mask(params: Any) -> Any:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from clip_jax.errors import UsageError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -38,17 +40,17 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(shape[a]) for a in AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(
+        raise UsageError(
             f"mesh sizes {dict(zip(AXES, sizes, strict=True))}: use positive "
             "sizes and at most one -1"
         )
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {_describe(sizes)} does not divide {len(devices)} devices")
+            raise UsageError(f"mesh {_describe(sizes)} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
+        raise UsageError(
             f"mesh {_describe(sizes)} = {int(np.prod(sizes))} devices, but there are "
             f"{len(devices)}; set one of mesh.data/fsdp/tensor to -1 to take the rest"
         )
@@ -127,7 +129,7 @@ def local_rows(mesh: Mesh, global_batch: int) -> slice:
     """The rows of a global batch that this process's devices hold: one contiguous range."""
     sharding = batch_sharding(mesh)
     if global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(
+        raise UsageError(
             f"batch_size {global_batch} is not divisible by mesh data x fsdp = "
             f"{mesh.shape['data'] * mesh.shape['fsdp']}"
         )

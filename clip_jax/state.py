@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clip_jax import optim, sharding
+from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
 from clip_jax.train_step import TrainState, create_state
 
@@ -113,7 +114,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was trained with (`workdir/config.json`)."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: is {workdir} a clip_jax run directory?")
+        raise UsageError(f"{path} is missing: is {workdir} a clip_jax run directory?")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
@@ -142,10 +143,10 @@ def load_run(
     try:
         available = ckpt.all_steps()
         if not available:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+            raise UsageError(f"no checkpoint in {ckpt.directory}")
         step = max(available) if step is None else int(step)
         if step not in available:
-            raise FileNotFoundError(
+            raise UsageError(
                 f"no checkpoint at step {step} in {ckpt.directory}; there are {sorted(available)}"
             )
         restored, _ = ckpt.restore(step, spec.abstract_with_shardings())

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from clip_jax import checkpoint, convert, losses, sharding
 from clip_jax import state as state_lib
 from clip_jax.data import pipeline
+from clip_jax.errors import UsageError
 from clip_jax.evals import runner
 from clip_jax.metrics import MetricsWriter, Progress
 from clip_jax.train_step import TrainState, make_train_step
@@ -37,7 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # --- Checks and logging ------------------------------------------------------------------
     nonfinite = config.get("nonfinite", "halt")
     if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+        raise UsageError(f"nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)

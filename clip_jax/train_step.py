@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clip_jax.errors import UsageError
 from clip_jax.models import l2_normalize
 from clip_jax.sharding import BATCH_AXES
 
@@ -184,7 +185,7 @@ def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
     that micro-batches stay spread over all devices and the split moves no data."""
     n = x.shape[0]
     if n % k:
-        raise ValueError(f"batch of {n} does not split into {k} micro-batches")
+        raise UsageError(f"batch of {n} does not split into {k} micro-batches")
     # Rows are laid out shard-major; cutting each shard's rows into k keeps the split local.
     shards = _batch_shards(n, k)
     x = x.reshape(shards, k, n // shards // k, *x.shape[1:])
@@ -196,7 +197,7 @@ def _batch_shards(n: int, k: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
     if n % (shards * k):
-        raise ValueError(
+        raise UsageError(
             f"batch_size {n} must be divisible by accum_steps {k} x batch shards {shards}"
         )
     return shards

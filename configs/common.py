@@ -7,6 +7,7 @@ from `config.optim`, the mesh from `config.mesh`, the input pipeline from `confi
 
 import ml_collections
 
+from clip_jax.errors import UsageError
 from clip_jax.models.sizes import model_config
 
 # Paper: 32 epochs of 400M pairs at batch 32,768.
@@ -69,7 +70,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     if arg in (None, ""):
         return c
     if arg != "smoke":
-        raise ValueError(f"unknown config argument {arg!r}; the only one is 'smoke'")
+        raise UsageError(f"unknown config argument {arg!r}; the only one is 'smoke'")
     c.batch_size = 8
     c.total_steps = 3
     c.log_every_steps = 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clip_jax import convert
+from clip_jax.errors import UsageError
 from clip_jax.models import model_config
 
 
@@ -85,7 +86,7 @@ def test_load_pretrained_overrides_and_errors(tmp_path):
     assert model.dtype == "bfloat16" and model.text["heads"] == 2
     with pytest.raises(ValueError, match="unknown model override"):
         convert.load_pretrained(path, colour="blue")
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(UsageError, match="no checkpoint at"):
         convert.load_pretrained(str(tmp_path / "absent.safetensors"))
     (tmp_path / "m.txt").write_text("")
     with pytest.raises(ValueError, match="unknown checkpoint format"):

@@ -14,6 +14,7 @@ import pytest
 
 import clip_jax
 from clip_jax import sharding, state, train
+from clip_jax.errors import UsageError
 from clip_jax.evals import evaluator, jobs, runner
 from tests.test_train import free_port, read_losses, tiny_config
 
@@ -158,7 +159,7 @@ def test_load_pretrained_and_tokenizer_of_a_run(run_dir):
     early = model.apply(at_two, images, method="encode_image")
     assert last.shape == (2, model.embed_dim)
     assert not np.allclose(last, early)  # two different checkpoints
-    with pytest.raises(FileNotFoundError, match="no checkpoint at step 3"):
+    with pytest.raises(UsageError, match="no checkpoint at step 3"):
         clip_jax.load_pretrained(run_dir, step=3)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from clip_jax.data import tokenizers
+from clip_jax.errors import UsageError
 
 # Ids from open_clip 3.3's tokenizer (up to and including the end token).
 GOLDEN = {
@@ -177,5 +178,5 @@ def test_vocabulary_too_large_is_clear(tmp_path):
 def test_get_tokenizer_errors():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         tokenizers.get_tokenizer("gpt2")
-    with pytest.raises(FileNotFoundError, match="no sentencepiece model"):
+    with pytest.raises(UsageError, match="no sentencepiece model"):
         tokenizers.get_tokenizer("/missing/spm.model")

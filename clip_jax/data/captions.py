@@ -5,6 +5,8 @@ text) varied captions; each template holds `{}` once, where the class name goes.
 evaluation prompts are `clip_jax.evals.prompts`.)
 """
 
+from clip_jax.errors import UsageError
+
 CAPTION_TEMPLATES = (
     "a photo of a {}.",
     "a photo of the {}.",
@@ -33,11 +35,11 @@ def split_templates(templates: tuple[str, ...] | list[str]) -> tuple[list[str], 
       (prefixes, suffixes), one of each per template, in order.
     """
     if not templates:
-        raise ValueError("caption templates: the list is empty")
+        raise UsageError("caption templates: the list is empty")
     prefixes, suffixes = [], []
     for t in templates:
         if t.count("{}") != 1:
-            raise ValueError(f"caption template {t!r} must hold '{{}}' exactly once")
+            raise UsageError(f"caption template {t!r} must hold '{{}}' exactly once")
         before, after = t.split("{}")
         prefixes.append(before)
         suffixes.append(after)

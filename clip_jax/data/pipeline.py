@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from clip_jax.data.sources import SyntheticSource
+from clip_jax.errors import UsageError
 
 SOURCE_HELP = (
     "use synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT, or several sources joined by ',' "
@@ -35,12 +36,12 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
         try:
             w = float(weight)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"train_data.source: weight {weight!r} of {name!r} is not a number (a path "
                 "holding '@' needs an explicit weight: PATH@1)"
             ) from None
         if not w > 0:
-            raise ValueError(f"train_data.source: weight of {name!r} must be positive, not {w}")
+            raise UsageError(f"train_data.source: weight of {name!r} must be positive, not {w}")
         parts.append((name, w))
     return parts
 
@@ -82,8 +83,8 @@ def make_reader(
             **common,
         )
     if spec == "synthetic":
-        raise ValueError("train_data.source: synthetic cannot be part of a mixture")
-    raise ValueError(f"unknown train_data.source {spec!r}; {SOURCE_HELP}")
+        raise UsageError("train_data.source: synthetic cannot be part of a mixture")
+    raise UsageError(f"unknown train_data.source {spec!r}; {SOURCE_HELP}")
 
 
 def make_source(
@@ -126,7 +127,7 @@ def make_source(
 
         tokenizer = tokenizers.get_tokenizer(cfg.get("tokenizer", "clip_bpe"), context_length)
     if tokenizer.context_length != context_length or tokenizer.vocab_size > vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"tokenizer {cfg.get('tokenizer', 'clip_bpe')!r} (context {tokenizer.context_length}, "
             f"vocabulary {tokenizer.vocab_size}) does not fit the model (context "
             f"{context_length}, vocabulary {vocab_size}); change model.text or train_data.tokenizer"

@@ -28,15 +28,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 from PIL import Image
 
+from clip_jax.errors import UsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "jpg")
 CAPTION_COLUMNS = ("caption", "text", "txt", "title", "label")
 JPEG_QUALITY = 95
 CHUNK = 256  # items in flight at once
-
-
-class UsageError(ValueError):
-    """Bad arguments or input: reported in one line, exit status 2."""
 
 
 def make_example(image: bytes, caption: str, key: str, label: int | None = None) -> bytes:

@@ -18,6 +18,7 @@ record; `TFDSReader` uses `tfds.even_splits`.
 import tensorflow as tf
 
 from clip_jax.data import captions
+from clip_jax.errors import UsageError
 
 MAX_CYCLE = 16  # files read at once, interleaved record by record
 READ_BUFFER = 4 << 20  # bytes buffered per open file; large reads suit gs:// as well as disks
@@ -35,9 +36,9 @@ def list_files(pattern: str, what: str = "train_data.source") -> list[str]:
     try:
         files = sorted(tf.io.gfile.glob(pattern))
     except tf.errors.OpError as e:
-        raise ValueError(f"cannot list {pattern!r}: {e.message}") from None
+        raise UsageError(f"cannot list {pattern!r}: {e.message}") from None
     if not files:
-        raise ValueError(f"no files match {pattern!r} ({what}); check the path")
+        raise UsageError(f"no files match {pattern!r} ({what}); check the path")
     return files
 
 
@@ -49,10 +50,10 @@ def check_keys(path: str, image_key: str, text_key: str) -> None:
             keys |= set(tf.train.Example.FromString(raw.numpy()).features.feature)
     except (tf.errors.OpError, ValueError) as e:
         message = getattr(e, "message", str(e))
-        raise ValueError(f"{path} is not a file of tf.train.Example records: {message}") from None
+        raise UsageError(f"{path} is not a file of tf.train.Example records: {message}") from None
     for key, flag in ((image_key, "image_key"), (text_key, "text_key")):
         if keys and key not in keys:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: records have no feature {key!r} (they have {sorted(keys)}); "
                 f"set train_data.{flag}"
             )
@@ -130,7 +131,7 @@ def _only(features, kind, what: str, name: str) -> str:
     """The name of the one top-level feature of type `kind`; an error when there is not one."""
     found = [k for k, f in features.items() if isinstance(f, kind)]
     if len(found) != 1:
-        raise ValueError(
+        raise UsageError(
             f"tfds:{name} has {len(found)} {what} features ({found}); name one with "
             f"train_data.{'image_key' if what == 'image' else 'text_key'}"
         )
@@ -163,9 +164,9 @@ class TFDSReader:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
-            raise ValueError(f"{self.name}: tfds knows no dataset {name!r}") from None
+            raise UsageError(f"{self.name}: tfds knows no dataset {name!r}") from None
         if not builder.is_prepared():
-            raise ValueError(
+            raise UsageError(
                 f"{self.name}: not prepared in {builder.data_dir}; run `tfds build {name} "
                 "--data_dir=DIR` and set train_data.data_dir=DIR"
             )
@@ -196,7 +197,7 @@ class TFDSReader:
                 read_config=tfds.ReadConfig(try_autocache=False),
             )
         except (ValueError, KeyError, AssertionError) as e:
-            raise ValueError(f"{self.name}: {str(e).splitlines()[0]}") from None
+            raise UsageError(f"{self.name}: {str(e).splitlines()[0]}") from None
         self.key, self.shuffle_buffer = seed, shuffle_buffer
 
     def _select(self, example: dict) -> dict:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from clip_jax.errors import UsageError
+
 Batch = dict[str, np.ndarray]
 
 
@@ -38,7 +40,7 @@ class SyntheticSource:
         noise: float = 0.5,
     ):
         if context_length < 5:
-            raise ValueError("synthetic captions need a context of at least 5 tokens")
+            raise UsageError("synthetic captions need a context of at least 5 tokens")
         self.seed, self.image_size, self.context_length = seed, image_size, context_length
         self.vocab_size, self.num_classes, self.noise = vocab_size, num_classes, noise
         self.skipped_examples = 0

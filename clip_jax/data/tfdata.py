@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import image_ops
+from clip_jax.errors import UsageError
 
 Batch = dict[str, np.ndarray]
 EPOCHS = 2**40  # "forever", as a range that tf.data can hold
@@ -142,7 +143,7 @@ class TFDataSource:
             raise ValueError(f"mixture weights {weights} must be positive, one per source")
         lo, hi = crop_scale or image_ops.DEFAULT_CROP_SCALE
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"train_data.crop_scale {crop_scale} must satisfy 0 < lo <= hi <= 1")
+            raise UsageError(f"train_data.crop_scale {crop_scale} must satisfy 0 < lo <= hi <= 1")
         self.readers, self.weights = list(readers), [w / sum(weights) for w in weights]
         self.tokenize_fn, self.seed = tokenize_fn, seed
         self.image_size, self.context_length = image_size, context_length
@@ -203,7 +204,7 @@ class TFDataSource:
             raise ValueError(f"rows {rows} do not fit a global batch of {global_batch}")
         state = state or self.initial_state()
         if len(state.get("sources", ())) != len(self.readers):
-            raise ValueError(f"data state {state} does not match {len(self.readers)} source(s)")
+            raise UsageError(f"data state {state} does not match {len(self.readers)} source(s)")
         positions = [dict(p) for p in state["sources"]]
         examples = int(state["examples"])
         emitted = [0] * len(self.readers)  # examples per reader in this run
@@ -226,7 +227,7 @@ class TFDataSource:
             state = {"sources": [dict(p) for p in positions], "examples": examples}
             yield out, {**state, "skipped_examples": self.skipped_examples}
         names = ", ".join(r.name for r in self.readers)
-        raise ValueError(
+        raise UsageError(
             f"{names}: a whole epoch without one usable example ({self.skipped_examples} bad "
             "records skipped); check the data and train_data.image_key / text_key"
         )

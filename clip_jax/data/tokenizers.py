@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from clip_jax.errors import UsageError
+
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 256 bytes x 2, merges, 2 special tokens
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -86,7 +88,7 @@ class ClipBpeTokenizer:
         self.context_length = context_length
         path = merges_path or BPE_PATH
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no BPE merges file at {path}")
+            raise UsageError(f"no BPE merges file at {path}")
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1 : NUM_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
@@ -161,16 +163,16 @@ class SentencePieceTokenizer:
         import sentencepiece
 
         if not os.path.exists(model_path):
-            raise FileNotFoundError(f"no sentencepiece model at {model_path}")
+            raise UsageError(f"no sentencepiece model at {model_path}")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         self.context_length, self.add_bos = context_length, add_bos
         self.vocab_size = self.sp.get_piece_size()
         self.eot_token_id = self.sp.eos_id()
         if self.eot_token_id < 0:
-            raise ValueError(f"{model_path} has no end-of-sequence id; train it with eos_id >= 0")
+            raise UsageError(f"{model_path} has no end-of-sequence id; train it with eos_id >= 0")
         self.pad_token_id = max(self.sp.pad_id(), 0)
         if add_bos and self.sp.bos_id() < 0:
-            raise ValueError(f"{model_path} has no beginning-of-sequence id for add_bos")
+            raise UsageError(f"{model_path} has no beginning-of-sequence id for add_bos")
 
     def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -198,7 +200,7 @@ def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = N
         return ClipBpeTokenizer(context_length)
     if name_or_path.endswith(".model"):
         return SentencePieceTokenizer(name_or_path, context_length)
-    raise ValueError(
+    raise UsageError(
         f"unknown tokenizer {name_or_path!r}: use 'clip_bpe' or the path of a sentencepiece .model"
     )
 
@@ -213,9 +215,9 @@ def train_sentencepiece(
     import sentencepiece
 
     if not os.path.exists(input_path):
-        raise FileNotFoundError(f"no caption file at {input_path}")
+        raise UsageError(f"no caption file at {input_path}")
     if not out_path.endswith(".model"):
-        raise ValueError(f"--out must end in .model, got {out_path}")
+        raise UsageError(f"--out must end in .model, got {out_path}")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     try:
         sentencepiece.SentencePieceTrainer.train(
@@ -232,7 +234,7 @@ def train_sentencepiece(
         )
     except RuntimeError as e:  # e.g. a vocabulary larger than the text supports
         reason = str(e).strip().splitlines()[-1].rpartition("] ")[2]
-        raise ValueError(f"sentencepiece training failed: {reason}") from e
+        raise UsageError(f"sentencepiece training failed: {reason}") from e
     return out_path
 
 

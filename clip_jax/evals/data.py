@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import image_ops
+from clip_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_SEPARATOR = "\x1f"  # joins an image's captions into one string inside tf.data
@@ -76,7 +77,7 @@ def open_source(
     name, _, split = rest.partition(":")
     if kind == "tfds" and name and split:
         return _tfds(name, split, data_dir, image_key, label_key, text_key)
-    raise ValueError(f"unknown evaluation source {spec!r}; {SOURCE_HELP}")
+    raise UsageError(f"unknown evaluation source {spec!r}; {SOURCE_HELP}")
 
 
 def _record(image, label=None, captions=None, image_id=None) -> dict[str, tf.Tensor]:
@@ -90,7 +91,7 @@ def _record(image, label=None, captions=None, image_id=None) -> dict[str, tf.Ten
 
 def _imagefolder(directory: str) -> EvalSource:
     if not tf.io.gfile.isdir(directory):
-        raise ValueError(f"imagefolder:{directory}: no such directory")
+        raise UsageError(f"imagefolder:{directory}: no such directory")
     classes = sorted(
         d.rstrip("/")
         for d in tf.io.gfile.listdir(directory)
@@ -103,7 +104,7 @@ def _imagefolder(directory: str) -> EvalSource:
                 paths.append(os.path.join(directory, name, f))
                 labels.append(label)
     if not paths:
-        raise ValueError(
+        raise UsageError(
             f"imagefolder:{directory}: no images in class subfolders (DIR/<class>/<image>; "
             f"extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
@@ -131,14 +132,14 @@ def _tfrecord(
     for raw in tf.data.TFRecordDataset(files[0]).take(8):
         keys |= set(tf.train.Example.FromString(raw.numpy()).features.feature)
     if image_key not in keys:
-        raise ValueError(
+        raise UsageError(
             f"{files[0]}: records have no image feature {image_key!r} (they have "
             f"{sorted(keys)}); set image_key"
         )
     has_labels, has_captions = label_key in keys, text_key in keys
     has_ids = has_captions and image_id_key in keys  # without ids, each record is one image
     if not (has_labels or has_captions):
-        raise ValueError(
+        raise UsageError(
             f"{files[0]}: records have neither a label {label_key!r} nor a caption {text_key!r} "
             f"(they have {sorted(keys)}); set label_key or text_key"
         )
@@ -184,9 +185,9 @@ def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, 
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"{label}: tfds knows no dataset {name!r}") from None
+        raise UsageError(f"{label}: tfds knows no dataset {name!r}") from None
     if not builder.is_prepared():
-        raise ValueError(
+        raise UsageError(
             f"{label}: not prepared in {builder.data_dir}; run `tfds build {name} "
             "--data_dir=DIR` and pass data_dir=DIR"
         )
@@ -195,7 +196,7 @@ def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, 
     def only(kind, what: str, key: str) -> str:
         found = [k for k, f in features.items() if isinstance(f, kind)]
         if len(found) != 1:
-            raise ValueError(
+            raise UsageError(
                 f"{label}: {len(found)} {what} features ({found}) and none named by {key}; "
                 f"set {key} (features: {sorted(features)})"
             )
@@ -218,7 +219,7 @@ def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, 
     try:
         num_examples = int(builder.info.splits[split].num_examples)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{label}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"{label}: {str(e).splitlines()[0]}") from None
 
     def at(example: dict, path: str) -> tf.Tensor:
         for part in path.split("/"):

@@ -25,6 +25,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from clip_jax import sharding
+from clip_jax.errors import UsageError
 from clip_jax.evals import (
     extract,
     fewshot,
@@ -68,21 +69,21 @@ def entry_config(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
     entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
     kind = entry.pop("type", None)
     if kind not in DEFAULTS:
-        raise ValueError(f"evals.{name}.type={kind!r}; choose one of {sorted(DEFAULTS)}")
+        raise UsageError(f"evals.{name}.type={kind!r}; choose one of {sorted(DEFAULTS)}")
     known = {**COMMON, **DEFAULTS[kind]}
     unknown = sorted(set(entry) - set(known))
     if unknown:
-        raise ValueError(f"evals.{name}: unknown key(s) {unknown}; {kind} takes {sorted(known)}")
+        raise UsageError(f"evals.{name}: unknown key(s) {unknown}; {kind} takes {sorted(known)}")
     cfg = {**known, **entry, "type": kind, "name": name}
     if not cfg["source"]:
         from clip_jax.evals.data import SOURCE_HELP
 
-        raise ValueError(f"evals.{name}.source is empty; {SOURCE_HELP}")
+        raise UsageError(f"evals.{name}.source is empty; {SOURCE_HELP}")
     if kind in ("linear_probe", "fewshot"):
         if not cfg["train_source"]:
-            raise ValueError(f"evals.{name}.train_source is empty: a {kind} trains on it")
+            raise UsageError(f"evals.{name}.train_source is empty: a {kind} trains on it")
         if cfg["features"] not in FEATURES:
-            raise ValueError(f"evals.{name}.features={cfg['features']!r}; choose pre or post")
+            raise UsageError(f"evals.{name}.features={cfg['features']!r}; choose pre or post")
     return cfg
 
 
@@ -112,7 +113,7 @@ class Evaluator:
         self._steps: dict[str, Any] = {}
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         if cfg["batch_size"] % shards:
-            raise ValueError(
+            raise UsageError(
                 f"evals.{self.name}.batch_size={cfg['batch_size']} is not divisible by the "
                 f"{shards} batch shards of the mesh"
             )
@@ -123,24 +124,24 @@ class Evaluator:
         if self.kind == "zeroshot":
             self._zeroshot_classes(cfg)
         if self.kind == "retrieval" and not self.source.has_captions:
-            raise ValueError(f"evals.{self.name}: {self.source.name} has no captions to retrieve")
+            raise UsageError(f"evals.{self.name}: {self.source.name} has no captions to retrieve")
         if self.kind in ("zeroshot", "linear_probe", "fewshot"):
             for src in (self.source, self.train_source, self.val_source):
                 if src is not None and not src.has_labels:
-                    raise ValueError(f"evals.{self.name}: {src.name} has no labels")
+                    raise UsageError(f"evals.{self.name}: {src.name} has no labels")
 
     def _zeroshot_classes(self, cfg: dict[str, Any]) -> None:
         """Class names and templates; with `class_subset` (ImageNet-R/A) only the subset's
         classes are scored and the dataset's labels are mapped onto them."""
         names = cfg["classnames"] or known_classnames(self.source.name) or self.source.classnames
         if not names:
-            raise ValueError(
+            raise UsageError(
                 f"evals.{self.name}: {self.source.name} carries no class names; set classnames "
                 "(a known dataset name, a list, or a file with one name per line)"
             )
         self.classnames = prompts.classnames(names)
         if any(WNID.fullmatch(n) for n in self.classnames):
-            raise ValueError(
+            raise UsageError(
                 f"evals.{self.name}: the class names of {self.source.name} are WordNet ids "
                 f"({self.classnames[0]}, ...), not words; set classnames (e.g. 'imagenet')"
             )
@@ -149,7 +150,7 @@ class Evaluator:
         if cfg["class_subset"]:
             subset = prompts.class_subset(cfg["class_subset"])
             if max(subset) >= len(self.classnames):
-                raise ValueError(
+                raise UsageError(
                     f"evals.{self.name}: class_subset {cfg['class_subset']!r} indexes up to "
                     f"{max(subset)}, but there are {len(self.classnames)} class names"
                 )
@@ -262,7 +263,7 @@ class Evaluator:
             {
                 "metrics": metrics,
                 "error": None if failure is None else str(failure),
-                "user_error": isinstance(failure, ValueError),
+                "user_error": isinstance(failure, UsageError),
             }
             if jax.process_index() == 0
             else None
@@ -270,7 +271,7 @@ class Evaluator:
         if failure is not None:
             raise failure
         if shared["error"] is not None:
-            kind = ValueError if shared["user_error"] else RuntimeError
+            kind = UsageError if shared["user_error"] else RuntimeError
             raise kind(f"evals.{self.name} failed on process 0: {shared['error']}")
         metrics = shared["metrics"]
         out = {f"{self.kind}/{self.name}/{k}": float(v) for k, v in metrics.items()}
@@ -286,7 +287,7 @@ class Evaluator:
         labels = out["label"]
         if self.label_map is not None:
             if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_map)):
-                raise ValueError(
+                raise UsageError(
                     f"evals.{self.name}: labels range over [{labels.min()}, {labels.max()}], "
                     f"outside the {len(self.label_map)} classes that class_subset maps"
                 )
@@ -312,9 +313,9 @@ class Evaluator:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.int32)
         x, y = out.get("x", np.zeros((0, 0), np.float32)), out.get("label", np.zeros(0, np.int32))
         if len(y) == 0:
-            raise ValueError(f"evals.{self.name}: {source.name} has no usable example")
+            raise UsageError(f"evals.{self.name}: {source.name} has no usable example")
         if y.min() < 0:
-            raise ValueError(
+            raise UsageError(
                 f"evals.{self.name}: {int((y < 0).sum())} records of {source.name} have no label"
             )
         return x, y

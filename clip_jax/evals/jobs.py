@@ -17,6 +17,7 @@ from absl import logging
 
 import clip_jax
 from clip_jax import sharding, state
+from clip_jax.errors import UsageError
 from clip_jax.evals import evaluator, extract, runner, suites
 
 FEATURE_CACHE = os.path.expanduser("~/.cache/clip_jax/features")  # for weight files
@@ -45,7 +46,7 @@ def prepare(
     """The model of a training run (`workdir`, `step`) or of a weight file, on the config's mesh
     (all devices data-parallel without a config), with its tokenizer."""
     if bool(workdir) == bool(pretrained):
-        raise ValueError("give either --workdir (a training run) or --pretrained (a weight file)")
+        raise UsageError("give either --workdir (a training run) or --pretrained (a weight file)")
     if config is None and workdir:
         config = state.read_run_config(workdir)
     mesh = sharding.make_mesh(
@@ -133,13 +134,13 @@ def select_evals(config: Any, names: str, data_dir: str, batch_size: int) -> dic
         wanted = [n.strip() for n in names.split(",") if n.strip()] or list(available)
         unknown = [n for n in wanted if n not in available]
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"--evals: no eval named {', '.join(unknown)} in the config (it has "
                 f"{', '.join(available) or 'none'}); or use --evals=paper"
             )
         entries = {n: dict(available[n]) for n in wanted}
     if not entries:
-        raise ValueError("nothing to evaluate: the config has no evals; name some or --evals=paper")
+        raise UsageError("nothing to evaluate: the config has no evals; name some or --evals=paper")
     for entry in entries.values():
         if data_dir and not entry.get("data_dir"):
             entry["data_dir"] = data_dir
@@ -168,14 +169,14 @@ def evaluate(
     for name, entry in entries.items():
         try:
             evaluators.append(make_evaluator(subject, name, entry))
-        except ValueError as e:
+        except UsageError as e:
             if evals != "paper":
                 raise
             # A suite runs on the datasets the user has prepared; the others are reported.
             logging.warning("skipping %s: %s", name, e)
             skipped.append((name, str(e)))
     if not evaluators:
-        raise ValueError(f"none of the datasets could be read: {skipped[0][1]}")
+        raise UsageError(f"none of the datasets could be read: {skipped[0][1]}")
     cache_root = os.path.join(os.path.dirname(output) or ".", "features") if output else ""
     records = []
     for e in evaluators:
@@ -193,7 +194,7 @@ def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -
     train_split, test_split, val_split = splits
     if train or test:
         if dataset or not (train and test):
-            raise ValueError("give --dataset, or both --train and --test (not both forms)")
+            raise UsageError("give --dataset, or both --train and --test (not both forms)")
         return {"train_source": train, "source": test, "val_source": ""}
     kind, _, rest = dataset.partition(":")
     if kind == "tfds" and rest:
@@ -210,7 +211,7 @@ def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -
             "source": f"imagefolder:{os.path.join(rest, 'test')}",
             "val_source": f"imagefolder:{val}" if os.path.isdir(val) else "",
         }
-    raise ValueError(
+    raise UsageError(
         f"--dataset={dataset!r}: use tfds:NAME[/CONFIG] or imagefolder:DIR (DIR/train, DIR/test), "
         "or --train and --test sources"
     )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from clip_jax.data import digits
+from clip_jax.errors import UsageError
 
 DATA_DIR = epath.Path(__file__).parent / "prompt_data"
 
@@ -42,7 +43,7 @@ def _entries(what: str, name_or_list: str | Sequence[str], named: dict[str, list
     """A named list, a list as given, or a file's list (unvalidated)."""
     if not isinstance(name_or_list, str):
         if not isinstance(name_or_list, Sequence):
-            raise ValueError(
+            raise UsageError(
                 f"{what}: expected a name, a list or a file path, got {name_or_list!r}"
             )
         return list(name_or_list)
@@ -50,7 +51,7 @@ def _entries(what: str, name_or_list: str | Sequence[str], named: dict[str, list
         return list(named[name_or_list])
     path = epath.Path(name_or_list)
     if not path.is_file():
-        raise ValueError(
+        raise UsageError(
             f"{what}: {name_or_list!r} is neither a known name ({', '.join(sorted(named))}) "
             "nor a file"
         )
@@ -60,18 +61,18 @@ def _entries(what: str, name_or_list: str | Sequence[str], named: dict[str, list
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+        raise UsageError(f"{what}: {path} is not valid JSON ({e})") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{what}: {path} must hold a JSON list of strings")
+        raise UsageError(f"{what}: {path} must hold a JSON list of strings")
     return entries
 
 
 def _check_strings(what: str, entries: list) -> None:
     if not entries:
-        raise ValueError(f"{what}: the list is empty")
+        raise UsageError(f"{what}: the list is empty")
     for e in entries:
         if not isinstance(e, str) or not e.strip():
-            raise ValueError(f"{what}: every entry must be a non-empty string, got {e!r}")
+            raise UsageError(f"{what}: every entry must be a non-empty string, got {e!r}")
 
 
 def templates(name_or_list: str | Sequence[str]) -> list[str]:
@@ -89,7 +90,7 @@ def templates(name_or_list: str | Sequence[str]) -> list[str]:
     _check_strings("templates", entries)
     for t in entries:
         if t.count("{}") != 1 or "{" in t.replace("{}", "") or "}" in t.replace("{}", ""):
-            raise ValueError(f"templates: {t!r} must hold '{{}}' exactly once and no other brace")
+            raise UsageError(f"templates: {t!r} must hold '{{}}' exactly once and no other brace")
     return entries
 
 
@@ -123,6 +124,6 @@ def class_subset(name: str) -> list[int]:
     wnids = _data("wnids.json")
     subsets = sorted(k for k in wnids if k != "imagenet")
     if name not in subsets:
-        raise ValueError(f"class_subset: unknown subset {name!r}; known: {', '.join(subsets)}")
+        raise UsageError(f"class_subset: unknown subset {name!r}; known: {', '.join(subsets)}")
     index = {w: i for i, w in enumerate(wnids["imagenet"])}
     return sorted(index[w] for w in wnids[name])

@@ -24,6 +24,8 @@ EuroSAT and RESISC45 have a single tfds split; the paper drew its own test sets,
 last 20% of tfds's train split (VTAB's test split) and are close to, not equal to, the paper's.
 """
 
+from clip_jax.errors import UsageError
+
 PAPER = {
     "imagenet": {
         "source": "tfds:imagenet2012:validation",
@@ -106,5 +108,5 @@ def suite(name: str) -> dict[str, dict[str, str]]:
       A copy of the suite, safe to change.
     """
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+        raise UsageError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return {dataset: dict(entry) for dataset, entry in SUITES[name].items()}

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clip_jax import sharding
+from clip_jax.errors import UsageError
 from clip_jax.evals import extract
 from clip_jax.models.clip import l2_normalize
 
@@ -120,9 +121,9 @@ def classification_metrics(top: np.ndarray, labels: np.ndarray, num_classes: int
       num_classes: the classifier's width.
     """
     if len(labels) == 0:
-        raise ValueError("zero-shot evaluation: the dataset has no usable example")
+        raise UsageError("zero-shot evaluation: the dataset has no usable example")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
+        raise UsageError(
             f"labels range over [{labels.min()}, {labels.max()}] but there are {num_classes} "
             "class names; check the class names against the dataset"
         )

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.errors import UsageError
+
 Dtype = Any
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, which every CLIP checkpoint was trained with.
 
@@ -142,7 +144,7 @@ class MultiHeadAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         width = x.shape[-1]
         if width % self.heads:
-            raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+            raise UsageError(f"width {width} is not divisible by heads {self.heads}")
         head_dim = width // self.heads
         qkv = DenseGeneral(
             (3, self.heads, head_dim),
@@ -230,7 +232,7 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
+            raise UsageError(
                 f"unknown remat_policy {self.remat_policy!r}; "
                 f"choose one of {sorted(REMAT_POLICIES)}"
             )

@@ -7,6 +7,8 @@ selects QuickGELU as OpenAI trained with (and as open_clip's `*-quickgelu` names
 import copy
 from typing import Any
 
+from clip_jax.errors import UsageError
+
 _OPENAI_TEXT = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
 
 
@@ -69,7 +71,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     quick_gelu = name.endswith("-quickgelu")
     base = name.removesuffix("-quickgelu")
     if base not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+        raise UsageError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     cfg = copy.deepcopy(MODELS[base])
     if quick_gelu:
         cfg["quick_gelu"] = True

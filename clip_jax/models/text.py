@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.errors import UsageError
 from clip_jax.models.layers import Dtype, Transformer, constrain, layer_norm, partitioned
 
 POOL_TYPES = ("argmax", "eot")
@@ -82,7 +83,7 @@ class TextTransformer(nn.Module):
             return jnp.argmax(tokens, axis=-1)
         if self.pool_type == "eot":
             if self.eot_token_id is None:
-                raise ValueError("pool_type='eot' needs eot_token_id")
+                raise UsageError("pool_type='eot' needs eot_token_id")
             is_eot = tokens == self.eot_token_id
             return jnp.where(is_eot.any(-1), jnp.argmax(is_eot, -1), tokens.shape[1] - 1)
-        raise ValueError(f"unknown pool_type {self.pool_type!r}; choose one of {POOL_TYPES}")
+        raise UsageError(f"unknown pool_type {self.pool_type!r}; choose one of {POOL_TYPES}")
