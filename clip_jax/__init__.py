@@ -1,7 +1,7 @@
 """clip_jax: contrastive language-image pretraining in JAX, from a laptop to a TPU pod.
 
-    model, variables = clip_jax.load_pretrained("ViT-B-32.safetensors")
-    emb = model.apply(variables, images, method="encode_image")
+    model, variables = clip_jax.load_pretrained("ViT-B-32", pretrained="openai")  # or a path
+    emb = model.apply(variables, clip_jax.preprocess(pil_images, 224), method="encode_image")
 
 The public names load lazily, so `import clip_jax` is quick and pulls in neither JAX's compiler
 nor TensorFlow nor PyTorch until they are used.
@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_pretrained": "clip_jax.convert",
     "save_pretrained": "clip_jax.convert",
+    "list_pretrained": "clip_jax.pretrained",
+    "create_model_and_transforms": "clip_jax.pretrained",
+    "preprocess": "clip_jax.data.preprocess",
     "CLIP": "clip_jax.models.clip",
     "create_model": "clip_jax.models.clip",
     "model_config": "clip_jax.models.sizes",

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
+from clip_jax.pretrained import resolve
 
 CONFIG_KEY = "clip_jax_model"  # safetensors metadata / npz entry holding our model config as JSON
 # Entries of PyTorch state dicts that carry no weight: OpenAI's TorchScript extras, attention-mask
@@ -283,11 +284,26 @@ def merge_config(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
     return out
 
 
-def load_pretrained(path: str, step: int | None = None, **overrides: Any) -> tuple[CLIP, Variables]:
+def load_pretrained(
+    path: str,
+    step: int | None = None,
+    *,
+    pretrained: str | None = None,
+    cache_dir: str | None = None,
+    verify: bool = True,
+    **overrides: Any,
+) -> tuple[CLIP, Variables]:
     """An OpenAI, OpenCLIP or clip_jax checkpoint file, or a training run -> (model, variables).
 
     `path` may be a training run's directory (the `--workdir` of `clip_jax.main`): its checkpoint
     at `step`, the latest by default, on this process's first device.
+
+    With `pretrained=TAG`, `path` is a model name and TAG its published weights, as in open_clip
+    (`load_pretrained("ViT-B-32", pretrained="openai")`; `clip_jax.list_pretrained()` lists them):
+    the file is downloaded into the cache (`cache_dir`, default `$CLIP_JAX_CACHE/weights` or
+    `~/.cache/clip_jax/weights`) and checked against its sha256 on first use, and the QuickGELU
+    setting comes with the weights; `verify=False` also accepts a file no checksum is known for
+    (`clip_jax.pretrained` has the details).
 
     The architecture is inferred from tensor shapes (or read from our own files' metadata).
     OpenAI-layout files without our metadata are assumed to use QuickGELU, as OpenAI's models do;
@@ -299,6 +315,8 @@ def load_pretrained(path: str, step: int | None = None, **overrides: Any) -> tup
       variables: `{"params": ...}` (plus `"batch_stats"` for ResNets), for
         `model.apply(variables, images, method="encode_image")`.
     """
+    path, needs = resolve(path, pretrained, cache_dir=cache_dir, verify=verify)
+    overrides = {**needs, **overrides}
     if os.path.isdir(path):
         from clip_jax import state
 

@@ -1,0 +1,398 @@
+"""Published CLIP weights by model name and tag, as open_clip names them: the registry (data), a
+download cache with sha256 checks, and `list_pretrained()`.
+
+    model, variables = clip_jax.load_pretrained("ViT-B-32", pretrained="openai")
+
+Cache: `cache_dir=` if given, else `$CLIP_JAX_CACHE/weights`, else `~/.cache/clip_jax/weights`;
+files land as `MODEL/TAG/FILENAME` (a `-quickgelu` name shares its base model's files).
+
+Checksums. A download streams into a temporary file in the cache directory while its sha256 is
+computed, and is renamed into place only when that equals the expected hash: the registry's (OpenAI
+publishes it in the URL's path) or, where the registry has none, the one the server declares
+(Hugging Face sends an LFS file's sha256 as `X-Linked-Etag` on its redirect; a 64-hex `ETag` counts
+too). A mismatch raises a UsageError and nothing is kept. When no hash is known at all, the file is
+refused unless `verify=False`; a known hash is always checked. A checked file gets a sidecar
+`FILENAME.sha256` (`sha256sum -c` format) and later calls trust a file with its sidecar, without
+re-hashing or touching the network (when the registry pins a hash, the sidecar must match it);
+an unchecked one gets `FILENAME.sha256.unverified`, which only `verify=False` calls accept.
+
+Sources. Each entry lists its files in order: OpenAI's own URL first, then open_clip's Hugging Face
+copies (`.safetensors`, which needs no PyTorch, before the `.bin`). The next is tried when one
+cannot be fetched (network error, HTTP error), and PyTorch files are skipped when torch is absent.
+"""
+
+import dataclasses
+import hashlib
+import http.client
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from email.message import Message
+from typing import Any, NamedTuple
+
+from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from clip_jax.errors import UsageError
+
+_TIMEOUT_S = 60  # per socket operation, so a dead mirror fails over instead of hanging
+_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order
+_TORCH_EXTS = (".pt", ".pth", ".bin")
+_INCEPTION = (0.5, 0.5, 0.5)
+
+
+class Source(NamedTuple):
+    url: str
+    sha256: str | None = None  # None: take the hash the server declares, if it sends one
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """One published checkpoint of a model config: where to get it and what it needs."""
+
+    sources: tuple[Source, ...]  # tried in order
+    quick_gelu: bool = False  # the activation the weights were trained with
+    mean: tuple[float, ...] = CLIP_MEAN  # the pixel statistics they were trained with
+    std: tuple[float, ...] = CLIP_STD
+
+
+def _hf(repo: str, **fields: Any) -> Weights:
+    urls = [f"https://huggingface.co/{repo}/resolve/main/{name}" for name in _HF_FILES]
+    return Weights(tuple(Source(url) for url in urls), **fields)
+
+
+def _openai(sha256: str, filename: str, timm_repo: str) -> Weights:
+    url = f"https://openaipublic.azureedge.net/clip/models/{sha256}/{filename}"
+    return Weights((Source(url, sha256), *_hf(timm_repo).sources), quick_gelu=True)
+
+
+# Model config (clip_jax.models.sizes) -> tag -> weights; from open_clip's pretrained.py, with
+# OpenAI's original URLs (their sha256 in the path) ahead of the copies open_clip now points to.
+PRETRAINED: dict[str, dict[str, Weights]] = {
+    "RN50": {
+        "openai": _openai(
+            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+            "RN50.pt",
+            "timm/resnet50_clip.openai",
+        ),
+        "yfcc15m": _hf("timm/resnet50_clip.yfcc15m", quick_gelu=True),
+        "cc12m": _hf("timm/resnet50_clip.cc12m", quick_gelu=True),
+    },
+    "RN101": {
+        "openai": _openai(
+            "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+            "RN101.pt",
+            "timm/resnet101_clip.openai",
+        ),
+        "yfcc15m": _hf("timm/resnet101_clip.yfcc15m", quick_gelu=True),
+    },
+    "RN50x4": {
+        "openai": _openai(
+            "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+            "RN50x4.pt",
+            "timm/resnet50x4_clip.openai",
+        ),
+    },
+    "ViT-B-32": {
+        "openai": _openai(
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+            "ViT-B-32.pt",
+            "timm/vit_base_patch32_clip_224.openai",
+        ),
+        "laion400m_e31": _hf("timm/vit_base_patch32_clip_224.laion400m_e31", quick_gelu=True),
+        "laion400m_e32": _hf("timm/vit_base_patch32_clip_224.laion400m_e32", quick_gelu=True),
+        "laion2b_e16": _hf("timm/vit_base_patch32_clip_224.laion2b_e16"),
+        "laion2b_s34b_b79k": _hf("laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
+        "datacomp_xl_s13b_b90k": _hf("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
+    },
+    "ViT-B-16": {
+        "openai": _openai(
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+            "ViT-B-16.pt",
+            "timm/vit_base_patch16_clip_224.openai",
+        ),
+        "laion400m_e31": _hf("timm/vit_base_patch16_clip_224.laion400m_e31"),
+        "laion400m_e32": _hf("timm/vit_base_patch16_clip_224.laion400m_e32"),
+        "laion2b_s34b_b88k": _hf("laion/CLIP-ViT-B-16-laion2B-s34B-b88K"),
+        "datacomp_xl_s13b_b90k": _hf("laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"),
+    },
+    "ViT-L-14": {
+        "openai": _openai(
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+            "ViT-L-14.pt",
+            "timm/vit_large_patch14_clip_224.openai",
+        ),
+        "laion400m_e31": _hf("timm/vit_large_patch14_clip_224.laion400m_e31"),
+        "laion400m_e32": _hf("timm/vit_large_patch14_clip_224.laion400m_e32"),
+        "laion2b_s32b_b82k": _hf(
+            "laion/CLIP-ViT-L-14-laion2B-s32B-b82K", mean=_INCEPTION, std=_INCEPTION
+        ),
+        "datacomp_xl_s13b_b90k": _hf("laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
+    },
+    "ViT-L-14-336": {
+        "openai": _openai(
+            "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+            "ViT-L-14-336px.pt",
+            "timm/vit_large_patch14_clip_336.openai",
+        ),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def _tags(model: str) -> dict[str, Weights]:
+    """A model's tags; `NAME-quickgelu` has NAME's QuickGELU-trained weights, as in open_clip."""
+    base = model.removesuffix("-quickgelu")
+    tags = PRETRAINED.get(base, {})
+    return {t: w for t, w in tags.items() if w.quick_gelu} if base != model else tags
+
+
+def _clean_tag(tag: str) -> str:
+    return tag.lower().replace("-", "_")
+
+
+def list_pretrained() -> list[tuple[str, str]]:
+    """Every (model name, tag) with published weights, as open_clip's `list_pretrained()`."""
+    names = [*PRETRAINED, *(f"{m}-quickgelu" for m in PRETRAINED)]
+    return [(name, tag) for name in names for tag in _tags(name)]
+
+
+def lookup(model: str, tag: str) -> Weights:
+    """The registry entry of a model name and tag; UsageError listing what exists otherwise."""
+    tags = _tags(model)
+    if not tags:
+        known = ", ".join(dict.fromkeys(name for name, _ in list_pretrained()))
+        raise UsageError(f"no pretrained weights for model {model!r}; models with weights: {known}")
+    if _clean_tag(tag) not in tags:
+        raise UsageError(
+            f"no pretrained weights {tag!r} for {model}; its tags: {', '.join(tags)} "
+            "(clip_jax.list_pretrained() lists all)"
+        )
+    return tags[_clean_tag(tag)]
+
+
+def resolve(
+    path: str, tag: str | None, *, cache_dir: str | None, verify: bool
+) -> tuple[str, dict[str, Any]]:
+    """`load_pretrained`'s first step: (model name, tag) -> (cached file, the model fields the
+    weights need); a path without a tag passes through."""
+    if tag is None:
+        if cache_dir is not None or not verify:
+            raise UsageError("cache_dir= and verify= apply to pretrained=TAG downloads only")
+        if not os.path.exists(path) and _tags(path):
+            raise UsageError(
+                f"{path!r} is a model name, not a file: choose its weights with pretrained=TAG "
+                f"(one of {', '.join(_tags(path))})"
+            )
+        return path, {}
+    weights = lookup(path, tag)
+    return download(path, tag, cache_dir=cache_dir, verify=verify), {
+        "quick_gelu": weights.quick_gelu
+    }
+
+
+def create_model_and_transforms(
+    model: str, pretrained: str, **kwargs: Any
+) -> tuple[Any, dict[str, Any], Callable[[Any], Any]]:
+    """Published weights with their preprocessing, as open_clip's function of the same name.
+
+    Returns:
+      model: a `CLIP` module; variables: as `load_pretrained` returns them;
+      preprocess: images (PIL or uint8 arrays) -> float32 [B, S, S, 3] at the model's resolution,
+        normalised with the statistics these weights were trained with.
+    """
+    import functools
+
+    from clip_jax.convert import load_pretrained
+    from clip_jax.data.preprocess import preprocess
+
+    weights = lookup(model, pretrained)
+    clip, variables = load_pretrained(model, pretrained=pretrained, **kwargs)
+    size = clip.vision["image_size"]
+    transform = functools.partial(preprocess, image_size=size, mean=weights.mean, std=weights.std)
+    return clip, variables, transform
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache and download
+
+
+def weights_dir(cache_dir: str | None = None) -> str:
+    """Where downloaded weights live: `cache_dir`, `$CLIP_JAX_CACHE/weights` or
+    `~/.cache/clip_jax/weights`."""
+    if cache_dir is not None:
+        return os.path.expanduser(cache_dir)
+    root = os.environ.get("CLIP_JAX_CACHE") or os.path.join("~", ".cache", "clip_jax")
+    return os.path.join(os.path.expanduser(root), "weights")
+
+
+def download(model: str, tag: str, *, cache_dir: str | None = None, verify: bool = True) -> str:
+    """The local path of a published checkpoint, downloaded and checked on first use.
+
+    Args:
+      model: a model name of `list_pretrained()` (e.g. "ViT-B-32").
+      tag: one of its tags (e.g. "openai"; case and "-" vs "_" do not matter).
+      cache_dir: the weights directory (default: see `weights_dir`).
+      verify: False also accepts a file for which no sha256 is known (a known one is checked).
+
+    Returns:
+      The path of the cached file.
+    """
+    weights = lookup(model, tag)
+    folder = os.path.join(weights_dir(cache_dir), model.removesuffix("-quickgelu"), _clean_tag(tag))
+    sources = [s for s in weights.sources if not _needs_torch(s.url) or _has_torch()]
+    if not sources:
+        raise UsageError(
+            f"{model} {tag!r} is published as PyTorch files only: pip install torch to read them"
+        )
+    for source in sources:
+        if _is_cached(_target(folder, source), source.sha256, verify):
+            return _target(folder, source)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(
+            f"cannot create the weights cache {folder} ({e}); set CLIP_JAX_CACHE or pass cache_dir="
+        ) from e
+    failures = []
+    for source in sources:
+        try:
+            return _fetch(source, _target(folder, source), verify)
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, resets
+            failures.append(f"{source.url}: {e}")
+    raise UsageError(
+        f"could not download {model} {tag!r}: {'; '.join(failures)}. Check the network, or "
+        "download one of these files by hand and pass its path to load_pretrained"
+    )
+
+
+def _has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _needs_torch(url: str) -> bool:
+    return os.path.splitext(_filename(url))[1].lower() in _TORCH_EXTS
+
+
+def _filename(url: str) -> str:
+    return os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def _target(folder: str, source: Source) -> str:
+    return os.path.join(folder, _filename(source.url))
+
+
+def _is_cached(path: str, pinned: str | None, verify: bool) -> bool:
+    sidecars = [path + ".sha256"] + ([] if verify else [path + ".sha256.unverified"])
+    for sidecar in sidecars:
+        if os.path.isfile(path) and os.path.isfile(sidecar):
+            with open(sidecar) as f:
+                recorded = f.read().split(maxsplit=1)[:1]
+            if recorded and (pinned is None or recorded[0] == pinned):
+                return True
+    return False
+
+
+class _RecordRedirects(urllib.request.HTTPRedirectHandler):
+    """Keeps the headers of each redirect: Hugging Face declares the file's sha256 there."""
+
+    def __init__(self) -> None:
+        self.headers: list[Message] = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.headers.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _declared_sha256(headers: list[Message]) -> str | None:
+    """The first 64-hex `X-Linked-Etag`, else `ETag`, along the redirect chain."""
+    for key in ("X-Linked-Etag", "ETag"):
+        for h in headers:
+            value = (h.get(key) or "").removeprefix("W/").strip('"').lower()
+            if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+                return value
+    return None
+
+
+def _fetch(source: Source, path: str, verify: bool) -> str:
+    from clip_jax import __version__
+
+    redirects = _RecordRedirects()
+    request = urllib.request.Request(source.url, headers={"User-Agent": f"clip_jax/{__version__}"})
+    with urllib.request.build_opener(redirects).open(request, timeout=_TIMEOUT_S) as response:
+        expected = source.sha256 or _declared_sha256([*redirects.headers, response.headers])
+        if expected is None and verify:
+            raise UsageError(
+                f"no checksum is known for {source.url} (none in the registry, no sha256 ETag from "
+                "the server); pass verify=False to accept it unchecked"
+            )
+        total = int(response.headers.get("Content-Length") or 0) or None
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{_filename(path)}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                digest = _copy(response, out, total, source.url, path)
+            if expected is not None and digest != expected:
+                raise UsageError(
+                    f"checksum mismatch for {source.url}: expected {expected}, got {digest}; "
+                    "the file was not kept"
+                )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    checked = expected is not None
+    _write_sidecar(path, digest, ".sha256" if checked else ".sha256.unverified")
+    print(
+        f"{_filename(path)}: sha256 {digest} {'verified' if checked else 'NOT verified'}",
+        file=sys.stderr,
+    )
+    return path
+
+
+def _copy(response: Any, out: Any, total: int | None, url: str, path: str) -> str:
+    """Streams the body to `out` with a progress line on stderr; returns its sha256."""
+    print(f"downloading {url}\n  -> {path}", file=sys.stderr)
+    tty = sys.stderr.isatty()
+    digest, done = hashlib.sha256(), 0
+    start = last = time.monotonic()
+    while chunk := response.read(1 << 20):
+        out.write(chunk)
+        digest.update(chunk)
+        done += len(chunk)
+        if time.monotonic() - last >= (0.5 if tty else 10.0):
+            last = time.monotonic()
+            _progress(done, total, last - start, "\r" if tty else "\n")
+    seconds = time.monotonic() - start
+    print(
+        f"  {done / 1e6:.1f} MB in {seconds:.1f} s, {done / 1e6 / max(seconds, 1e-6):.1f} MB/s",
+        file=sys.stderr,
+    )
+    if total is not None and done != total:
+        raise ConnectionError(f"the connection closed after {done} of {total} bytes")
+    return digest.hexdigest()
+
+
+def _progress(done: int, total: int | None, seconds: float, end: str) -> None:
+    """`  120.3 MB of 351.7 MB (34%), ETA 9 s, 25.1 MB/s`."""
+    rate = done / max(seconds, 1e-6)
+    line = f"  {done / 1e6:.1f} MB"
+    if total:
+        eta = (total - done) / rate if rate else 0.0
+        line += f" of {total / 1e6:.1f} MB ({100 * done / total:.0f}%), ETA {eta:.0f} s"
+    print(f"{line}, {rate / 1e6:.1f} MB/s", end=end, file=sys.stderr, flush=True)
+
+
+def _write_sidecar(path: str, digest: str, suffix: str) -> None:
+    tmp = f"{path}{suffix}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{digest}  {os.path.basename(path)}\n")
+    os.replace(tmp, path + suffix)
+    stale = ".sha256.unverified" if suffix == ".sha256" else ".sha256"
+    if os.path.exists(path + stale):
+        os.remove(path + stale)

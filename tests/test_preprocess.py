@@ -1,0 +1,143 @@
+"""Image preprocessing without TensorFlow: equal to open_clip's and OpenAI's torchvision transforms
+(bit for bit), on images of awkward sizes and modes."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_jax
+from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD, preprocess
+from clip_jax.errors import UsageError
+
+# (width, height): landscape, portrait, smaller than S, exactly S, odd margins, much larger.
+SIZES = [(300, 200), (150, 401), (100, 80), (224, 224), (225, 224), (224, 301), (640, 427)]
+
+
+def noise_image(w, h, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+
+
+def smooth_image(w, h, seed=0):
+    """A photo-like image (smooth gradients), so resampling differences would show."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([x / w, y / h, 0.5 + 0.5 * np.sin((x + y + seed) / 17.0)], -1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def openai_transform(n_px):
+    """OpenAI's clip.clip._transform, written out with torchvision."""
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        Resize,
+        ToTensor,
+    )
+
+    return Compose(
+        [
+            Resize(n_px, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(n_px),
+            lambda image: image.convert("RGB"),
+            ToTensor(),
+            Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
+
+
+@pytest.mark.parametrize("reference", ["open_clip", "openai"])
+@pytest.mark.parametrize("image_size", [224, 288, 336])
+def test_equals_the_torchvision_transforms(reference, image_size):
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("torchvision")
+    if reference == "open_clip":
+        transform = open_clip.image_transform(image_size, is_train=False)
+    else:
+        transform = openai_transform(image_size)
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    images += [smooth_image(w, h) for w, h in SIZES[:3]]
+    images += [
+        noise_image(97, 130, "L"),
+        noise_image(260, 190, "RGBA"),
+        noise_image(50, 70, "RGBA"),
+    ]
+    images += [noise_image(120, 90).convert("P")]
+    expected = np.stack([transform(im).numpy().transpose(1, 2, 0) for im in images])
+    got = preprocess(images, image_size)
+    assert got.dtype == np.float32 and got.shape == (len(images), image_size, image_size, 3)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_pixel_statistics_follow_the_weights():
+    open_clip = pytest.importorskip("open_clip")
+    transform = open_clip.image_transform(224, is_train=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+    image = noise_image(300, 240)
+    expected = transform(image).numpy().transpose(1, 2, 0)
+    np.testing.assert_array_equal(
+        preprocess(image, 224, mean=(0.5,) * 3, std=(0.5,) * 3)[0], expected
+    )
+
+
+def test_shapes_dtype_and_input_kinds():
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    batch = preprocess(images, 64)
+    assert batch.dtype == np.float32 and batch.shape == (len(SIZES), 64, 64, 3)
+    one = preprocess(images[0], 64)
+    assert one.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(one[0], batch[0])
+    # uint8 arrays give what the same PIL images give: one [H, W, 3], a batch, or a list.
+    arrays = [np.asarray(im) for im in images]
+    np.testing.assert_array_equal(preprocess(arrays[1], 64), batch[1:2])
+    np.testing.assert_array_equal(preprocess(arrays, 64), batch)
+    same_size = np.stack(
+        [np.asarray(noise_image(90, 70, seed=s)) for s in range(3)]
+    )  # [3, 70, 90, 3]
+    expected = preprocess([Image.fromarray(a) for a in same_size], 32)
+    np.testing.assert_array_equal(preprocess(same_size, 32), expected)
+    assert clip_jax.preprocess is preprocess
+
+
+def test_grayscale_and_rgba_become_rgb():
+    gray = noise_image(80, 60, "L")
+    out = preprocess(gray, 32)
+    assert out.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(out, preprocess(gray.convert("RGB"), 32))
+    np.testing.assert_array_equal(preprocess(np.asarray(gray), 32), out)  # [H, W]
+    np.testing.assert_array_equal(preprocess(np.asarray(gray)[..., None], 32), out)  # [H, W, 1]
+    # All three channels carry the same grey level.
+    pixels = out * np.asarray(CLIP_STD, np.float32) + np.asarray(CLIP_MEAN, np.float32)
+    np.testing.assert_allclose(pixels[..., 0], pixels[..., 1], atol=1e-6)
+    rgba = noise_image(80, 60, "RGBA")
+    assert preprocess(rgba, 32).shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(preprocess(np.asarray(rgba), 32), preprocess(rgba, 32))
+    opaque = rgba.copy()
+    opaque.putalpha(255)
+    np.testing.assert_array_equal(preprocess(opaque, 32), preprocess(opaque.convert("RGB"), 32))
+
+
+def test_values_and_center_crop_rounding():
+    # A constant colour: exactly ((v / 255) - mean) / std everywhere.
+    flat = Image.new("RGB", (50, 40), (128, 64, 255))
+    expected = (np.float32([128, 64, 255]) / np.float32(255) - np.float32(CLIP_MEAN)) / np.float32(
+        CLIP_STD
+    )
+    np.testing.assert_array_equal(preprocess(flat, 16), np.broadcast_to(expected, (1, 16, 16, 3)))
+    # Rows numbered by their index; the short side is already S, so only the crop acts.
+    # torchvision's top = int(round((h - S) / 2.0)) rounds half to even: 77/2 -> 38, 79/2 -> 40.
+    for height, top in [(300, 38), (301, 38), (303, 40)]:
+        rows = np.repeat(np.arange(height, dtype=np.uint8)[:, None], 224, axis=1)
+        out = preprocess(rows, 224)[0, :, 0, 0] * CLIP_STD[0] + CLIP_MEAN[0]
+        np.testing.assert_allclose(out * 255, (np.arange(224) + top) % 256, atol=1e-3)
+
+
+def test_bad_inputs_are_usage_errors():
+    with pytest.raises(UsageError, match="uint8 arrays"):
+        preprocess(np.zeros((8, 8, 3), np.float32), 8)
+    with pytest.raises(UsageError, match="got shape"):
+        preprocess(np.zeros((8, 8, 5), np.uint8), 8)
+    with pytest.raises(UsageError, match="no images"):
+        preprocess([], 8)
