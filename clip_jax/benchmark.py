@@ -13,7 +13,7 @@ Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
 - zeroshot: zero-shot evaluation's per-batch step against the image tower's forward alone on the
   same batch (their ratio), and the whole zero-shot evaluation end to end over JPEG shards.
 - input: decoded, augmented, tokenized examples per second of the training input pipeline at the
-  config's resolution, on this host's CPU cores. With `train_data.source=synthetic` (the default)
+  config's resolution, on this host's CPU cores. With `train_data.source` synthetic or empty
   it first writes temporary JPEG shards (random smooth images stored at 8/7 of the resolution,
   256 px for 224, as img2dataset stores them; captions of 5 to 20 random words) and reads those.
 """
@@ -27,11 +27,13 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 from PIL import Image
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/b32.py.")
+from clip_jax import cli
+from clip_jax.errors import UsageError
+
+_CONFIG = cli.define_config_flag("Config file, e.g. configs/b32.py.")
 _WHAT = flags.DEFINE_string("what", "input", "What to measure: one of MODES.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the mode's default).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Batches timed, after a warm-up.")
@@ -85,7 +87,7 @@ def bench_input(config: ml_collections.ConfigDict, *, batch_size: int, steps: in
     size = config.model.vision.image_size
     data = ml_collections.ConfigDict(config.train_data.to_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        if data.source == "synthetic":
+        if data.source in ("", "synthetic"):  # no files given: made-up JPEGs to decode
             data.source = write_jpeg_shards(tmp, size, config.seed)
         source = pipeline.make_source(
             data,
@@ -341,14 +343,14 @@ MODES = {
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _WHAT.value not in MODES:
-        raise app.UsageError(f"--what={_WHAT.value}: choose one of {sorted(MODES)}")
-    result = MODES[_WHAT.value](_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value)
+    with cli.user_errors():
+        cli.no_arguments(argv)
+        if _WHAT.value not in MODES:
+            raise UsageError(f"--what={_WHAT.value}: choose one of {sorted(MODES)}")
+        result = MODES[_WHAT.value](_CONFIG.value, batch_size=_BATCH.value, steps=_STEPS.value)
     logging.info("%s", result)
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,7 +10,6 @@ at any moment leaves the previous checkpoint as the latest; leftovers are remove
 Restoring takes the target's shardings, so a run saved on one mesh resumes on any other.
 """
 
-import argparse
 import json
 import os
 import signal
@@ -22,10 +21,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from clip_jax import convert
+from clip_jax import cli, convert
+from clip_jax.errors import UsageError
 
 
 class Checkpointer:
@@ -159,23 +159,35 @@ def export_params(workdir: str, out_path: str, step: int | None = None) -> int:
     return step
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m clip_jax.checkpoint export --workdir DIR --out FILE [--step N]`."""
-    parser = argparse.ArgumentParser(prog="python -m clip_jax.checkpoint")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write a run's parameters for load_pretrained")
-    export.add_argument("--workdir", required=True)
-    export.add_argument("--out", required=True, help="a .safetensors or .npz path")
-    export.add_argument("--step", type=int, default=None, help="default: the latest")
-    args = parser.parse_args(argv)
-    try:
-        step = export_params(args.workdir, args.out, args.step)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote step {step} of {args.workdir} to {args.out}")
+USAGE = """Export a training run's parameters for `clip_jax.load_pretrained` and open_clip:
+
+    python -m clip_jax.checkpoint export --workdir=DIR --out=FILE.safetensors [--step=N]
+"""
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "The training run's directory.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The file to write: .safetensors or .npz.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args != ["export"]:
+        raise UsageError(
+            f"the command is export, not {' '.join(args) or 'nothing'}: "
+            "python -m clip_jax.checkpoint export --workdir=DIR --out=FILE"
+        )
+    step = export_params(fv.workdir, fv.out, fv.step)
+    print(f"wrote step {step} of {fv.workdir} to {fv.out}")
     return 0
 
 
+def main(argv: list[str]) -> int:
+    """`python -m clip_jax.checkpoint export --workdir DIR --out FILE [--step N]` -> status."""
+    return cli.run_tool(argv, define_flags, run, USAGE)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

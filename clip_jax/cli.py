@@ -1,15 +1,38 @@
-"""What every entry point (main, evaluate, linear_probe) shares: joining the other processes of a
-multi-host job, and turning a user's mistake into one line and exit status 2."""
+"""What every entry point shares: one flag style, joining the other processes of a multi-host job,
+and a user's mistake as one line and exit status 2.
+
+Every entry point takes absl flags (`--name=value` or `--name value`); `--help` prints its usage
+and exits 0; a bad flag, config file, config key or other `UsageError` ends it with one `error:`
+line on stderr and exit status 2 (`CLIP_JAX_DEBUG=1` shows the traceback). Anything else is a bug
+and keeps its traceback.
+
+    cli.run(main)                                  main, evaluate, linear_probe, benchmark: absl's
+                                                   app.run with these rules
+    cli.run_tool(argv, define_flags, body, doc)    small tools (prepare, digits, tokenizers,
+                                                   checkpoint export), callable in-process
+"""
 
 import contextlib
+import difflib
+import fnmatch
+import importlib.util
 import logging as pylogging
 import os
+import re
 import sys
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn
 
-from absl import logging
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_flags_lib
 
 from clip_jax.errors import UsageError
+
+HELP_FLAGS = ("-h", "-?", "-help", "--help", "-helpshort", "--helpshort", "-helpfull", "--helpfull")
+KEYS_HINT = "python -m clip_jax.main --config=FILE --show_config lists every key"
 
 
 def _cluster_detected() -> bool:
@@ -36,10 +59,12 @@ def initialize_distributed(
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Orbax and TensorFlow narrate every save at INFO; keep their warnings, drop the chatter."""
+    """Orbax and TensorFlow narrate every save at INFO, and JAX every platform it did not find;
+    keep their warnings, drop the chatter."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in ("orbax", "tensorflow", "etils"))
+        parts = ("orbax", "tensorflow", "etils", "xla_bridge")
+        noisy = any(part in record.pathname for part in parts)
         return record.levelno >= pylogging.WARNING or not noisy
 
 
@@ -57,6 +82,211 @@ def user_errors() -> Iterator[None]:
     except UsageError as e:
         if os.environ.get("CLIP_JAX_DEBUG"):
             raise
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with(str(e))
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# --- Flags ------------------------------------------------------------------------------------
+
+
+def _wants_help(argv: Sequence[str]) -> str:
+    """Whether `argv` asks for help before any `--`: "short", "full" or ""."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg in HELP_FLAGS:
+            return "full" if arg.endswith("full") else "short"
+    return ""
+
+
+def _flag_error(e: flags.Error) -> str:
+    """A flag-parsing error as one line: the UsageError a flag's parser raised (absl wraps it),
+    else absl's own message."""
+    cause = e.__context__
+    while cause is not None and not isinstance(cause, UsageError):
+        cause = cause.__context__
+    message = str(cause if cause is not None else e).strip().splitlines()[0]
+    required = re.search(r"Flag --(\S+) must have a value other than None", message)
+    if required:
+        return f"--{required.group(1)} is required (--help lists the flags)"
+    if isinstance(e, flags.UnrecognizedFlagError):
+        return f"{message} (--help lists the flags)"
+    return message
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run`, with `--help` exiting 0 and a bad flag exiting 2."""
+    help_kind = _wants_help(argv[1:])
+    if help_kind:
+        app.usage(shorthelp=help_kind == "short", writeto_stdout=True)
+        sys.exit(0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if os.environ.get("CLIP_JAX_DEBUG"):
+            raise
+        _exit_with(_flag_error(e))
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """`app.run(main)` with the rules above: help exits 0, a bad flag or config is one line."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+def run_tool(
+    argv: Sequence[str],
+    define_flags: Callable[[flags.FlagValues], None],
+    body: Callable[[flags.FlagValues, list[str]], int],
+    doc: str,
+) -> int:
+    """A small tool's `main(argv) -> exit status`: its absl flags live in their own FlagValues, so
+    that tools can be called in one process (tests do) and share flag names with `clip_jax.main`.
+
+    Args:
+      argv: the arguments after the program name.
+      define_flags: defines the tool's flags on the FlagValues it is given.
+      body: `body(flag_values, positional_args) -> exit status`, run once the flags parsed.
+      doc: the usage text `--help` prints above the flags.
+    Returns:
+      0 after `--help`; 2 after a bad flag or a UsageError (one `error:` line); else `body`'s.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    if _wants_help(argv):
+        print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False))
+        return 0
+    try:
+        rest = fv(["tool", *argv])[1:]
+        return body(fv, rest)
+    except (flags.Error, UsageError) as e:
+        if os.environ.get("CLIP_JAX_DEBUG"):
+            raise
+        message = _flag_error(e) if isinstance(e, flags.Error) else str(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+    """Entry points take flags only: anything else is a mistake (a missing `--`, a typo)."""
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags start with --)")
+
+
+# --- Config files -----------------------------------------------------------------------------
+
+
+def define_config_flag(help_string: str, name: str = "config") -> flags.FlagHolder:
+    """`--config=FILE[:ARG]` with `--config.KEY=VALUE` overrides (ml_collections), whose mistakes
+    are UsageErrors naming the file: a missing file, a key the file sets or reads that the config
+    lacks (configs are locked: `configs/common.base_config`), an override of an unknown key."""
+    holder = config_flags.DEFINE_config_file(name, None, help_string)
+    flags.FLAGS[name].parser = _ConfigFileParser(name)
+    return holder
+
+
+class _ConfigFileParser(config_flags_lib.ConfigFileFlagParser):
+    def parse(self, path: str) -> ml_collections.ConfigDict:
+        file, has_arg, arg = path.partition(":")
+        if not os.path.isfile(file):
+            raise UsageError(
+                f"--{self.name}={path}: no file {file!r} (a config is a Python file such as "
+                "configs/b16.py; run from the repository root)"
+            )
+        spec = importlib.util.spec_from_file_location(f"{self.name}_config", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            config = module.get_config(arg) if has_arg else module.get_config()
+        except UsageError as e:
+            raise UsageError(f"--{self.name}={path}: {e}") from None
+        except (AttributeError, KeyError, TypeError) as e:
+            message = _config_dict_error(e)
+            if message is None:  # not a ConfigDict refusing a key: a bug in the file
+                raise
+            raise UsageError(message) from None
+        _check_overrides(config, self.name, file)
+        config.lock()
+        return config
+
+
+def _config_dict_error(e: Exception) -> str | None:
+    """One line for a ConfigDict's refusal inside a config file (an unknown key set or read, a
+    value of the wrong type), naming the file and line; None for any other error."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames or "ml_collections" not in frames[-1].filename:
+        return None
+    user = [f for f in frames if "ml_collections" not in f.filename][-1]
+    text = str(e.args[0] if isinstance(e, AttributeError) and e.args else e).strip("'\"")
+    file = os.path.relpath(user.filename)
+    file = user.filename if file.startswith("..") else file
+    where = f"{file}:{user.lineno}: `{(user.line or '').strip()}`"
+    if isinstance(e, TypeError):
+        return f"{where}: {text.splitlines()[0]}"
+    key = re.search(r'Key "([^"]+)" does not exist', text) or re.match(r"'?([^'\s]+)'?", text)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+    return (
+        f"{where}: the config has no key {key.group(1)!r}{hint}; {KEYS_HINT} "
+        "(`with config.unlocked():` adds a key on purpose)"
+    )
+
+
+def config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of `config` by its dotted path (an empty sub-config is a leaf)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict) and len(value):
+            out.update(config_keys(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _check_overrides(config: ml_collections.ConfigDict, name: str, file: str) -> None:
+    """Each `--config.KEY` on the command line names a key the config has."""
+    argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)  # as ml_collections
+    pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
+    for match in filter(None, (pattern.match(a) for a in argv[1:])):
+        path, node = match.group(1), config
+        for part in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                close = difflib.get_close_matches(path, list(config_keys(config)), 1, 0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"--{name}.{path}: {file} has no key {path!r}{hint}; {KEYS_HINT}")
+            node = node[part]
+
+
+def default_workdir(config_arg: str) -> str:
+    """`runs/<config name>`: the config file's name without `.py`, plus `_ARG` for `FILE:ARG`."""
+    file, _, arg = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(file))[0] + (f"_{arg}" if arg else "")
+    return os.path.join("runs", re.sub(r"[^\w.-]+", "_", name).strip("_"))
+
+
+def config_meanings() -> dict[str, str]:
+    """One line per config key: the config files' (`configs/common.py`, when the config came
+    from there) and the eval entries' (`evals.NAME.KEY`, next to their defaults)."""
+    from clip_jax.evals import evaluator
+
+    common = sys.modules.get("configs.common")
+    evals = {f"evals.*.{key}": meaning for key, meaning in evaluator.MEANINGS.items()}
+    return {**getattr(common, "MEANINGS", {}), **evals}
+
+
+def describe_config(config: ml_collections.ConfigDict, meanings: Mapping[str, str]) -> str:
+    """`key = value  # meaning` for every key of `config`; `meanings` maps dotted keys (`*` as a
+    wildcard component, e.g. `evals.*.source`) to one line each."""
+    rows = []
+    for key, value in config_keys(config).items():
+        value = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+        meaning = meanings.get(key) or next(
+            (m for pattern, m in meanings.items() if fnmatch.fnmatchcase(key, pattern)), ""
+        )
+        rows.append((f"{key} = {value!r}", meaning))
+    width = min(max(len(r[0]) for r in rows), 48)
+    return "\n".join(f"{left:<{width}}  # {m}" if m else left for left, m in rows)

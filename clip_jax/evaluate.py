@@ -14,13 +14,12 @@ Multi-host: as `clip_jax.main` (every process runs this command).
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from clip_jax import cli
 from clip_jax.evals import jobs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's).")
+_CONFIG = cli.define_config_flag("Config file (default: the run's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "A weight file (OpenAI, OpenCLIP, ours).")
@@ -35,10 +34,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_libraries()
     with cli.user_errors():
+        cli.no_arguments(argv)
         cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         records = jobs.evaluate(
             _CONFIG.value,
@@ -59,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

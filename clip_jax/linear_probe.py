@@ -17,14 +17,13 @@ Datasets: `tfds:NAME[/CONFIG]` (splits `--train_split`, `--test_split`), `imagef
 import json
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from clip_jax import cli
 from clip_jax.errors import UsageError
 from clip_jax.evals import jobs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config (mesh, tokenizer); optional.")
+_CONFIG = cli.define_config_flag("Config (mesh, tokenizer); optional.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "A weight file (OpenAI, OpenCLIP, ours).")
@@ -55,10 +54,9 @@ def probe_name(dataset: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_libraries()
     with cli.user_errors():
+        cli.no_arguments(argv)
         cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         srcs = jobs.sources(
             _DATASET.value,
@@ -100,4 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

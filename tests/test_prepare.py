@@ -108,11 +108,12 @@ def test_a_csv_with_a_header_and_resizing(folder, tmp_path):
 
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, folder, capsys):
     cases = [
-        (["--input", str(tmp_path / "missing")], "--input DIR_OR_CSV and --output OUTDIR"),
+        (["--input", str(tmp_path / "missing")], "--output is required"),
         (["--input", str(tmp_path / "missing"), "--output", "x"], "does not exist"),
-        (["--input", str(folder), "--output", "x", "--shard_size", "0"], "--shard_size"),
-        (["--input", str(folder), "--output", "x", "--shard_size", "many"], "not an integer"),
-        (["--inptu", str(folder)], "unknown argument"),
+        (["--input", str(folder), "--output", "x", "--shard_size", "0"], "--shard_size=0"),
+        (["--input", str(folder), "--output", "x", "--shard_size", "many"], "invalid literal"),
+        (["--inptu", str(folder)], "Unknown command line flag 'inptu'"),
+        (["--input", str(folder), "--output", "x", "extra"], "unexpected arguments: extra"),
     ]
     for argv, message in cases:
         assert prepare.main(argv) == 2

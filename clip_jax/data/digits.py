@@ -18,9 +18,11 @@ import os
 import sys
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from clip_jax.data.prepare import ShardWriter, UsageError, make_example, parse_flags
+from clip_jax import cli
+from clip_jax.data.prepare import ShardWriter, UsageError, make_example
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
@@ -97,17 +99,23 @@ def write_digits(output: str, image_size: int = 64, shard_size: int = SHARD_SIZE
     return counts
 
 
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_flags(argv, {"output": str, "image_size": int})
-        if "output" not in args:
-            raise UsageError("usage: python -m clip_jax.data.digits --output DIR [--image_size 64]")
-        counts = write_digits(args["output"], args.get("image_size", 64))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {counts['train']} train and {counts['test']} test digits to {args['output']}")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("output", None, "The folder to write the shards to.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 64, "Side of the stored images in pixels.", flag_values=fv)
+    flags.mark_flag_as_required("output", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise UsageError(f"unexpected arguments: {' '.join(args)} (flags start with --)")
+    counts = write_digits(fv.output, fv.image_size)
+    print(f"wrote {counts['train']} train and {counts['test']} test digits to {fv.output}")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m clip_jax.data.digits --output DIR [--image_size 64]` -> exit status."""
+    return cli.run_tool(argv, define_flags, run, __doc__)
 
 
 if __name__ == "__main__":

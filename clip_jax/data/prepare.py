@@ -26,8 +26,10 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from absl import flags
 from PIL import Image
 
+from clip_jax import cli
 from clip_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -250,62 +252,48 @@ def prepare(
     return stats
 
 
-FLAGS = {"input": str, "output": str, "shard_size": int, "image_size": int, "workers": int}
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "input", None, "A folder of images with caption files, or a CSV/TSV.", flag_values=fv
+    )
+    flags.DEFINE_string("output", None, "The folder to write the shards to.", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 10_000, "Records per shard.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer(
+        "image_size", 0, "Resize the shorter side to this (0: keep).", lower_bound=0, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "workers", min(32, os.cpu_count() or 1), "Images converted at once.", 1, flag_values=fv
+    )
+    flags.mark_flag_as_required("input", flag_values=fv)
+    flags.mark_flag_as_required("output", flag_values=fv)
 
 
-def parse_flags(argv: list[str], allowed: dict[str, type]) -> dict:
-    """`--name value` / `--name=value` pairs of `allowed` names; a UsageError for anything else."""
-    args, i = {}, 0
-    while i < len(argv):
-        flag, eq, value = argv[i].partition("=")
-        name = flag[2:] if flag.startswith("--") else ""
-        if name not in allowed:
-            raise UsageError(
-                f"unknown argument {argv[i]!r}; flags: " + " ".join(f"--{a}" for a in allowed)
-            )
-        if not eq:
-            if i + 1 >= len(argv):
-                raise UsageError(f"{flag} needs a value")
-            i, value = i + 1, argv[i + 1]
-        try:
-            args[name] = allowed[name](value)
-        except ValueError:
-            raise UsageError(f"{flag}={value!r} is not an integer") from None
-        i += 1
-    return args
-
-
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_flags(argv, FLAGS)
-        if "input" not in args or "output" not in args:
-            raise UsageError("--input DIR_OR_CSV and --output OUTDIR are required")
-        source = args["input"]
-        if os.path.isdir(source):
-            items = folder_items(source)
-        elif os.path.isfile(source):
-            items = table_items(source)
-        else:
-            raise UsageError(f"--input {source} does not exist")
-        shard_size, image_size = args.get("shard_size", 10_000), args.get("image_size", 0)
-        if shard_size < 1 or image_size < 0:
-            raise UsageError("--shard_size must be >= 1 and --image_size >= 0")
-        workers = max(1, args.get("workers", min(32, os.cpu_count() or 1)))
-        stats = prepare(
-            items, args["output"], shard_size=shard_size, image_size=image_size, workers=workers
-        )
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise UsageError(f"unexpected arguments: {' '.join(args)} (flags start with --)")
+    source = fv.input
+    if os.path.isdir(source):
+        items = folder_items(source)
+    elif os.path.isfile(source):
+        items = table_items(source)
+    else:
+        raise UsageError(f"--input {source} does not exist")
+    stats = prepare(
+        items, fv.output, shard_size=fv.shard_size, image_size=fv.image_size, workers=fv.workers
+    )
     reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped_reasons"].items()) or "none"
-    print(f"wrote {stats['written']} examples in {stats['shards']} shards to {args['output']}")
+    print(f"wrote {stats['written']} examples in {stats['shards']} shards to {fv.output}")
     print(
         f"skipped {stats['skipped']} ({reasons}); repaired captions: {stats['repaired_captions']}"
     )
     if not stats["written"]:
-        print("error: no usable image-caption pair in the input", file=sys.stderr)
-        return 2
+        raise UsageError("no usable image-caption pair in the input")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m clip_jax.data.prepare --input DIR_OR_CSV --output OUTDIR ...` -> exit status."""
+    return cli.run_tool(argv, define_flags, run, __doc__)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
     python -m clip_jax.data.tokenizers encode --tokenizer clip_bpe "a photo of a cat"
 """
 
-import argparse
 import functools
 import gzip
 import html
@@ -21,7 +20,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
+from absl import flags
 
+from clip_jax import cli
 from clip_jax.errors import UsageError
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
@@ -238,32 +239,42 @@ def train_sentencepiece(
     return out_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clip_jax.data.tokenizers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a sentencepiece model on a caption file")
-    train.add_argument("--input", required=True, help="text file, one caption per line")
-    train.add_argument("--vocab_size", type=int, required=True)
-    train.add_argument("--out", required=True, help="output .model path")
-    train.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    encode = sub.add_parser("encode", help="print the ids of some texts")
-    encode.add_argument("--tokenizer", default="clip_bpe", help="clip_bpe or a .model path")
-    encode.add_argument("--context_length", type=int, default=77)
-    encode.add_argument("texts", nargs="+")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            out = train_sentencepiece(args.input, args.vocab_size, args.out, args.model_type)
-            print(f"wrote {out} (vocabulary {args.vocab_size}, {args.model_type})")
-        else:
-            tokenizer = get_tokenizer(args.tokenizer, args.context_length)
-            for text, ids in zip(args.texts, tokenizer.tokenize(args.texts), strict=True):
-                print(f"{text!r}: {' '.join(str(i) for i in ids[ids != 0])}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("input", None, "train: a text file, one caption per line.", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", None, "train: the vocabulary size.", flag_values=fv)
+    flags.DEFINE_string("out", None, "train: the .model file to write.", flag_values=fv)
+    flags.DEFINE_enum(
+        "model_type", "unigram", ["unigram", "bpe"], "train: sentencepiece's model.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "tokenizer", "clip_bpe", "encode: clip_bpe or a .model path.", flag_values=fv
+    )
+    flags.DEFINE_integer("context_length", 77, "encode: tokens per text.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    command, texts = (args[0], args[1:]) if args else ("", [])
+    if command == "train" and not texts:
+        missing = [f"--{n}" for n in ("input", "vocab_size", "out") if fv[n].value is None]
+        if missing:
+            raise UsageError(f"train needs {', '.join(missing)}")
+        out = train_sentencepiece(fv.input, fv.vocab_size, fv.out, fv.model_type)
+        print(f"wrote {out} (vocabulary {fv.vocab_size}, {fv.model_type})")
+    elif command == "encode" and texts:
+        tokenizer = get_tokenizer(fv.tokenizer, fv.context_length)
+        for text, ids in zip(texts, tokenizer.tokenize(texts), strict=True):
+            print(f"{text!r}: {' '.join(str(i) for i in ids[ids != 0])}")
+    else:
+        raise UsageError(
+            "use `train --input FILE --vocab_size N --out FILE.model` or `encode TEXT ...`"
+        )
     return 0
 
 
+def main(argv: Sequence[str]) -> int:
+    """`python -m clip_jax.data.tokenizers train|encode ...` -> exit status."""
+    return cli.run_tool(argv, define_flags, run, __doc__)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
