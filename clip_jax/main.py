@@ -1,4 +1,9 @@
-"""Train CLIP: `python -m clip_jax.main --config=configs/b16.py --workdir=DIR [--config.KEY=VALUE]`.
+"""Train CLIP: `python -m clip_jax.main --config=configs/b16.py [--workdir=DIR] [--config.KEY=V]`.
+
+Without `--workdir` the run goes to `runs/<config name>` (the config file's name, plus `_ARG` for
+`FILE.py:ARG`); the same command resumes it. `--show_config` prints every config key with its value
+and meaning, then exits. A workdir that holds a run of another model, data or batch size is refused
+unless `--config_change_ok`.
 
 Multi-host: pass `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; without them,
 TPU pods and SLURM jobs are detected by `jax.distributed.initialize()`, else one process runs.
@@ -6,33 +11,50 @@ TPU pods and SLURM jobs are detected by `jax.distributed.initialize()`, else one
 
 import sys
 
-from absl import app, flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from clip_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/b16.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_CONFIG = cli.define_config_flag("Config file, e.g. configs/b16.py (configs/b16.py:smoke: tiny).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints and metrics (default: runs/<config name>)."
+)
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every config key, its value and its meaning, then exit."
+)
+_CONFIG_CHANGE_OK = flags.DEFINE_bool(
+    "config_change_ok",
+    False,
+    "Train on in a workdir whose run had another model, data or batch size.",
+)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.quiet_libraries()
     from clip_jax import train
 
     try:
         with cli.user_errors():
+            cli.no_arguments(argv)
+            if _SHOW_CONFIG.value:
+                print(cli.describe_config(_CONFIG.value, cli.config_meanings()))
+                return
+            workdir = _WORKDIR.value
+            if not workdir:
+                config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
+                workdir = cli.default_workdir(config_arg)
+                logging.info("workdir: %s (the default; --workdir chooses another)", workdir)
             cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-            train.run(_CONFIG.value, _WORKDIR.value)
+            train.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

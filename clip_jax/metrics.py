@@ -1,13 +1,17 @@
 """Where training metrics go: `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard
-event files in DIR, and a console progress line. Only process 0 writes."""
+event files in DIR, and the console: a progress line, and the summaries that start and end a run.
+Only process 0 writes."""
 
 import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
+
+PROGRESS_EVERY_S = 30.0  # a console line at least this often, whatever log_every_steps is
 
 
 class MetricsWriter:
@@ -51,25 +55,73 @@ def _plain(value: Any) -> Any:
 
 
 class Progress:
-    """A console line per log: step, loss, pairs/s and the time left at the current pace."""
+    """The console's progress line: step/total, loss, pairs/s since the previous line and the time
+    left at the pace since the first step. The clock starts with the loop (after compilation), and
+    time that is not training's (evals) is left out with `exclude`."""
 
-    def __init__(self, total_steps: int, start_step: int):
-        self.total, self.start, self.t0 = total_steps, start_step, time.monotonic()
+    def __init__(self, total_steps: int, start_step: int, batch_size: int):
+        self.total, self.start, self.batch = total_steps, start_step, batch_size
+        self.t0 = self._line_t = time.monotonic()
+        self._line_step = start_step
 
-    def line(self, step: int, loss: float, pairs_per_sec: float) -> str:
-        done = step - self.start
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / max(done, 1) * (self.total - step)
+    def due(self, step: int) -> bool:
+        """A line at the first step, then at least every PROGRESS_EVERY_S seconds."""
+        return step == self.start + 1 or time.monotonic() - self._line_t >= PROGRESS_EVERY_S
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
+        self._line_t += seconds
+
+    def line(self, step: int, loss: float) -> str:
+        now = time.monotonic()
+        pairs_per_sec = (step - self._line_step) * self.batch / max(now - self._line_t, 1e-9)
+        eta = (now - self.t0) / max(step - self.start, 1) * (self.total - step)
+        self._line_t, self._line_step = now, step
         return (
             f"step {step}/{self.total} ({100 * step / self.total:.1f}%) loss {loss:.4f} "
-            f"{pairs_per_sec:,.0f} pairs/s ETA {_duration(eta)}"
+            f"{pairs_per_sec:,.0f} pairs/s ETA {duration(eta)}"
         )
 
-    def log(self, step: int, loss: float, pairs_per_sec: float) -> None:
-        logging.info(self.line(step, loss, pairs_per_sec))
+    def log(self, step: int, loss: float) -> None:
+        logging.info(self.line(step, loss))
+
+    def elapsed(self) -> float:
+        """Seconds of training since the loop started (compilation and evals excluded)."""
+        return time.monotonic() - self.t0
 
 
-def _duration(seconds: float) -> str:
+def summary(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    """A titled block of aligned `name  value` lines, what starts and ends a run on the console."""
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join([title, *(f"  {name:<{width}}  {value}" for name, value in rows)])
+
+
+def last_evals(workdir: str) -> dict[str, float]:
+    """The eval values of the last eval row of `workdir/metrics.jsonl` (keys holding a "/";
+    their timings left out); {} when the run logged none."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in reversed(rows):
+        evals = {k: v for k, v in row.items() if "/" in k and not k.startswith("eval/")}
+        if evals:
+            return evals
+    return {}
+
+
+def format_flops(flops: float | None) -> str:
+    if not flops:
+        return "unknown"
+    for unit, scale in (("PFLOPs", 1e15), ("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:,.2f} {unit}"
+    return f"{flops:,.0f} FLOPs"
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS."""
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}"

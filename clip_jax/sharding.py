@@ -128,10 +128,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 def local_rows(mesh: Mesh, global_batch: int) -> slice:
     """The rows of a global batch that this process's devices hold: one contiguous range."""
     sharding = batch_sharding(mesh)
-    if global_batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards:
         raise UsageError(
-            f"batch_size {global_batch} is not divisible by mesh data x fsdp = "
-            f"{mesh.shape['data'] * mesh.shape['fsdp']}"
+            f"batch_size {global_batch} does not divide over the {shards} batch shards of the "
+            f"mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of "
+            f"{shards}"
         )
     index_map = sharding.addressable_devices_indices_map((global_batch,))
     spans = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})

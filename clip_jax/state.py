@@ -6,6 +6,7 @@ all call these, so that none of them rebuilds the layout on its own.
     spec = state.build(config, mesh)        # model, optimizer, abstract state, shardings
     train_state = state.init(spec, seed)    # parameters created in place, already sharded
     model, variables = state.load_run(workdir, step=None)   # a training run's weights
+    state.check_same_run(config, workdir)   # a UsageError if workdir trained another run
 """
 
 import dataclasses
@@ -108,6 +109,44 @@ def variables_of(train_state: TrainState) -> dict[str, Any]:
     if train_state.batch_stats:
         variables["batch_stats"] = train_state.batch_stats
     return variables
+
+
+# Keys that make a workdir's checkpoints another run's: the model's shapes, the data and the
+# batch. Compute-only model keys, the schedule, logging and evals may change on a resume.
+RUN_KEYS = ("model.", "batch_size", "train_data.source", "train_data.tokenizer", "loss.name")
+COMPUTE_KEYS = ("model.dtype", "model.remat_policy", "model.attn_impl")
+
+
+def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses (a UsageError) a workdir whose config.json trained another model, data or batch
+    size than `config`: its checkpoints belong to another run."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = _flat(json.load(f))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    changed = [
+        f"{k}: {old[k]!r} -> {new[k]!r}"
+        for k in sorted(old.keys() & new.keys())
+        if k.startswith(RUN_KEYS) and not k.startswith(COMPUTE_KEYS) and old[k] != new[k]
+    ]
+    if changed:
+        raise UsageError(
+            f"{workdir} holds a run of another config ({'; '.join(changed[:3])}"
+            f"{'; ...' if len(changed) > 3 else ''}): give another --workdir, or pass "
+            "--config_change_ok to train on in this one"
+        )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:

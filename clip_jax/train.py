@@ -22,7 +22,7 @@ from clip_jax import state as state_lib
 from clip_jax.data import pipeline
 from clip_jax.errors import UsageError
 from clip_jax.evals import runner
-from clip_jax.metrics import MetricsWriter, Progress
+from clip_jax.metrics import MetricsWriter, Progress, duration, format_flops, last_evals, summary
 from clip_jax.train_step import TrainState, make_train_step
 
 NONFINITE_POLICIES = ("halt", "skip")
@@ -32,29 +32,52 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient stopped being finite under `nonfinite='halt'`."""
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, config_change_ok: bool = False
+) -> dict[str, float]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
-    logged metrics (empty when there was nothing left to do)."""
+    logged metrics (empty when there was nothing left to do).
+
+    Args:
+      config: the run's config (`configs/*.py`).
+      workdir: where checkpoints, metrics and `config.json` go; created when missing.
+      config_change_ok: train on in a workdir whose `config.json` has another model, data or
+        batch size; without it that is a UsageError (the workdir holds another run).
+    """
     # --- Checks and logging ------------------------------------------------------------------
     nonfinite = config.get("nonfinite", "halt")
     if nonfinite not in NONFINITE_POLICIES:
         raise UsageError(f"nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
     is_main = jax.process_index() == 0
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    logging.info(
-        "devices: %d (%d per process), processes: %d",
-        jax.device_count(),
-        jax.local_device_count(),
-        jax.process_count(),
-    )
+    if not config_change_ok:
+        state_lib.check_same_run(config, workdir)
 
     # --- Mesh --------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
     rows = sharding.local_rows(mesh, config.batch_size)
-    logging.info("mesh: %s", dict(mesh.shape))
+    accum_steps = config.optim.get("accum_steps", 1)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % (shards * accum_steps):
+        raise UsageError(
+            f"batch_size {config.batch_size} does not split into optim.accum_steps={accum_steps} "
+            f"micro-batches over the {shards} batch shards of the mesh (data x fsdp)"
+        )
+
+    # --- Data: opened before the model is built, so that a bad source fails in seconds ------
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    source = pipeline.make_source(
+        config.train_data,
+        seed=config.seed,
+        image_size=size,
+        context_length=length,
+        vocab_size=config.model.text.vocab_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, state_lib.CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
     spec = state_lib.build(config, mesh)
@@ -62,7 +85,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     loss_fn = losses.make_loss_fn(
         config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.get("chunk_size", 0)
     )
-    size, length = config.model.vision.image_size, config.model.text.context_length
     state_shardings = spec.shardings
     evaluators = runner.make_evaluators(config, spec.model, mesh)
 
@@ -71,6 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             workdir, keep=config.get("keep_checkpoints", 3), keep_period=config.get("keep_period")
         )
         latest = ckpt.latest_step()
+        logging.info("%s", _start_summary(config, mesh, spec, workdir, latest, accum_steps))
         if latest is not None and latest >= config.total_steps:
             if runner.missing(evaluators, workdir, latest, config.total_steps):
                 # Preempted during the final evals: finish them.
@@ -91,24 +114,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             )
             ckpt.close()
             return {}
-        if latest is not None:
-            logging.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
-            state, data_state = ckpt.restore(latest, spec.abstract_with_shardings())
-        else:
-            state = state_lib.init(spec, config.seed)
-            data_state = None
-            if config.get("init_from"):
-                state = _init_from(state, state_shardings, config)
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-        logging.info("model: %.2fM parameters", n_params / 1e6)
 
-        # --- The step ----------------------------------------------------------------------------
+        # --- The step: compiled ahead of time, so that its FLOPs are known before it runs and
+        # the pace of the first steps leaves the compilation out ---------------------------
         step_fn = make_train_step(
             model,
             tx,
             loss_fn,
             spec.lr_schedule,
-            accum_steps=config.optim.get("accum_steps", 1),
+            accum_steps=accum_steps,
             max_logit_scale=config.loss.get("max_logit_scale", 100.0),
             freeze_image="visual" in config.optim.get("frozen", ()),
         )
@@ -116,40 +130,128 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             "image": sharding.batch_sharding(mesh, 4),
             "text": sharding.batch_sharding(mesh, 2),
         }
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(state_shardings, batch_shardings),
-            out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=(0,),
+        abstract_batch = {  # what every source yields (`data.sources`)
+            "image": jax.ShapeDtypeStruct(
+                (config.batch_size, size, size, 3), np.float32, sharding=batch_shardings["image"]
+            ),
+            "text": jax.ShapeDtypeStruct(
+                (config.batch_size, length), np.int32, sharding=batch_shardings["text"]
+            ),
+        }
+        logging.info("compiling the train step ...")
+        t0 = time.perf_counter()
+        train_step = (
+            jax.jit(
+                step_fn,
+                in_shardings=(state_shardings, batch_shardings),
+                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+                donate_argnums=(0,),
+            )
+            .lower(spec.abstract_with_shardings(), abstract_batch)
+            .compile()
+        )
+        compile_s = time.perf_counter() - t0
+        logging.info(
+            "compiled the train step in %.1fs: %s per step (XLA's cost analysis)",
+            compile_s,
+            format_flops(_flops(train_step)),
         )
 
-        # --- Data ----------------------------------------------------------------------------
-        source = pipeline.make_source(
-            config.train_data,
-            seed=config.seed,
-            image_size=size,
-            context_length=length,
-            vocab_size=config.model.text.vocab_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        if latest is not None:
+            logging.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
+            state, data_state = ckpt.restore(latest, spec.abstract_with_shardings())
+        else:
+            logging.info("initialising the parameters ...")
+            state = state_lib.init(spec, config.seed)
+            data_state = None
+            if config.get("init_from"):
+                state = _init_from(state, state_shardings, config)
+
+        # --- Loop ----------------------------------------------------------------------------
         batches = prefetch_to_devices(
             source.batches(config.batch_size, rows, state=data_state), mesh, config.batch_size
         )
-
-        # --- Loop ----------------------------------------------------------------------------
         writer = MetricsWriter(workdir, enabled=is_main)
         watcher = checkpoint.PreemptionWatcher()
         try:
             if latest is not None:  # preempted while the evals of the restored step ran
                 _resumed_evals(evaluators, state, latest, config.total_steps, workdir, writer)
-            return _loop(
+            last, step, train_s = _loop(
                 config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
             )
         finally:
             watcher.close()
             writer.close()
             ckpt.close()  # waits for an asynchronous save in flight
+    if is_main:
+        logging.info("%s", _end_summary(config, workdir, ckpt.directory, last, step, train_s))
+    return last
+
+
+def _flops(compiled: Any) -> float | None:
+    """FLOPs of one step on all devices, from XLA's cost analysis of the compiled step."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    flops = float(cost.get("flops", 0.0))
+    return flops * jax.device_count() if flops > 0 else None  # XLA counts one device's program
+
+
+def _start_summary(config, mesh: Mesh, spec, workdir: str, latest, accum_steps: int) -> str:
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_device = config.batch_size // shards
+    micro = f", micro-batches of {per_device // accum_steps}" if accum_steps > 1 else ""
+    if latest is None:
+        where = "a fresh run"
+    elif latest >= config.total_steps:
+        where = f"finished at step {latest}"
+    else:
+        where = f"resuming at step {latest}"
+    return summary(
+        "run",
+        [
+            (
+                "devices",
+                f"{jax.device_count()} x {jax.devices()[0].device_kind} "
+                f"({jax.local_device_count()} per process), processes: {jax.process_count()}",
+            ),
+            ("mesh", " ".join(f"{axis}={n}" for axis, n in mesh.shape.items())),
+            ("batch", f"{config.batch_size:,} global, {per_device:,} per device{micro}"),
+            ("data", str(config.train_data.source)),
+            ("model", f"{n_params / 1e6:,.2f}M parameters"),
+            ("steps", f"{config.total_steps:,}"),
+            ("workdir", f"{workdir} ({where})"),
+        ],
+    )
+
+
+def _end_summary(config, workdir: str, checkpoints: str, last: dict, step: int, seconds) -> str:
+    rows = []
+    if "loss" in last:
+        rows.append(("final loss", f"{last['loss']:.4f}"))
+    for key, value in sorted(last_evals(workdir).items()):
+        rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
+    rows.append(("checkpoint", os.path.join(checkpoints, str(step))))
+    rows.append(("metrics", f"{os.path.join(workdir, 'metrics.jsonl')} (and TensorBoard)"))
+    curves = _plot(workdir) if last else ""
+    if curves:
+        rows.append(("curves", curves))
+    if step < config.total_steps:
+        title = f"stopped at step {step} of {config.total_steps}: rerun the command to resume"
+    else:
+        title = f"done: step {step} of {config.total_steps} in {duration(seconds)}"
+    return summary(title, rows)
+
+
+def _plot(workdir: str) -> str:
+    """The PNG of the run's curves (`plots.plot_run`), or "" when matplotlib is missing."""
+    try:
+        from clip_jax import plots
+
+        return plots.plot_run(workdir)
+    except ImportError as e:
+        logging.info("no curves PNG: %s (pip install matplotlib)", e)
+        return ""
 
 
 def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:
@@ -199,9 +301,13 @@ def prefetch_to_devices(
         yield queue.popleft()
 
 
-def _loop(config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir) -> dict:
-    start = int(state.step)
-    progress = Progress(config.total_steps, start)
+def _loop(
+    config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
+) -> tuple[dict, int, float]:
+    """Trains from the state's step on; returns the last logged metrics, the step reached and
+    the seconds spent training (evals excluded)."""
+    start = step = int(state.step)
+    progress = Progress(config.total_steps, start, config.batch_size)
     last: dict[str, Any] = {}
     window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
     pending = None  # the previous step's non-finite guard, read while the current step runs
@@ -236,16 +342,20 @@ def _loop(config, state, train_step, batches, ckpt, watcher, writer, evaluators,
                 "nonfinite_steps": int(state.nonfinite_steps),
             }
             writer.write(step, last)
-            progress.log(step, last["loss"], pairs_per_sec)
+            progress.log(step, last["loss"])
             if due:  # a row of their own, once they have all run; their time is not training's
+                t = time.perf_counter()
                 evals = _run_evals(due, state, step, workdir)
                 writer.write(step, evals)
                 last = {**last, **evals}
+                progress.exclude(time.perf_counter() - t)
             window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
+        elif progress.due(step):  # early and regular signs of life between logged rows
+            progress.log(step, float(metrics["loss"]))
         if preempted:
             logging.warning("preempted: saved step %d and stopping; rerun to resume", step)
             break
-    return last
+    return last, step, progress.elapsed()
 
 
 def _total_skipped(mine: int) -> int:

@@ -1,7 +1,7 @@
 """ViT-B-16 as in the CLIP paper: batch 32,768, 32 epochs of 400M pairs, peak learning rate 5e-4.
 
-python -m clip_jax.main --config=configs/b16.py --workdir=DIR
-python -m clip_jax.main --config=configs/b16.py:smoke --workdir=/tmp/smoke  # a few CPU steps
+python -m clip_jax.main --config=configs/b16.py --config.train_data.source=tfrecord:GLOB
+python -m clip_jax.main --config=configs/b16.py:smoke  # a few CPU steps, synthetic data
 """
 
 from configs import common

@@ -14,6 +14,66 @@ from clip_jax.models.sizes import model_config
 PAPER_BATCH = 32768
 PAPER_STEPS = 32 * 400_000_000 // PAPER_BATCH
 
+# One line per key of `base_config`, what `python -m clip_jax.main --show_config` prints beside
+# each value (tests check that every key has one). `*` matches any one component.
+MEANINGS = {
+    "seed": "seeds the parameters' initialisation and the data order",
+    "batch_size": "global batch: image-text pairs per step over all devices and hosts",
+    "total_steps": "optimizer steps of the whole run (also the length of the LR schedule)",
+    "log_every_steps": "a row of metrics.jsonl (and TensorBoard) every this many steps",
+    "checkpoint_every_steps": "save a checkpoint every this many steps (and at the end)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
+    "keep_period": "also keep every checkpoint whose step is a multiple of this (0: none)",
+    "nonfinite": "a step with a non-finite loss or gradient: halt (stop) or skip (count it)",
+    "init_from": "OpenAI / OpenCLIP / clip_jax weights to start a fresh run from ('': none)",
+    "mesh.data": "devices of the data-parallel mesh axis (-1: the remaining devices)",
+    "mesh.fsdp": "devices of the FSDP axis: parameters sharded over the model width",
+    "mesh.tensor": "devices of the tensor-parallel axis: heads and MLP units split",
+    "model.embed_dim": "width of the joint image-text embedding space",
+    "model.quick_gelu": "QuickGELU activations, as OpenAI trained with",
+    "model.dtype": "compute dtype (parameters stay float32): bfloat16 or float32",
+    "model.param_dtype": "dtype the parameters are stored in",
+    "model.remat_policy": "rematerialise residual blocks: none, full or dots",
+    "model.attn_impl": "attention kernel for jax.nn.dot_product_attention (None: XLA, cudnn)",
+    "model.init_logit_scale": "initial log(1/temperature)",
+    "model.init_logit_bias": "initial bias of the sigmoid (SigLIP) loss (None: no bias)",
+    "model.vision.image_size": "input resolution in pixels (square)",
+    "model.vision.patch_size": "ViT patch size in pixels",
+    "model.vision.width": "image tower width (ResNet: channels of the first stage)",
+    "model.vision.layers": "image tower depth (ResNet: blocks per stage, 4 numbers)",
+    "model.vision.heads": "attention heads of the image tower (ResNet: of its attention pool)",
+    "model.vision.mlp_ratio": "ViT MLP hidden units per unit of width",
+    "model.text.context_length": "tokens per caption (longer captions are truncated)",
+    "model.text.vocab_size": "text tower vocabulary (must hold the tokenizer's)",
+    "model.text.width": "text tower width",
+    "model.text.layers": "text tower depth",
+    "model.text.heads": "attention heads of the text tower",
+    "model.text.mlp_ratio": "text MLP hidden units per unit of width",
+    "model.text.pool_type": "which token's features embed a caption: argmax (OpenAI) or eot",
+    "model.text.eot_token_id": "the end-of-text id that pool_type=eot looks for",
+    "loss.name": "softmax (CLIP) or sigmoid (SigLIP)",
+    "loss.chunk_size": "stream the loss over column blocks of this size (0: not chunked)",
+    "loss.max_logit_scale": "the temperature's clamp: logit scale at most this (100 in CLIP)",
+    "optim.learning_rate": "peak learning rate, after warmup",
+    "optim.warmup_steps": "linear warmup from 0 over this many steps",
+    "optim.schedule": "after warmup: cosine (decay to 0) or constant",
+    "optim.b1": "AdamW beta1",
+    "optim.b2": "AdamW beta2",
+    "optim.eps": "AdamW epsilon",
+    "optim.weight_decay": "decoupled weight decay (not on gains, biases, embeddings, scale)",
+    "optim.grad_clip_norm": "clip the global gradient norm to this (0: no clipping)",
+    "optim.accum_steps": "micro-batches per step, gradient exact over the whole batch",
+    "optim.frozen": "top-level parameter groups not trained, e.g. ('visual',) for LiT",
+    "train_data.source": "synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT or a mixture A@w,B@w",
+    "train_data.image_key": "the records' image feature",
+    "train_data.text_key": "the records' caption feature",
+    "train_data.tokenizer": "clip_bpe or the path of a sentencepiece .model",
+    "train_data.shuffle_buffer": "records shuffled at once (0 or 1: no shuffling)",
+    "train_data.crop_scale": "random resized crop: range of the kept area fraction",
+    "train_data.data_dir": "tfds data_dir ('': tfds's default)",
+    "evals": "evals during training: evals.NAME = dict(type=..., source=..., every_steps=...)",
+}
+
 
 def base_config(
     model: str, learning_rate: float, resnet: bool = False
@@ -53,7 +113,7 @@ def base_config(
     c.optim.frozen = ()  # top-level parameter groups not trained: ("visual",) for LiT
 
     c.train_data = ml_collections.ConfigDict()
-    c.train_data.source = "synthetic"  # or tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT
+    c.train_data.source = ""  # required: tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT or synthetic
     c.train_data.image_key = "jpg"
     c.train_data.text_key = "txt"
     c.train_data.tokenizer = "clip_bpe"  # or a sentencepiece .model path
@@ -62,6 +122,10 @@ def base_config(
     c.train_data.data_dir = ""  # tfds data_dir ("": tfds's default)
 
     c.evals = ml_collections.ConfigDict()
+    # A key that a config file or an override misspells is an error, not a silent new key; evals
+    # stay open for entries (`with c.unlocked():` adds another key on purpose).
+    c.lock()
+    c.evals.unlock()
     return c
 
 
@@ -71,6 +135,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
         return c
     if arg != "smoke":
         raise UsageError(f"unknown config argument {arg!r}; the only one is 'smoke'")
+    c.train_data.source = "synthetic"
     c.batch_size = 8
     c.total_steps = 3
     c.log_every_steps = 1

@@ -1,7 +1,7 @@
 """ViT-L/14 at 336 px: in the paper, ViT-L/14 trained for one more epoch at 336 px at learning
 rate 2e-5. This config is that extra epoch; start it from a trained ViT-L/14.
 
-    python -m clip_jax.main --config=configs/l14_336.py --workdir=DIR
+    python -m clip_jax.main --config=configs/l14_336.py --config.train_data.source=tfrecord:GLOB
 """
 
 from configs import common

@@ -1,6 +1,6 @@
 """A tiny ViT CLIP on synthetic data: trains in seconds on a CPU, for tests and first runs.
 
-python -m clip_jax.main --config=configs/tiny.py --workdir=/tmp/tiny
+python -m clip_jax.main --config=configs/tiny.py   # into runs/tiny
 """
 
 from configs import common
@@ -15,4 +15,5 @@ def get_config(arg=None):
     c.optim.warmup_steps = 5
     c.optim.weight_decay = 0.1
     c.model.dtype = "float32"
+    c.train_data.source = "synthetic"
     return common.apply_arg(c, arg)

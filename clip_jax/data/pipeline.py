@@ -109,6 +109,12 @@ def make_source(
         `tokenizers.get_tokenizer(cfg.tokenizer, context_length)`. Unused by `synthetic`.
     """
     spec = str(cfg["source"]).strip()
+    if not spec:
+        raise UsageError(
+            "train_data.source is empty: give the data to train on, e.g. "
+            "--config.train_data.source=tfrecord:gs://bucket/shards-*.tfrecord or "
+            "tfds:NAME:SPLIT, or --config.train_data.source=synthetic for random pairs"
+        )
     if spec == "synthetic":
         return SyntheticSource(seed, image_size, context_length, vocab_size=vocab_size)
     parts = parse_mixture(spec)

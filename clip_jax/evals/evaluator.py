@@ -59,6 +59,31 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         train_source="", features="pre", shots=(1, 5, 10, 25), seeds=(0, 1, 2), cache_dir=""
     ),
 }
+# One line per key, what `python -m clip_jax.main --show_config` prints beside an entry's values.
+MEANINGS = {
+    "type": "zeroshot, retrieval, linear_probe or fewshot",
+    "source": "the data evaluated: tfds:NAME[/CONFIG]:SPLIT, imagefolder:DIR or tfrecord:GLOB",
+    "every_steps": "run every this many steps, and at the end (0: at the end only)",
+    "batch_size": "global batch of the eval's forward passes",
+    "data_dir": "tfds data_dir ('': tfds's default)",
+    "image_key": "the records' image feature ('': the source's default)",
+    "label_key": "the records' int64 label feature ('': label)",
+    "text_key": "the records' caption feature ('': txt)",
+    "image_id_key": "the feature grouping one image's captions for retrieval ('': key)",
+    "classnames": "class names: a known name, a list or a file ('': the dataset's own)",
+    "templates": "prompt templates with {}: a known name, a list or a file",
+    "class_subset": "score only these classes of ImageNet (imagenet_r, imagenet_a)",
+    "ks": "recall@K for these K",
+    "max_captions": "captions kept per image",
+    "train_source": "the data a probe is fitted on",
+    "val_source": "the split choosing C ('': held out from train_source)",
+    "features": "pre (image features before the projection) or post",
+    "val_fraction": "share of train_source held out to choose C",
+    "seed": "seeds the held-out split",
+    "cache_dir": "where extracted features are cached ('': beside the run)",
+    "shots": "examples per class of each k-shot probe",
+    "seeds": "seeds of the k-shot draws, averaged",
+}
 FEATURES = ("pre", "post")
 # `evals.data` (and so TensorFlow) is imported only where an eval reads data, so that importing
 # training or this module stays TensorFlow-free (in a notebook, open_clip must come first).
