@@ -158,35 +158,20 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
     """Pairs per second of the whole jitted train step (both towers, loss, backward, AdamW) on
     all devices, its FLOPs from XLA's cost analysis, and MFU where the chip's peak is known."""
     import flax.linen as nn
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from clip_jax import losses, sharding
+    from clip_jax import sharding, train
     from clip_jax import state as state_lib
-    from clip_jax.train_step import make_train_step
 
     batch_size = batch_size or config.batch_size
     mesh = sharding.make_mesh(config.mesh)
     spec = state_lib.build(config, mesh)
-    loss_fn = losses.make_loss_fn(
-        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
-    )
     state = state_lib.init(spec, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         batch = _random_batch(config, batch_size, mesh)
-        step = jax.jit(
-            make_train_step(
-                spec.model, spec.tx, loss_fn, spec.lr_schedule, config.optim.accum_steps
-            ),
-            in_shardings=(spec.shardings, jax.tree.map(lambda x: x.sharding, batch)),
-            out_shardings=(spec.shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=(0,),
-        )
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled, flops = train.compile_train_step(config, spec, batch_size)  # training's step
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
-        flops = float(cost.get("flops", 0.0)) * jax.device_count()  # per-device program
+        flops = flops or 0.0
         for _ in range(WARMUP_BATCHES):
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)

@@ -81,10 +81,6 @@ def run(
 
     # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
     spec = state_lib.build(config, mesh)
-    model, tx = spec.model, spec.tx
-    loss_fn = losses.make_loss_fn(
-        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.get("chunk_size", 0)
-    )
     state_shardings = spec.shardings
     evaluators = runner.make_evaluators(config, spec.model, mesh)
 
@@ -117,44 +113,13 @@ def run(
 
         # --- The step: compiled ahead of time, so that its FLOPs are known before it runs and
         # the pace of the first steps leaves the compilation out ---------------------------
-        step_fn = make_train_step(
-            model,
-            tx,
-            loss_fn,
-            spec.lr_schedule,
-            accum_steps=accum_steps,
-            max_logit_scale=config.loss.get("max_logit_scale", 100.0),
-            freeze_image="visual" in config.optim.get("frozen", ()),
-        )
-        batch_shardings = {
-            "image": sharding.batch_sharding(mesh, 4),
-            "text": sharding.batch_sharding(mesh, 2),
-        }
-        abstract_batch = {  # what every source yields (`data.sources`)
-            "image": jax.ShapeDtypeStruct(
-                (config.batch_size, size, size, 3), np.float32, sharding=batch_shardings["image"]
-            ),
-            "text": jax.ShapeDtypeStruct(
-                (config.batch_size, length), np.int32, sharding=batch_shardings["text"]
-            ),
-        }
         logging.info("compiling the train step ...")
         t0 = time.perf_counter()
-        train_step = (
-            jax.jit(
-                step_fn,
-                in_shardings=(state_shardings, batch_shardings),
-                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-                donate_argnums=(0,),
-            )
-            .lower(spec.abstract_with_shardings(), abstract_batch)
-            .compile()
-        )
-        compile_s = time.perf_counter() - t0
+        train_step, flops = compile_train_step(config, spec, config.batch_size)
         logging.info(
             "compiled the train step in %.1fs: %s per step (XLA's cost analysis)",
-            compile_s,
-            format_flops(_flops(train_step)),
+            time.perf_counter() - t0,
+            format_flops(flops),
         )
 
         if latest is not None:
@@ -186,6 +151,53 @@ def run(
     if is_main:
         logging.info("%s", _end_summary(config, workdir, ckpt.directory, last, step, train_s))
     return last
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict, spec: state_lib.StateSpec, batch_size: int
+) -> tuple[Any, float | None]:
+    """The train step of `config` on `spec`'s mesh, compiled ahead of time for global batches of
+    `batch_size` (float32 images and int32 tokens, as every source yields them), and its FLOPs
+    on all devices (XLA's cost analysis; None when XLA gives none). Training and the benchmark
+    run this one step."""
+    mesh = spec.mesh
+    loss_fn = losses.make_loss_fn(
+        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.get("chunk_size", 0)
+    )
+    step_fn = make_train_step(
+        spec.model,
+        spec.tx,
+        loss_fn,
+        spec.lr_schedule,
+        accum_steps=config.optim.get("accum_steps", 1),
+        max_logit_scale=config.loss.get("max_logit_scale", 100.0),
+        freeze_image="visual" in config.optim.get("frozen", ()),
+    )
+    batch_shardings = {
+        "image": sharding.batch_sharding(mesh, 4),
+        "text": sharding.batch_sharding(mesh, 2),
+    }
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    abstract_batch = {
+        "image": jax.ShapeDtypeStruct(
+            (batch_size, size, size, 3), np.float32, sharding=batch_shardings["image"]
+        ),
+        "text": jax.ShapeDtypeStruct(
+            (batch_size, length), np.int32, sharding=batch_shardings["text"]
+        ),
+    }
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        compiled = (
+            jax.jit(
+                step_fn,
+                in_shardings=(spec.shardings, batch_shardings),
+                out_shardings=(spec.shardings, NamedSharding(mesh, PartitionSpec())),
+                donate_argnums=(0,),
+            )
+            .lower(spec.abstract_with_shardings(), abstract_batch)
+            .compile()
+        )
+    return compiled, _flops(compiled)
 
 
 def _flops(compiled: Any) -> float | None:

@@ -80,5 +80,5 @@ def test_optimizer_state_follows_params():
 def test_local_rows_single_process_is_everything():
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
     assert sharding.local_rows(mesh, 16) == slice(0, 16)
-    with pytest.raises(ValueError, match="not divisible by mesh data x fsdp = 4"):
+    with pytest.raises(ValueError, match=r"does not divide over the 4 batch shards"):
         sharding.local_rows(mesh, 6)
