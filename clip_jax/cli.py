@@ -271,10 +271,10 @@ def default_workdir(config_arg: str) -> str:
 def config_meanings() -> dict[str, str]:
     """One line per config key: the config files' (`configs/common.py`, when the config came
     from there) and the eval entries' (`evals.NAME.KEY`, next to their defaults)."""
-    from clip_jax.evals import evaluator
+    from clip_jax.evals import entries
 
     common = sys.modules.get("configs.common")
-    evals = {f"evals.*.{key}": meaning for key, meaning in evaluator.MEANINGS.items()}
+    evals = {f"evals.*.{key}": meaning for key, meaning in entries.MEANINGS.items()}
     return {**getattr(common, "MEANINGS", {}), **evals}
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from clip_jax import cli, metrics, state
 from clip_jax.errors import UsageError
-from clip_jax.evals import evaluator
+from clip_jax.evals import entries
 from configs import common, tiny
 from tests.test_train import tiny_config
 
@@ -223,15 +223,15 @@ def test_config_files_are_locked_but_evals_take_entries():
 
 
 def test_every_config_key_has_a_meaning():
-    meanings = {**common.MEANINGS, **{f"evals.*.{k}": v for k, v in evaluator.MEANINGS.items()}}
+    meanings = {**common.MEANINGS, **{f"evals.*.{k}": v for k, v in entries.MEANINGS.items()}}
     for name in CONFIGS:
         config = importlib.import_module(f"configs.{name}").get_config()
         lines = cli.describe_config(config, meanings).splitlines()
         assert len(lines) == len(cli.config_keys(config))
         for line in lines:
             assert "  # " in line and line.split("  # ")[1].strip(), (name, line)
-    keys = set(evaluator.COMMON).union(*evaluator.DEFAULTS.values(), {"type"})
-    assert keys <= set(evaluator.MEANINGS), keys - set(evaluator.MEANINGS)
+    keys = set(entries.COMMON).union(*entries.DEFAULTS.values(), {"type"})
+    assert keys <= set(entries.MEANINGS), keys - set(entries.MEANINGS)
 
 
 def test_show_config_prints_every_key_value_and_meaning():

@@ -15,7 +15,7 @@ import pytest
 import clip_jax
 from clip_jax import sharding, state, train
 from clip_jax.errors import UsageError
-from clip_jax.evals import evaluator, jobs, runner
+from clip_jax.evals import entries, jobs, runner
 from tests.test_train import free_port, read_losses, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,13 +336,13 @@ def test_suite_results_get_a_mean_record():
 def test_bad_eval_entries_are_clear(digits_dir):
     test = f"tfrecord:{digits_dir}/test-*.tfrecord"
     with pytest.raises(ValueError, match="choose one of"):
-        evaluator.entry_config("x", dict(type="zero_shot", source=test))
+        entries.entry_config("x", dict(type="zero_shot", source=test))
     with pytest.raises(ValueError, match="unknown key"):
-        evaluator.entry_config("x", dict(type="zeroshot", source=test, every=5))
+        entries.entry_config("x", dict(type="zeroshot", source=test, every=5))
     with pytest.raises(ValueError, match="train_source is empty"):
-        evaluator.entry_config("x", dict(type="linear_probe", source=test))
+        entries.entry_config("x", dict(type="linear_probe", source=test))
     with pytest.raises(ValueError, match="features="):
-        evaluator.entry_config(
+        entries.entry_config(
             "x", dict(type="fewshot", source=test, train_source=test, features="mid")
         )
     assert jobs.select_evals(None, "paper", "/data", 0)["cifar10"]["data_dir"] == "/data"

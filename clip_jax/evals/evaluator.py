@@ -6,7 +6,7 @@
                               source="tfds:cifar10:test", features="pre")
     config.evals.shots = dict(type="fewshot", train_source=..., source=..., shots=(1, 5, 10))
 
-An `Evaluator` is built from its entry (`entry_config` fills in and checks every key) and the
+An `Evaluator` is built from its entry (`entries.entry_config` fills in and checks its keys) and the
 model, and has one method, `run(variables) -> {metric key: value}` (big_vision's evaluators are
 the model); `runner` schedules them. Keys: `zeroshot/NAME/top1`, `.../top5`,
 `.../mean_per_class_recall`, `retrieval/NAME/image_to_text_r@1`, ..., `linear_probe/NAME/top1`,
@@ -14,9 +14,7 @@ the model); `runner` schedules them. Keys: `zeroshot/NAME/top1`, `.../top5`,
 """
 
 import os
-import re
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,96 +34,6 @@ from clip_jax.evals import (
     zeroshot,
 )
 from clip_jax.models.clip import l2_normalize
-
-# Each type's keys and their defaults: the one place they are stated. `source` is the dataset
-# evaluated (the test split of probes); `every_steps=0` runs an eval at the end of training only.
-COMMON = dict(
-    source="",
-    every_steps=0,
-    batch_size=256,
-    data_dir="",
-    image_key="",
-    label_key="",
-    text_key="",
-    image_id_key="",
-)
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "zeroshot": dict(classnames="", templates="imagenet", class_subset=""),
-    "retrieval": dict(ks=(1, 5, 10), max_captions=7),
-    "linear_probe": dict(
-        train_source="", val_source="", features="pre", val_fraction=0.2, seed=0, cache_dir=""
-    ),
-    "fewshot": dict(
-        train_source="", features="pre", shots=(1, 5, 10, 25), seeds=(0, 1, 2), cache_dir=""
-    ),
-}
-# One line per key, what `python -m clip_jax.main --show_config` prints beside an entry's values.
-MEANINGS = {
-    "type": "zeroshot, retrieval, linear_probe or fewshot",
-    "source": "the data evaluated: tfds:NAME[/CONFIG]:SPLIT, imagefolder:DIR or tfrecord:GLOB",
-    "every_steps": "run every this many steps, and at the end (0: at the end only)",
-    "batch_size": "global batch of the eval's forward passes",
-    "data_dir": "tfds data_dir ('': tfds's default)",
-    "image_key": "the records' image feature ('': the source's default)",
-    "label_key": "the records' int64 label feature ('': label)",
-    "text_key": "the records' caption feature ('': txt)",
-    "image_id_key": "the feature grouping one image's captions for retrieval ('': key)",
-    "classnames": "class names: a known name, a list or a file ('': the dataset's own)",
-    "templates": "prompt templates with {}: a known name, a list or a file",
-    "class_subset": "score only these classes of ImageNet (imagenet_r, imagenet_a)",
-    "ks": "recall@K for these K",
-    "max_captions": "captions kept per image",
-    "train_source": "the data a probe is fitted on",
-    "val_source": "the split choosing C ('': held out from train_source)",
-    "features": "pre (image features before the projection) or post",
-    "val_fraction": "share of train_source held out to choose C",
-    "seed": "seeds the held-out split",
-    "cache_dir": "where extracted features are cached ('': beside the run)",
-    "shots": "examples per class of each k-shot probe",
-    "seeds": "seeds of the k-shot draws, averaged",
-}
-FEATURES = ("pre", "post")
-# `evals.data` (and so TensorFlow) is imported only where an eval reads data, so that importing
-# training or this module stays TensorFlow-free (in a notebook, open_clip must come first).
-
-
-def entry_config(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """An eval's entry with every key filled in; unknown types and keys are errors."""
-    entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
-    kind = entry.pop("type", None)
-    if kind not in DEFAULTS:
-        raise UsageError(f"evals.{name}.type={kind!r}; choose one of {sorted(DEFAULTS)}")
-    known = {**COMMON, **DEFAULTS[kind]}
-    unknown = sorted(set(entry) - set(known))
-    if unknown:
-        raise UsageError(f"evals.{name}: unknown key(s) {unknown}; {kind} takes {sorted(known)}")
-    cfg = {**known, **entry, "type": kind, "name": name}
-    if not cfg["source"]:
-        from clip_jax.evals.data import SOURCE_HELP
-
-        raise UsageError(f"evals.{name}.source is empty; {SOURCE_HELP}")
-    if kind in ("linear_probe", "fewshot"):
-        if not cfg["train_source"]:
-            raise UsageError(f"evals.{name}.train_source is empty: a {kind} trains on it")
-        if cfg["features"] not in FEATURES:
-            raise UsageError(f"evals.{name}.features={cfg['features']!r}; choose pre or post")
-    return cfg
-
-
-WNID = re.compile(r"n\d{8}")  # tfds's ImageNet label names are WordNet ids
-
-
-def known_classnames(source_name: str) -> str:
-    """The prompt data's class-name list for a tfds dataset of the paper suite ("" if none): its
-    own label names can be ids (ImageNet's wnids) or abbreviations."""
-    kind, _, rest = source_name.partition(":")
-    if kind != "tfds":
-        return ""
-    dataset = rest.partition(":")[0].split("/")[0]
-    for entry in suites.PAPER.values():
-        if entry["source"].split(":")[1].split("/")[0] == dataset:
-            return entry["classnames"]
-    return ""
 
 
 class Evaluator:
@@ -158,14 +66,16 @@ class Evaluator:
     def _zeroshot_classes(self, cfg: dict[str, Any]) -> None:
         """Class names and templates; with `class_subset` (ImageNet-R/A) only the subset's
         classes are scored and the dataset's labels are mapped onto them."""
-        names = cfg["classnames"] or known_classnames(self.source.name) or self.source.classnames
+        names = (
+            cfg["classnames"] or suites.classnames_for(self.source.name) or self.source.classnames
+        )
         if not names:
             raise UsageError(
                 f"evals.{self.name}: {self.source.name} carries no class names; set classnames "
                 "(a known dataset name, a list, or a file with one name per line)"
             )
         self.classnames = prompts.classnames(names)
-        if any(WNID.fullmatch(n) for n in self.classnames):
+        if any(suites.WNID.fullmatch(n) for n in self.classnames):
             raise UsageError(
                 f"evals.{self.name}: the class names of {self.source.name} are WordNet ids "
                 f"({self.classnames[0]}, ...), not words; set classnames (e.g. 'imagenet')"

@@ -18,7 +18,7 @@ from absl import logging
 import clip_jax
 from clip_jax import sharding, state
 from clip_jax.errors import UsageError
-from clip_jax.evals import evaluator, extract, runner, suites
+from clip_jax.evals import entries, evaluator, extract, runner, suites
 
 FEATURE_CACHE = os.path.expanduser("~/.cache/clip_jax/features")  # for weight files
 
@@ -79,7 +79,7 @@ def prepare(
 
 def make_evaluator(subject: Subject, name: str, entry: Mapping[str, Any]) -> Any:
     return evaluator.Evaluator(
-        evaluator.entry_config(name, entry), subject.model, subject.tokenizer, subject.mesh
+        entries.entry_config(name, entry), subject.model, subject.tokenizer, subject.mesh
     )
 
 

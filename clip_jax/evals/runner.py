@@ -12,7 +12,8 @@ import jax
 from jax.sharding import Mesh
 
 from clip_jax.evals import extract
-from clip_jax.evals.evaluator import Evaluator, entry_config
+from clip_jax.evals.entries import entry_config
+from clip_jax.evals.evaluator import Evaluator
 
 RESULTS_DIR = "evals"  # workdir/evals/step_N/NAME.json: what ran, for resumes and people
 TASKS = {  # CLIP_benchmark's task names

@@ -24,6 +24,8 @@ EuroSAT and RESISC45 have a single tfds split; the paper drew its own test sets,
 last 20% of tfds's train split (VTAB's test split) and are close to, not equal to, the paper's.
 """
 
+import re
+
 from clip_jax.errors import UsageError
 
 PAPER = {
@@ -110,3 +112,19 @@ def suite(name: str) -> dict[str, dict[str, str]]:
     if name not in SUITES:
         raise UsageError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
     return {dataset: dict(entry) for dataset, entry in SUITES[name].items()}
+
+
+WNID = re.compile(r"n\d{8}")  # tfds's ImageNet label names are WordNet ids
+
+
+def classnames_for(source_name: str) -> str:
+    """The prompt data's class-name list for a tfds dataset of the paper suite ("" if none): its
+    own label names can be ids (ImageNet's wnids) or abbreviations."""
+    kind, _, rest = source_name.partition(":")
+    if kind != "tfds":
+        return ""
+    dataset = rest.partition(":")[0].split("/")[0]
+    for entry in PAPER.values():
+        if entry["source"].split(":")[1].split("/")[0] == dataset:
+            return entry["classnames"]
+    return ""
