@@ -122,9 +122,11 @@ def test_notebook_runs_on_cpu(tmp_path):
     )
     assert probe, out[-3000:]
 
-    # The notebook's own zero-shot and probe (PIL-rendered digits, fit at the run's C) agree with
-    # the run's evals of the same checkpoint (the tf.data pipeline's images).
+    # The notebook's own zero-shot and probe (digits decoded by PIL, fit at the run's C) agree with
+    # the run's evals of the same checkpoint (decoded by TensorFlow). The two JPEG decoders
+    # differ by a few levels on some pixels, and a 12-step model's probe is sensitive to them:
+    # 0.03 apart (9 of 300 digits) has been seen, so the probe is held to 0.05.
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     final = {k: v for r in rows if r["step"] == STEPS for k, v in r.items()}
     assert abs(float(zeroshot[1]) - final["zeroshot/digits/top1"]) <= 0.02
-    assert abs(float(probe[1]) - final["linear_probe/probe/top1"]) <= 0.02
+    assert abs(float(probe[1]) - final["linear_probe/probe/top1"]) <= 0.05
