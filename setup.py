@@ -43,6 +43,7 @@ setup(
         "ftfy>=6.1,<7",
         "regex>=2023.0",
         "pillow>=10",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4"],

@@ -1,26 +1,54 @@
-"""The offline demo: a tiny CLIP on real handwritten digits (scikit-learn's 1,797, captioned from
-templates), a couple of minutes on a laptop CPU. Write the data once, then train:
+"""The demo: a tiny CLIP learns real handwritten digits on a CPU, then names held-out ones with
+prompts it never saw in training. One command, no download, about two minutes on 2 CPU cores:
 
-    python -m clip_jax.data.digits --output /tmp/clip_jax_digits --image_size 32
-    python -m clip_jax.main --config=configs/demo.py --workdir=/tmp/clip_jax_demo
+    python -m clip_jax.main --config=configs/demo.py        # workdir: runs/demo
 
-`configs/demo.py:DIR` reads the shards from DIR instead.
+The first run writes scikit-learn's 1,797 8x8 digits as captioned shards into the cache
+(`digits:train`: 1,497 digits captioned from `clip_jax.data.digits.TEMPLATES`, "a handwritten
+seven", "the digit 7", ...; `digits:test`: 300 held out; `$CLIP_JAX_CACHE`, else
+~/.cache/clip_jax/digits). It trains the "tiny" CLIP (ViT at 32 px with 8 px patches, width 32,
+2 + 2 layers; 1.64M parameters, 1.58M of them the BPE token table) for 1,000 steps of 128 pairs
+(85 epochs), then evaluates on the 300 held-out digits: zero-shot with the `digits_heldout`
+templates, which share none with the training captions, every 250 steps, and CLIP's linear probe
+(C swept on a split of the training digits) at steps 500 and 1,000. `runs/demo/curves.png` shows
+loss, learning rate, temperature and evals.
+
+The recipe, and why: the paper's (AdamW, β2 0.98, warmup then cosine, temperature from 0.07) at
+the scale of 1.5k pairs: the tiny model, because wider ones (64) cost 2-3x per step here and
+learnt no better or less stably in the same time; learning rate 5e-3 (1e-2 did worse, 2e-3 no better),
+weight decay 0.1, open_clip's crop (0.9-1.0 of the area; 0.6-1.0 did no better); batch 128 for
+1,000 steps (as good as 64 x 2,000, and faster on a CPU; 1,500 steps were no better). Chosen on a
+validation split (300 of the 1,497 training digits, other prompts), never on the test digits.
+
+Measured on 2 shared cores (load 1-5): 109-163 s for the whole command; zero-shot top-1 0.983,
+0.977, 0.977 and probe top-1 0.983, 0.983, 0.970 for seeds 0, 1, 2 (the same seed repeats
+exactly). Other data: `--config.train_data.source=tfrecord:DIR/part-*.tfrecord` (shards from
+`python -m clip_jax.data.prepare`), and the evals' `source` / `train_source` (e.g.
+`--config.evals.digits.source=imagefolder:DIR/test`).
 """
 
 from configs import common
 
-DEFAULT_DATA = "/tmp/clip_jax_digits"
-
 
 def get_config(arg=None):
     c = common.base_config("tiny", learning_rate=5e-3)
-    c.model.dtype = "float32"
-    c.batch_size = 64
-    c.total_steps = 300
+    c.model.dtype = "float32"  # CPUs have no fast bf16
+    c.batch_size = 128
+    c.total_steps = 1000
     c.log_every_steps = 25
-    c.checkpoint_every_steps = 100
-    c.optim.warmup_steps = 20
+    c.checkpoint_every_steps = 500
+    c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.1
-    c.train_data.source = f"tfrecord:{arg or DEFAULT_DATA}/train-*.tfrecord"
+    c.train_data.source = "digits:train"
     c.train_data.shuffle_buffer = 2000
-    return c
+    c.evals.digits = dict(
+        type="zeroshot",
+        source="digits:test",
+        classnames="digits",
+        templates="digits_heldout",
+        every_steps=250,
+    )
+    c.evals.probe = dict(
+        type="linear_probe", train_source="digits:train", source="digits:test", every_steps=500
+    )
+    return common.apply_arg(c, arg)

@@ -10,18 +10,26 @@ and `DIR/test-*.tfrecord` in img2dataset's layout (`jpg`, `txt`, `key`, plus the
 and `DIR/classnames.txt`, the class names in label order. Train with
 `--config.train_data.source='tfrecord:DIR/train-*.tfrecord'`.
 
+The sources `digits:train` and `digits:test` (of training and of evals) need no such step: they
+read shards that `cached_shards` writes on first use into the cache (`clip_jax.cache`:
+`$CLIP_JAX_CACHE/digits/`, else `~/.cache/clip_jax/digits/`), once, at 32 px (the input pipeline
+resizes to the model's resolution).
+
 scikit-learn is an optional dependency: `pip install 'clip-jax-train[demo]'`.
 """
 
+import fcntl
 import io
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import Image
 
-from clip_jax import cli
+from clip_jax import cache, cli
 from clip_jax.data.prepare import ShardWriter, UsageError, make_example
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -41,6 +49,9 @@ TEST_SIZE = 300
 SPLIT_SEED = 0
 SHARD_SIZE = 1000
 JPEG_QUALITY = 95
+SPLITS = ("train", "test")
+CACHE_IMAGE_SIZE = 32
+CACHE_VERSION = 1  # bump when the rendering, the captions or the split change: a new folder
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +108,52 @@ def write_digits(output: str, image_size: int = 64, shard_size: int = SHARD_SIZE
     with tf.io.gfile.GFile(os.path.join(output, "classnames.txt"), "w") as f:
         f.write("\n".join(CLASS_NAMES) + "\n")
     return counts
+
+
+def cached_shards(split: str, directory: str = "") -> str:
+    """The glob of the cached shards of `split`, what the `digits:SPLIT` sources read; the cache
+    is written first when it is missing (once, whatever the number of processes asking).
+
+    Args:
+      split: "train" (1,497 digits) or "test" (300).
+      directory: where the shards live; by default `cache.cache_dir("digits", "v1-32px")`.
+
+    Returns:
+      `DIRECTORY/SPLIT-*.tfrecord`.
+    """
+    if split not in SPLITS:
+        raise UsageError(f"digits:{split}: no such split; use digits:train or digits:test")
+    directory = directory or cache.cache_dir("digits", f"v{CACHE_VERSION}-{CACHE_IMAGE_SIZE}px")
+    if not os.path.isdir(directory):
+        _write_once(directory)
+    return os.path.join(directory, f"{split}-*.tfrecord")
+
+
+def _write_once(directory: str) -> None:
+    """Writes the shards into a temporary folder renamed into place, under a file lock: readers
+    never see a partial cache, and processes that ask at once write it once."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise UsageError(
+            f"cannot create the cache folder {parent} ({e}); set {cache.ENV} to another folder"
+        ) from None
+    with open(os.path.abspath(directory) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.isdir(directory):  # written by another process while this one waited
+            return
+        logging.info("writing the digits demo data to %s (once)", directory)
+        tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
+        try:
+            write_digits(tmp, CACHE_IMAGE_SIZE)
+            try:
+                os.rename(tmp, directory)
+            except OSError:
+                if not os.path.isdir(directory):  # not a writer that got there first: a bug
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def define_flags(fv: flags.FlagValues) -> None:

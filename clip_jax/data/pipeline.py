@@ -3,6 +3,8 @@
     synthetic                       learnable synthetic pairs, no files (tests, smoke runs)
     tfrecord:GLOB                   img2dataset-style TFRecord shards, local or gs://
     tfds:NAME[/CONFIG]:SPLIT        a prepared TensorFlow Datasets split (captions or labels)
+    digits:train                    the demo's 1,497 captioned handwritten digits (scikit-learn's),
+                                    written to the cache on first use (`digits.cached_shards`)
     SOURCE@W,SOURCE@W,...           a mixture: each example drawn from a source with probability
                                     proportional to its weight W (default 1)
 
@@ -23,6 +25,7 @@ from clip_jax.errors import UsageError
 SOURCE_HELP = (
     "use synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT, or several sources joined by ',' "
     "each with an optional @WEIGHT"
+    " (digits:train is the demo's handwritten digits)"
 )
 
 
@@ -71,6 +74,10 @@ def make_reader(
             text_key=cfg.get("text_key", "txt"),
             **common,
         )
+    if kind == "digits":
+        from clip_jax.data import digits
+
+        return readers.TFRecordReader(digits.cached_shards(rest), **common)
     name, _, split = rest.partition(":")
     if kind == "tfds" and name and split:
         return readers.TFDSReader(

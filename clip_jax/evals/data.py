@@ -11,6 +11,8 @@ Sources (`source=` of an eval, `--dataset=` of the batch jobs):
     tfrecord:GLOB              tf.train.Example shards: encoded image bytes (`image_key`) with an
                                int64 label (`label_key`), or a caption (`text_key`) and an image id
                                (`image_id_key`; records sharing an id are one image's captions)
+    digits:SPLIT               the demo's handwritten digits, `train` (1,497) or `test` (300),
+                               labelled, with class names; written to the cache on first use
 
 The global batch `k` holds examples `k*B .. (k+1)*B - 1`; each process decodes only its own rows of
 each global batch (`sharding.local_rows`), the last batch is padded, and a mask marks the real
@@ -74,6 +76,11 @@ def open_source(
         return _tfrecord(
             rest, image_key or "jpg", label_key or "label", text_key or "txt", image_id_key or "key"
         )
+    if kind == "digits":
+        from clip_jax.data import digits
+
+        source = _tfrecord(digits.cached_shards(rest), "jpg", "label", "txt", "key")
+        return dataclasses.replace(source, name=spec.strip(), classnames=list(digits.CLASS_NAMES))
     name, _, split = rest.partition(":")
     if kind == "tfds" and name and split:
         return _tfds(name, split, data_dir, image_key, label_key, text_key)

@@ -1,0 +1,13 @@
+"""Where clip_jax keeps what it writes or downloads for itself: `$CLIP_JAX_CACHE` when set, else
+`~/.cache/clip_jax`. Inside it: `digits/` (the demo's data, written on first use), `weights/`
+(pretrained checkpoints), `features/` (probe features of weight files)."""
+
+import os
+
+ENV = "CLIP_JAX_CACHE"
+
+
+def cache_dir(*parts: str) -> str:
+    """The cache root, or the path `parts` below it (nothing is created)."""
+    root = os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "clip_jax")
+    return os.path.join(root, *parts)
