@@ -14,11 +14,12 @@ templates, which share none with the training captions, every 250 steps, and CLI
 loss, learning rate, temperature and evals.
 
 The recipe, and why: the paper's (AdamW, β2 0.98, warmup then cosine, temperature from 0.07) at
-the scale of 1.5k pairs: the tiny model, because wider ones (64) cost 2-3x per step here and
-learnt no better or less stably in the same time; learning rate 5e-3 (1e-2 did worse, 2e-3 no better),
-weight decay 0.1, open_clip's crop (0.9-1.0 of the area; 0.6-1.0 did no better); batch 128 for
-1,000 steps (as good as 64 x 2,000, and faster on a CPU; 1,500 steps were no better). Chosen on a
-validation split (300 of the 1,497 training digits, other prompts), never on the test digits.
+the scale of 1.5k pairs. The tiny model: wider ones (64) cost 2-3x per step here and learnt no
+better, or less stably, in the same time. Learning rate 5e-3 (1e-2 did worse, 2e-3 no better),
+weight decay 0.1, open_clip's crop (0.9-1.0 of the area; 0.6-1.0 did no better), batch 128 for
+1,000 steps (as good as 64 x 2,000 and faster on a CPU; 1,500 or 2,000 steps were no better).
+Chosen on validation splits (300 of the 1,497 training digits, and 200 of another rendering's;
+other prompts), never on test digits.
 
 Measured on 2 shared cores (load 1-5): 109-163 s for the whole command; zero-shot top-1 0.983,
 0.977, 0.977 and probe top-1 0.983, 0.983, 0.970 for seeds 0, 1, 2 (the same seed repeats
