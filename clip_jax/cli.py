@@ -42,6 +42,17 @@ def _cluster_detected() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host TPU slice
 
 
+def define_distributed_flags():
+    """The `--coordinator_address --num_processes --process_id` flags every entry point takes;
+    returns a function that joins the job they describe (`initialize_distributed`)."""
+    from absl import flags
+
+    coordinator = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
+    num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+    process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+    return lambda: initialize_distributed(coordinator.value, num_processes.value, process_id.value)
+
+
 def initialize_distributed(
     coordinator: str | None, num_processes: int | None, process_id: int | None
 ) -> None:

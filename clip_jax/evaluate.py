@@ -28,16 +28,14 @@ _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON results.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir for the evals that leave it empty.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global eval batch size (0: each eval's).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer for --pretrained (default clip_bpe).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_JOIN = cli.define_distributed_flags()
 
 
 def main(argv: list[str]) -> None:
     cli.quiet_libraries()
     with cli.user_errors():
         cli.no_arguments(argv)
-        cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        _JOIN()
         records = jobs.evaluate(
             _CONFIG.value,
             workdir=_WORKDIR.value,

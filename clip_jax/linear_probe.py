@@ -40,9 +40,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch for feature extra
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Feature cache (default: beside the model).")
 _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON results.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_JOIN = cli.define_distributed_flags()
 
 
 def probe_name(dataset: str) -> str:
@@ -57,7 +55,7 @@ def main(argv: list[str]) -> None:
     cli.quiet_libraries()
     with cli.user_errors():
         cli.no_arguments(argv)
-        cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        _JOIN()
         srcs = jobs.sources(
             _DATASET.value,
             _TRAIN.value,

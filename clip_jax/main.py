@@ -28,9 +28,7 @@ _CONFIG_CHANGE_OK = flags.DEFINE_bool(
     False,
     "Train on in a workdir whose run had another model, data or batch size.",
 )
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_JOIN = cli.define_distributed_flags()
 flags.mark_flags_as_required(["config"])
 
 
@@ -49,7 +47,7 @@ def main(argv: list[str]) -> None:
                 config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
                 workdir = cli.default_workdir(config_arg)
                 logging.info("workdir: %s (the default; --workdir chooses another)", workdir)
-            cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            _JOIN()
             train.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,9 @@
 
 import contextlib
 import os
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,3 +15,45 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # torchvision) crash the process; the other order is fine. Import the reference first if present.
 with contextlib.suppress(ImportError):
     import open_clip  # noqa: F401
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(module: str, args: list[str], num_processes: int = 2, devices: int = 4):
+    """Runs `python -m module args` as `num_processes` processes of `devices` CPU devices each,
+    joined by jax.distributed on 127.0.0.1; returns their (returncode, output) pairs."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": ROOT,
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                module,
+                *args,
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={num_processes}",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]

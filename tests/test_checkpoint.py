@@ -4,7 +4,6 @@ save, restore onto another mesh and device count, export / init_from / LiT."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import clip_jax
 from clip_jax import checkpoint, sharding, train
 from clip_jax import state as state_lib
+from tests.conftest import free_port
 from tests.test_train import tiny_config, write_shard_with_bad_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,12 +195,6 @@ def test_sigkill_during_async_save_keeps_the_previous_checkpoint(tmp_path, refer
     got = read_losses(workdir)
     for step in range(8, TOTAL + 1):
         assert abs(got[step] - reference[step]) <= 1e-6, step
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_sigterm_to_one_both_save_the_same_step(tmp_path, reference_mp):

@@ -16,7 +16,8 @@ import clip_jax
 from clip_jax import sharding, state, train
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries, jobs, runner
-from tests.test_train import free_port, read_losses, tiny_config
+from tests.conftest import run_processes
+from tests.test_train import read_losses, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 4, 2
@@ -189,38 +190,10 @@ def test_results_identical_on_one_and_eight_devices(run_dir):
 
 
 def test_evaluate_job_on_two_processes_matches_one_device(tmp_path, run_dir):
-    port = free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": ROOT,
-    }
     output = tmp_path / "results.json"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "clip_jax.evaluate",
-                f"--workdir={run_dir}",
-                "--evals=digits,probe",
-                f"--output={output}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    args = [f"--workdir={run_dir}", "--evals=digits,probe", f"--output={output}"]
+    for returncode, out in run_processes("clip_jax.evaluate", args):
+        assert returncode == 0, out[-3000:]
     records = json.loads(output.read_text())
     kind = {task: kind for kind, task in runner.TASKS.items()}
     got = {

@@ -3,7 +3,6 @@ the process count, the non-finite guard, a tiny model that learns, and the CLI's
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from clip_jax import losses, sharding, train
 from clip_jax.models import CLIP, model_config
 from clip_jax.train_step import make_loss_and_grad
 from configs import tiny
+from tests.conftest import run_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,46 +77,16 @@ def test_losses_equal_on_a_2x2x2_mesh(tmp_path, reference_losses):
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path, reference_losses):
-    port = free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": ROOT,
-    }
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "clip_jax.main",
-                "--config=configs/tiny.py",
-                f"--workdir={tmp_path}",
-                "--config.total_steps=6",
-                "--config.log_every_steps=1",
-                "--config.mesh.data=8",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
+    args = [
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path}",
+        "--config.total_steps=6",
+        "--config.log_every_steps=1",
+        "--config.mesh.data=8",
     ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    for returncode, out in run_processes("clip_jax.main", args):
+        assert returncode == 0, out[-3000:]
     got = read_losses(str(tmp_path))
     for step, loss in reference_losses.items():
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
