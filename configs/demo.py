@@ -25,7 +25,9 @@ Measured on 2 shared cores (load 1-5): 109-163 s for the whole command; zero-sho
 0.977, 0.977 and probe top-1 0.983, 0.983, 0.970 for seeds 0, 1, 2 (the same seed repeats
 exactly). Other data: `--config.train_data.source=tfrecord:DIR/part-*.tfrecord` (shards from
 `python -m clip_jax.data.prepare`), and the evals' `source` / `train_source` (e.g.
-`--config.evals.digits.source=imagefolder:DIR/test`).
+`--config.evals.digits.source=imagefolder:DIR/test`). On 5,000 MNIST digits (4,000 to train,
+1,000 to test; README, "Demo") the same recipe gave zero-shot 0.946 and 0.939, probe 0.948 and
+0.936 (seeds 0, 1; raw-pixel logistic regression: 0.907).
 """
 
 from configs import common
