@@ -98,6 +98,22 @@ def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1) if kind == "bias" else x
 
 
+def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `_to_torch` gives a leaf of `shape`: what an imported tensor must have."""
+    if kind == "conv":  # HWIO -> OIHW
+        return (shape[3], shape[2], shape[0], shape[1])
+    if kind == "kernel":  # [in, *out] -> [out, in]
+        return (int(np.prod(shape[1:])), shape[0])
+    if kind == "kernel_out_last":  # [*in, out] -> [out, in]
+        return (shape[-1], int(np.prod(shape[:-1])))
+    return (int(np.prod(shape)),) if kind == "bias" else tuple(shape)
+
+
+def _same_layout(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Equal shapes up to size-1 axes ([] and [1], [D] and [1, D]): the same values in order."""
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
 def _flat_leaves(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(nn.unbox(tree))
 
@@ -182,7 +198,9 @@ def abstract_variables(cfg: Mapping[str, Any]) -> Variables:
 def from_state_dict(sd: StateDict, cfg: Mapping[str, Any]) -> Variables:
     """PyTorch state dict (numpy arrays) -> Flax variables of `CLIP(**cfg)`, float32 params.
 
-    Every model leaf must find its tensor with a compatible size, and every tensor must be used.
+    Every model leaf must find its tensor in PyTorch's layout (the shape export writes, up to
+    size-1 axes), and every tensor must be used: a tensor of the right size in another shape (say,
+    stored transposed) is refused, never reshaped into scrambled weights.
     """
     abstract = _flat_leaves(abstract_variables(cfg))
     flat, used, problems = {}, set(), []
@@ -192,10 +210,12 @@ def from_state_dict(sd: StateDict, cfg: Mapping[str, Any]) -> Variables:
             problems.append(f"missing {key} (for {'/'.join(path)})")
             continue
         w = np.asarray(sd[key])
-        if w.size != int(np.prod(leaf.shape)):
-            problems.append(f"{key} has shape {w.shape}, the model needs {leaf.shape}")
+        kind = _kind(tuple(path), len(leaf.shape))
+        want = _torch_shape(kind, leaf.shape)
+        if not _same_layout(w.shape, want):
+            problems.append(f"{key} has shape {w.shape}, the model needs {want}")
             continue
-        x = _to_flax(_kind(tuple(path), w.ndim), w, leaf.shape)
+        x = _to_flax(kind, w.reshape(want), leaf.shape)
         flat[(collection, *path)] = x.astype(leaf.dtype) if x.dtype != leaf.dtype else x
         used.add(key)
     unused = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
