@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from clip_jax import cli, convert
+from clip_jax import cli, convert, paths
 from clip_jax.errors import UsageError
 
 
@@ -50,9 +51,9 @@ class Checkpointer:
             create=create,
             read_only=not create,  # readers (evaluation, export) never delete or write
         )
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = str(paths.path(workdir) / "checkpoints")
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory, options=options, item_names=("state", "data", "config")
         )
 
     def latest_step(self) -> int | None:
@@ -61,19 +62,30 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict) -> float:
-        """Starts saving; returns the seconds the training loop was blocked."""
+    def save(self, step: int, state: Any, data_state: dict, config: dict | None = None) -> float:
+        """Starts saving; returns the seconds the training loop was blocked.
+
+        `config` (the run's config as a dict) is saved with the step, so that the step can be
+        read back as the run that wrote it, whatever config.json says later.
+        """
         t0 = time.perf_counter()
         states = gather_process_states(data_state)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave({"process_count": len(states), "states": states}),
-            ),
-            force=True,
-        )
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "data": ocp.args.JsonSave({"process_count": len(states), "states": states}),
+        }
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - t0
+
+    def config(self, step: int) -> dict | None:
+        """The config saved with `step`; None for checkpoints written without one."""
+        item = paths.path(self.directory) / str(step) / "config"
+        if not item.exists():
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored["config"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
         """The state at `step`, laid out as `abstract_state`'s shardings say, and this process's
@@ -153,9 +165,16 @@ def export_params(workdir: str, out_path: str, step: int | None = None) -> int:
     """
     from clip_jax import state
 
-    model_cfg = state.model_config(state.read_run_config(workdir).model)
     _, variables, step = state.load_run(workdir, step)
-    convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
+    model_cfg = state.model_config(state.read_run_config(workdir, step).model)
+    if not paths.is_remote(out_path):
+        convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
+        return step
+    with tempfile.TemporaryDirectory() as tmp:  # the writers need a local file; then upload
+        local = os.path.join(tmp, paths.path(out_path).name)
+        convert.save_pretrained(local, jax.device_get(variables), model_cfg)
+        paths.path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        paths.path(out_path).write_bytes(paths.path(local).read_bytes())
     return step
 
 

@@ -4,43 +4,87 @@ Only process 0 writes."""
 
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
 
+from clip_jax import paths
+
+METRICS_FILE = "metrics.jsonl"
 PROGRESS_EVERY_S = 30.0  # a console line at least this often, whatever log_every_steps is
 
 
 class MetricsWriter:
-    """Appends `{"step": s, **values}` to metrics.jsonl and the same scalars to TensorBoard."""
+    """Appends `{"step": s, **values}` to metrics.jsonl and the same scalars to TensorBoard.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    `start_step` is the step the run starts from (the restored checkpoint's, 0 for a fresh run):
+    rows past it were logged by an earlier attempt after its last checkpoint and are dropped, so
+    that a reader sees each step once. On an object store (no append) the file is rewritten
+    whole, at most every `flush_secs` and at `flush` / `close`.
+    """
+
+    def __init__(
+        self, workdir: str, enabled: bool = True, start_step: int = 0, flush_secs: float = 30.0
+    ):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._path = os.path.join(workdir, "metrics.jsonl")
-        self._workdir = workdir
+        self._workdir = str(paths.path(workdir))
+        self._path = paths.path(workdir) / METRICS_FILE
+        self._remote = paths.is_remote(self._path)
+        self._flush_secs, self._flushed_at = flush_secs, time.monotonic()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        lines = self._path.read_text().splitlines() if self._path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+        self._text = "".join(line + "\n" for line in kept)
+        self._dirty = False
+        if len(kept) < len(lines):
+            logging.info(
+                "%s: dropped %d rows past step %d (logged after the checkpoint this run resumes)",
+                self._path,
+                len(lines) - len(kept),
+                start_step,
+            )
+            paths.write_text(self._path, self._text)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        self._text += line
+        if self._remote:
+            self._dirty = True
+            if time.monotonic() - self._flushed_at >= self._flush_secs:
+                self.flush()
+        else:
+            with self._path.open("a") as f:
+                f.write(line)
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(self._workdir, flush_secs=30)
+            paths.register_tensorboard_schemes()
+            self._tb = SummaryWriter(self._workdir, flush_secs=self._flush_secs)
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, global_step=int(step))
 
+    def flush(self) -> None:
+        """Makes every row written so far visible in the file (and TensorBoard's)."""
+        if not self.enabled:
+            return
+        if self._dirty:
+            paths.write_text(self._path, self._text)
+            self._dirty = False
+        self._flushed_at = time.monotonic()
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
+        self.flush()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
@@ -99,11 +143,10 @@ def summary(title: str, rows: Sequence[tuple[str, str]]) -> str:
 def last_evals(workdir: str) -> dict[str, float]:
     """The eval values of the last eval row of `workdir/metrics.jsonl` (keys holding a "/";
     their timings left out); {} when the run logged none."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / METRICS_FILE
+    if not path.exists():
         return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in reversed(rows):
         evals = {k: v for k, v in row.items() if "/" in k and not k.startswith("eval/")}
         if evals:

@@ -11,7 +11,6 @@ all call these, so that none of them rebuilds the layout on its own.
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import optim, sharding
+from clip_jax import optim, paths, sharding
 from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
 from clip_jax.train_step import TrainState, create_state
@@ -120,11 +119,10 @@ COMPUTE_KEYS = ("model.dtype", "model.remat_policy", "model.attn_impl")
 def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses (a UsageError) a workdir whose config.json trained another model, data or batch
     size than `config`: its checkpoints belong to another run."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = paths.path(workdir) / CONFIG_FILE
+    if not path.exists():
         return
-    with open(path) as f:
-        old = _flat(json.load(f))
+    old = _flat(json.loads(path.read_text()))
     new = _flat(json.loads(config.to_json_best_effort()))
     changed = [
         f"{k}: {old[k]!r} -> {new[k]!r}"
@@ -149,13 +147,28 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (`workdir/config.json`)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+def read_run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config a run was trained with: the one saved with the checkpoint at `step` when it
+    has one, else `workdir/config.json` (the latest accepted config of the run)."""
+    if step is not None:
+        from clip_jax import checkpoint
+
+        ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
+        try:
+            saved = ckpt.config(step)
+        finally:
+            ckpt.close()
+        if saved is not None:
+            return ml_collections.ConfigDict(saved)
+    path = paths.path(workdir) / CONFIG_FILE
+    if not path.exists():
         raise UsageError(f"{path} is missing: is {workdir} a clip_jax run directory?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Makes `config` the run's `workdir/config.json` (once it has been accepted)."""
+    paths.write_text(paths.path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
 def load_run(
@@ -174,10 +187,8 @@ def load_run(
     """
     from clip_jax import checkpoint, convert
 
-    config = read_run_config(workdir)
     if mesh is None:
         mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
-    spec = build(config, mesh)
     ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
     try:
         available = ckpt.all_steps()
@@ -188,6 +199,9 @@ def load_run(
             raise UsageError(
                 f"no checkpoint at step {step} in {ckpt.directory}; there are {sorted(available)}"
             )
+        saved = ckpt.config(step)  # the config that wrote this step, whatever came later
+        config = ml_collections.ConfigDict(saved) if saved else read_run_config(workdir)
+        spec = build(config, mesh)
         restored, _ = ckpt.restore(step, spec.abstract_with_shardings())
     finally:
         ckpt.close()

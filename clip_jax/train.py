@@ -5,7 +5,7 @@ what tests and notebooks call directly.
 """
 
 import collections
-import os
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,12 +17,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, convert, losses, sharding
+from clip_jax import checkpoint, convert, losses, paths, sharding
 from clip_jax import state as state_lib
 from clip_jax.data import pipeline
 from clip_jax.errors import UsageError
 from clip_jax.evals import runner
-from clip_jax.metrics import MetricsWriter, Progress, duration, format_flops, last_evals, summary
+from clip_jax.metrics import METRICS_FILE, MetricsWriter, Progress, duration, format_flops, last_evals, summary
 from clip_jax.train_step import TrainState, make_train_step
 
 NONFINITE_POLICIES = ("halt", "skip")
@@ -74,10 +74,6 @@ def run(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, state_lib.CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
     spec = state_lib.build(config, mesh)
@@ -95,13 +91,18 @@ def run(
                 # Preempted during the final evals: finish them.
                 state, _ = ckpt.restore(latest, spec.abstract_with_shardings())
                 ckpt.close()
-                writer = MetricsWriter(workdir, enabled=is_main)
+                writer = MetricsWriter(workdir, enabled=is_main, start_step=latest)
                 try:
-                    return _resumed_evals(
+                    results = _resumed_evals(
                         evaluators, state, latest, config.total_steps, workdir, writer
                     )
                 finally:
                     writer.close()
+                if is_main:
+                    mark_done(workdir, latest)
+                return results
+            if is_main:
+                mark_done(workdir, latest)
             logging.info(
                 "%s already reached step %d of %d: nothing to do",
                 workdir,
@@ -131,12 +132,15 @@ def run(
             data_state = None
             if config.get("init_from"):
                 state = _init_from(state, state_shardings, config)
+        if is_main:  # accepted: it restored (or started) the run
+            state_lib.write_run_config(config, workdir)
+            (paths.path(workdir) / DONE_FILE).unlink(missing_ok=True)  # more steps to come
 
         # --- Loop ----------------------------------------------------------------------------
         batches = prefetch_to_devices(
             source.batches(config.batch_size, rows, state=data_state), mesh, config.batch_size
         )
-        writer = MetricsWriter(workdir, enabled=is_main)
+        writer = MetricsWriter(workdir, enabled=is_main, start_step=latest or 0)
         watcher = checkpoint.PreemptionWatcher()
         try:
             if latest is not None:  # preempted while the evals of the restored step ran
@@ -149,8 +153,21 @@ def run(
             writer.close()
             ckpt.close()  # waits for an asynchronous save in flight
     if is_main:
+        if step >= config.total_steps:
+            mark_done(workdir, step)
         logging.info("%s", _end_summary(config, workdir, ckpt.directory, last, step, train_s))
     return last
+
+
+DONE_FILE = "done.json"
+
+
+def mark_done(workdir: str, step: int) -> None:
+    """`workdir/done.json`: the run reached its last step and ran its final evals (what the
+    launchers wait for before they stop relaunching)."""
+    paths.write_text(
+        paths.path(workdir) / DONE_FILE, json.dumps({"step": int(step), "time": time.time()})
+    )
 
 
 def compile_train_step(
@@ -243,8 +260,8 @@ def _end_summary(config, workdir: str, checkpoints: str, last: dict, step: int, 
         rows.append(("final loss", f"{last['loss']:.4f}"))
     for key, value in sorted(last_evals(workdir).items()):
         rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
-    rows.append(("checkpoint", os.path.join(checkpoints, str(step))))
-    rows.append(("metrics", f"{os.path.join(workdir, 'metrics.jsonl')} (and TensorBoard)"))
+    rows.append(("checkpoint", str(paths.path(checkpoints) / str(step))))
+    rows.append(("metrics", f"{paths.path(workdir) / METRICS_FILE} (and TensorBoard)"))
     curves = _plot(workdir) if last else ""
     if curves:
         rows.append(("curves", curves))
@@ -322,7 +339,9 @@ def _loop(
     progress = Progress(config.total_steps, start, config.batch_size)
     last: dict[str, Any] = {}
     window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
-    pending = None  # the previous step's non-finite guard, read while the current step runs
+    guard = NonFiniteGuard(config, start, int(state.nonfinite_steps))
+    config_dict = json.loads(config.to_json_best_effort())  # saved with each checkpoint
+    pending = None  # the previous step's non-finite count, read while the current step runs
     for step in range(start + 1, config.total_steps + 1):
         t = time.perf_counter()
         batch, data_state = next(batches)
@@ -330,18 +349,19 @@ def _loop(
         state, metrics = train_step(state, batch)
         window_steps += 1
         if pending is not None:
-            _check_finite(pending, config.get("nonfinite", "halt"))
-        pending = metrics.pop("first_nonfinite_step")
+            guard.check(step - 1, pending)
+        pending = metrics.pop("nonfinite_steps")
 
         preempted = watcher.reached(step)
         if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
-            blocked = ckpt.save(step, state, data_state)
+            guard.check(step, pending)  # never save a step that halts: a resume would halt too
+            blocked = ckpt.save(step, state, data_state, config=config_dict)
             save_s += blocked
             logging.info("checkpoint at step %d (blocked the loop for %.2fs)", step, blocked)
         due = [] if preempted else runner.due(evaluators, step, config.total_steps)
         if step % config.log_every_steps == 0 or step == config.total_steps or preempted or due:
             metrics = jax.device_get(metrics)
-            _check_finite(pending, config.get("nonfinite", "halt"))
+            guard.check(step, pending)
             elapsed = time.perf_counter() - window_t0
             pairs_per_sec = window_steps * config.batch_size / elapsed
             last = {
@@ -380,11 +400,60 @@ def _total_skipped(mine: int) -> int:
     return int(multihost_utils.process_allgather(mine).sum())
 
 
-def _check_finite(first_nonfinite_step: jax.Array, policy: str) -> None:
-    step = int(first_nonfinite_step)
-    if step >= 0 and policy == "halt":
-        raise NonFiniteLossError(
-            f"the loss or gradient became non-finite at step {step + 1} (the update was not "
-            "applied); lower optim.learning_rate, enable optim.grad_clip_norm, or set "
-            "nonfinite=skip to skip such steps"
+class NonFiniteGuard:
+    """Applies `config.nonfinite` to the steps whose loss or gradient was not finite (the train
+    step did not apply their update and counted them in `nonfinite_steps`).
+
+    halt: stop at the first such step of this run. skip: log each one and go on, but stop a run
+    that is not learning any more: `nonfinite_max_consecutive` skipped steps in a row, or more
+    than `nonfinite_max_fraction` of the run's steps (and at least `nonfinite_max_consecutive`).
+    Counts start from the restored state's, so a checkpoint never halts the run that resumes it.
+    """
+
+    def __init__(self, config, start_step: int, start_count: int):
+        self.policy = config.nonfinite
+        self.max_consecutive = config.nonfinite_max_consecutive
+        self.max_fraction = config.nonfinite_max_fraction
+        self.start_step, self.start_count = start_step, start_count
+        self.count, self.consecutive, self.checked = start_count, 0, start_step
+
+    def check(self, step: int, count: jax.Array) -> None:
+        """`count` is `nonfinite_steps` after `step`; steps may be checked more than once."""
+        if step <= self.checked:
+            return
+        count = int(count)
+        new = count - self.count
+        self.checked, self.count = step, count
+        if not new:
+            self.consecutive = 0
+            return
+        self.consecutive += new
+        skipped = count - self.start_count
+        advice = (
+            "lower optim.learning_rate or enable optim.grad_clip_norm, then rerun: the run "
+            "resumes from its last checkpoint"
         )
+        if self.policy == "halt":
+            raise NonFiniteLossError(
+                f"the loss or gradient became non-finite at step {step} (the update was not "
+                f"applied; nothing after step {step - 1} is saved); {advice}, or set "
+                "nonfinite=skip to skip such steps"
+            )
+        steps = step - self.start_step
+        logging.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row; %d of the %d "
+            "steps of this run)",
+            step,
+            self.consecutive,
+            skipped,
+            steps,
+        )
+        if self.consecutive >= self.max_consecutive or (
+            skipped >= self.max_consecutive and skipped > self.max_fraction * steps
+        ):
+            raise NonFiniteLossError(
+                f"{skipped} of the {steps} steps up to step {step} had a non-finite loss or "
+                f"gradient ({self.consecutive} in a row; nonfinite_max_consecutive="
+                f"{self.max_consecutive}, nonfinite_max_fraction={self.max_fraction}): the run "
+                f"is not learning; {advice}"
+            )

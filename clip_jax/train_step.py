@@ -173,7 +173,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "learning_rate": lr_schedule(state.step - 1),
             "logit_scale": jnp.exp(state.params["logit_scale"]),
-            "first_nonfinite_step": state.first_nonfinite_step,
+            "nonfinite_steps": state.nonfinite_steps,  # skipped updates so far, this one included
         }
         return state, metrics
 

@@ -25,6 +25,9 @@ MEANINGS = {
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "keep_period": "also keep every checkpoint whose step is a multiple of this (0: none)",
     "nonfinite": "a step with a non-finite loss or gradient: halt (stop) or skip (count it)",
+    "nonfinite_max_consecutive": "nonfinite=skip: halt after this many skipped steps in a row",
+    "nonfinite_max_fraction": "nonfinite=skip: halt when more than this fraction of the run's "
+    "steps (and at least nonfinite_max_consecutive) were skipped",
     "init_from": "OpenAI / OpenCLIP / clip_jax weights to start a fresh run from ('': none)",
     "mesh.data": "devices of the data-parallel mesh axis (-1: the remaining devices)",
     "mesh.fsdp": "devices of the FSDP axis: parameters sharded over the model width",
@@ -90,6 +93,8 @@ def base_config(
     c.keep_checkpoints = 3  # the newest ones; plus every keep_period-th step when > 0
     c.keep_period = 0
     c.nonfinite = "halt"  # or "skip": a step with a non-finite loss or gradient is not applied
+    c.nonfinite_max_consecutive = 5  # a run that keeps skipping is dead: halt
+    c.nonfinite_max_fraction = 0.05
     c.init_from = ""  # OpenAI / OpenCLIP / clip_jax weights to start from (fresh runs only)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest

@@ -123,6 +123,8 @@ def test_nonfinite_loss_halts_with_the_step(tmp_path):
 def test_nonfinite_loss_skipped_when_asked(tmp_path):
     config = tiny_config(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0})
     config.nonfinite = "skip"
+    config.nonfinite_max_consecutive = 1000  # told to go on whatever happens
+    config.nonfinite_max_fraction = 1.0
     last = train.run(config, str(tmp_path))
     assert last["nonfinite_steps"] >= 1
 

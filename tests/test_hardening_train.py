@@ -1,0 +1,96 @@
+"""Faults and bad input in training, each reproduced first: a halting step never poisons the
+checkpoint, a dead run under nonfinite=skip stops, metrics.jsonl shows each step once after a
+resume, config.json is replaced only by an accepted config, and a finished run says so."""
+
+import json
+import os
+
+import pytest
+from absl import logging
+
+from clip_jax import checkpoint, state, train
+from tests.test_train import tiny_config
+
+
+def rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_halting_step_is_not_saved_and_a_resume_with_a_lower_rate_goes_on(tmp_path):
+    workdir = str(tmp_path)
+    base = {"checkpoint_every_steps": 2, "optim.warmup_steps": 0}
+    train.run(tiny_config(total_steps=4, **base), workdir)
+    blown = tiny_config(total_steps=8, **{**base, "optim.learning_rate": 1e30})
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step [56] "):
+        train.run(blown, workdir)
+    assert checkpoint.Checkpointer(workdir, create=False).all_steps() == [2, 4]
+    # What the message advises: a lower learning rate, and the run goes on from step 4.
+    last = train.run(tiny_config(total_steps=8, **base), workdir)
+    assert last["nonfinite_steps"] == 0
+    assert sorted(r["step"] for r in rows(workdir) if "loss" in r) == list(range(1, 9))
+
+
+def test_dead_run_under_skip_halts_and_each_skip_is_logged(tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    config = tiny_config(total_steps=10, **{"optim.learning_rate": 1e30, "optim.warmup_steps": 0})
+    config.nonfinite = "skip"
+    with pytest.raises(train.NonFiniteLossError, match="not learning"):
+        train.run(config, str(tmp_path))
+    skips = [w for w in warnings if "update skipped" in w]
+    assert len(skips) == config.nonfinite_max_consecutive
+
+
+def test_guard_fraction_rule():
+    config = tiny_config()
+    config.nonfinite = "skip"
+    config.nonfinite_max_consecutive = 3
+    config.nonfinite_max_fraction = 0.25
+    guard = train.NonFiniteGuard(config, start_step=0, start_count=0)
+    count = 0
+    for step in range(1, 13):  # steps 4, 8, 12 skipped: never 3 in a row, never > 25%
+        count += step % 4 == 0
+        guard.check(step, count)
+    guard = train.NonFiniteGuard(config, start_step=0, start_count=0)
+    count = 0
+    with pytest.raises(train.NonFiniteLossError, match="3 of the 8 steps"):
+        for step in range(1, 13):
+            count += step % 3 == 2  # steps 2, 5, 8, 11
+            guard.check(step, count)
+
+
+def test_metrics_show_each_step_once_after_a_resume(tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config(total_steps=6, checkpoint_every_steps=4)
+    train.run(config, workdir)
+    # An attempt that logged steps 5 and 6 but was killed before it saved them: forget 6.
+    ckpt = checkpoint.Checkpointer(workdir)
+    ckpt._manager.delete(6)
+    ckpt.close()
+    train.run(config, workdir)
+    steps = [r["step"] for r in rows(workdir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_config_json_is_replaced_only_once_accepted_and_each_checkpoint_keeps_its_own(tmp_path):
+    workdir = str(tmp_path)
+    train.run(tiny_config(total_steps=2, checkpoint_every_steps=2), workdir)
+    before = (tmp_path / "config.json").read_text()
+    # Another model on this workdir, asked for: it fails to restore the other run's weights.
+    other = tiny_config(total_steps=4, **{"model.embed_dim": 24})
+    with pytest.raises(Exception):
+        train.run(other, workdir, config_change_ok=True)
+    assert (tmp_path / "config.json").read_text() == before
+    saved = state.read_run_config(workdir, 2)
+    assert saved.model.to_dict() == json.loads(before)["model"]
+    model, variables, step = state.load_run(workdir)
+    assert step == 2 and model.embed_dim == saved.model.embed_dim
+
+
+def test_done_marker(tmp_path):
+    workdir = str(tmp_path)
+    train.run(tiny_config(total_steps=2), workdir)
+    assert json.loads((tmp_path / train.DONE_FILE).read_text())["step"] == 2
+    train.run(tiny_config(total_steps=4), workdir)  # more steps: not done until they ran
+    assert json.loads((tmp_path / train.DONE_FILE).read_text())["step"] == 4
