@@ -6,8 +6,9 @@ maps each to a leaf of our Flax variables by its path, with one of three transfo
 reshapes (biases, fused-QKV biases, everything already in place). Every transform is a transpose
 or reshape, so import followed by export reproduces the tensors bit for bit.
 
-Readers: `.safetensors` and `.npz` need no torch; `.pt` / `.bin` (plain state dicts, OpenCLIP
-training checkpoints, OpenAI's TorchScript archives) import torch lazily.
+Readers: `.safetensors` and `.npz` need no torch; `.pt` / `.bin` files are read without running
+code they carry (`clip_jax.torch_files`): plain state dicts and OpenCLIP training checkpoints by
+`torch.load(weights_only=True)`, OpenAI's TorchScript archives as data, with no torch at all.
 """
 
 import json
@@ -23,6 +24,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors c
 import numpy as np
 from flax import traverse_util
 
+from clip_jax import torch_files
 from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
 from clip_jax.pretrained import resolve
@@ -245,24 +247,27 @@ def to_state_dict(variables: Variables, cfg: Mapping[str, Any]) -> StateDict:
 # Files
 
 
-def read_state_dict(path: str) -> tuple[StateDict, dict[str, Any] | None]:
-    """Reads a checkpoint file -> (state dict of numpy arrays, our stored model config or None)."""
+def read_state_dict(
+    path: str, *, allow_torchscript_code: bool = False
+) -> tuple[StateDict, dict[str, Any] | None]:
+    """Reads a checkpoint file -> (state dict of numpy arrays, our stored model config or None).
+
+    `allow_torchscript_code=True` reads TorchScript archives with `torch.jit.load`, which runs
+    the code inside them: unsafe, for files you trust as programs. By default they are read as
+    data (`clip_jax.torch_files`), as OpenAI's released models need.
+    """
     if not os.path.exists(path):
         raise UsageError(f"no checkpoint at {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        sd, meta = _read_safetensors(path)
         cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     elif ext == ".npz":
         with np.load(path, allow_pickle=False) as f:
             sd = {k: f[k] for k in f.files}
         cfg = json.loads(str(sd.pop(CONFIG_KEY))) if CONFIG_KEY in sd else None
     elif ext in (".pt", ".pth", ".bin"):
-        sd, cfg = _read_torch(path), None
+        sd, cfg = torch_files.read(path, allow_torchscript_code=allow_torchscript_code), None
     else:
         raise UsageError(
             f"unknown checkpoint format {ext!r} of {path}: use .safetensors, .npz, .pt or .bin"
@@ -270,20 +275,19 @@ def read_state_dict(path: str) -> tuple[StateDict, dict[str, Any] | None]:
     return _strip_prefix(sd), cfg
 
 
-def _read_torch(path: str) -> StateDict:
+def _read_safetensors(path: str) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
     try:
-        import torch
-    except ImportError as e:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except SafetensorError as e:
         raise UsageError(
-            f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors"
-        ) from e
-    try:  # OpenAI's released models are TorchScript archives.
-        obj = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "state_dict" in obj:  # OpenCLIP training checkpoints
-        obj = obj["state_dict"]
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+            f"{path}: not a readable safetensors file ({e}); it may be truncated: download or "
+            "export it again"
+        ) from None
+    return sd, meta
 
 
 def _strip_prefix(sd: StateDict) -> StateDict:
@@ -311,6 +315,7 @@ def load_pretrained(
     pretrained: str | None = None,
     cache_dir: str | None = None,
     verify: bool = True,
+    allow_torchscript_code: bool = False,
     **overrides: Any,
 ) -> tuple[CLIP, Variables]:
     """An OpenAI, OpenCLIP or clip_jax checkpoint file, or a training run -> (model, variables).
@@ -330,6 +335,11 @@ def load_pretrained(
     pass `quick_gelu=False` for OpenCLIP models trained with GELU. Other overrides set model fields
     (`dtype="bfloat16"`, `remat_policy="full"`, `text=dict(heads=...)`).
 
+    PyTorch files are read without running code they carry: OpenAI's TorchScript archives as
+    data, other `.pt` / `.bin` files with `torch.load(weights_only=True)`.
+    `allow_torchscript_code=True` loads TorchScript with `torch.jit.load` instead, which runs the
+    archive's code: unsafe, only for a file you would run as a program.
+
     Returns:
       model: a `CLIP` module.
       variables: `{"params": ...}` (plus `"batch_stats"` for ResNets), for
@@ -344,7 +354,7 @@ def load_pretrained(
         return model, variables
     if step is not None:
         raise UsageError(f"step={step} applies to a training run's directory, not to {path}")
-    sd, stored = read_state_dict(path)
+    sd, stored = read_state_dict(path, allow_torchscript_code=allow_torchscript_code)
     cfg = stored if stored is not None else {**infer_config(sd), "quick_gelu": True}
     if is_resnet(cfg["vision"]):
         cfg["vision"] = {**cfg["vision"], "layers": tuple(cfg["vision"]["layers"])}

@@ -165,7 +165,14 @@ class SentencePieceTokenizer:
 
         if not os.path.exists(model_path):
             raise UsageError(f"no sentencepiece model at {model_path}")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except RuntimeError as e:  # sentencepiece's one error type: unparsable file, a folder
+            reason = str(e).replace(f" from {model_path}", "")
+            raise UsageError(
+                f"{model_path}: not a sentencepiece model ({reason}); give the .model file that "
+                "`python -m clip_jax.data.tokenizers train` (or sentencepiece) wrote"
+            ) from None
         self.context_length, self.add_bos = context_length, add_bos
         self.vocab_size = self.sp.get_piece_size()
         self.eot_token_id = self.sp.eos_id()
