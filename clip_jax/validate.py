@@ -1,0 +1,264 @@
+"""Start-up checks of a training config: `validate(config)` holds every key to what it allows,
+before data is opened or a model built, and refuses the first that is not with one UsageError
+line naming the key, the value and what is allowed. Without it, a negative learning rate trains
+by gradient ascent, `batch_size=0` ends in a ZeroDivisionError, `total_steps=0` does nothing.
+
+What needs the devices (the mesh's product, the batch over the batch shards) or the data (the
+source's files, the tokenizer's file) is checked where those are known: `sharding.make_mesh`,
+`sharding.local_rows` and `pipeline.make_source`, which name the key too.
+"""
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import ml_collections
+
+from clip_jax import losses
+from clip_jax.errors import UsageError
+from clip_jax.evals import entries
+from clip_jax.models.layers import REMAT_POLICIES
+from clip_jax.models.text import POOL_TYPES
+
+NONFINITE_POLICIES = ("halt", "skip")
+SCHEDULES = ("cosine", "constant")  # optim.make_schedule's
+ATTN_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's `implementation`
+FROZEN_GROUPS = ("visual", "text_tower", "logit_scale", "logit_bias")  # CLIP's top-level params
+
+
+class Rule(NamedTuple):
+    ok: Callable[[Any], bool]
+    allowed: str  # what the error line says is allowed
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _seq(v: Any, item: Callable[[Any], bool]) -> bool:
+    return isinstance(v, (tuple, list)) and all(item(x) for x in v)
+
+
+def _float_dtype(v: Any) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(v), jnp.floating)
+    except TypeError:
+        return False
+
+
+def _one_of(choices: Sequence[Any]) -> Rule:
+    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), _choices(choices))
+
+
+def _choices(choices: Sequence[Any]) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+INT = Rule(_int, "an integer")
+POSITIVE_INT = Rule(lambda v: _int(v) and v > 0, "a positive integer")
+COUNT = Rule(lambda v: _int(v) and v >= 0, "an integer >= 0")
+POSITIVE = Rule(lambda v: _number(v) and v > 0, "a positive number")
+NON_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number >= 0")
+NUMBER = Rule(_number, "a finite number")
+BETA = Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+FRACTION = Rule(lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
+STRING = Rule(lambda v: isinstance(v, str), "a string")
+NAME = Rule(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
+FLOAT_DTYPE = Rule(_float_dtype, "a floating dtype: 'float32', 'bfloat16' or 'float16'")
+NAMES = Rule(
+    lambda v: isinstance(v, str) or _seq(v, lambda x: isinstance(x, str)),
+    "a string or a list of strings",
+)
+MESH_AXIS = Rule(lambda v: _int(v) and (v > 0 or v == -1), "a positive integer, or -1 (the rest)")
+
+# One rule per key of a training config (`configs/common.py`'s base_config, with the model's
+# optional keys); `evals` entries have theirs below. A key the config lacks is not checked.
+RULES: dict[str, Rule] = {
+    "seed": INT,
+    "batch_size": POSITIVE_INT,
+    "total_steps": POSITIVE_INT,
+    "log_every_steps": POSITIVE_INT,
+    "checkpoint_every_steps": POSITIVE_INT,
+    "keep_checkpoints": POSITIVE_INT,
+    "keep_period": Rule(COUNT.ok, "an integer >= 0 (0: none)"),
+    "nonfinite": _one_of(NONFINITE_POLICIES),
+    "nonfinite_max_consecutive": POSITIVE_INT,
+    "nonfinite_max_fraction": FRACTION,
+    "init_from": STRING,
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
+    "model.embed_dim": POSITIVE_INT,
+    "model.quick_gelu": BOOL,
+    "model.dtype": FLOAT_DTYPE,
+    "model.param_dtype": FLOAT_DTYPE,
+    "model.remat_policy": _one_of(tuple(REMAT_POLICIES)),
+    "model.attn_impl": _one_of(ATTN_IMPLS),
+    "model.init_logit_scale": NUMBER,
+    "model.init_logit_bias": Rule(lambda v: v is None or _number(v), "None or a finite number"),
+    "model.vision.image_size": POSITIVE_INT,
+    "model.vision.patch_size": POSITIVE_INT,
+    "model.vision.width": POSITIVE_INT,
+    "model.vision.layers": Rule(
+        lambda v: POSITIVE_INT.ok(v) or (_seq(v, POSITIVE_INT.ok) and len(v) == 4),
+        "a positive integer (ViT) or 4 positive integers (ResNet: blocks per stage)",
+    ),
+    "model.vision.heads": POSITIVE_INT,
+    "model.vision.mlp_ratio": POSITIVE,
+    "model.text.context_length": POSITIVE_INT,
+    "model.text.vocab_size": POSITIVE_INT,
+    "model.text.width": POSITIVE_INT,
+    "model.text.layers": POSITIVE_INT,
+    "model.text.heads": POSITIVE_INT,
+    "model.text.mlp_ratio": POSITIVE,
+    "model.text.pool_type": _one_of(POOL_TYPES),
+    "model.text.eot_token_id": Rule(lambda v: v is None or COUNT.ok(v), "None or a token id"),
+    "loss.name": _one_of(tuple(losses.LOSSES)),
+    "loss.chunk_size": Rule(COUNT.ok, "an integer >= 0 (0: not chunked)"),
+    "loss.max_logit_scale": POSITIVE,
+    "optim.learning_rate": POSITIVE,
+    "optim.warmup_steps": COUNT,
+    "optim.schedule": _one_of(SCHEDULES),
+    "optim.b1": BETA,
+    "optim.b2": BETA,
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.grad_clip_norm": Rule(NON_NEGATIVE.ok, "a number >= 0 (0: no clipping)"),
+    "optim.accum_steps": POSITIVE_INT,
+    "optim.frozen": Rule(
+        lambda v: _seq(v, lambda x: x in FROZEN_GROUPS),
+        f"a list of parameter groups, each {_choices(FROZEN_GROUPS)}",
+    ),
+    # The source's form and files, and the tokenizer's, are checked when the data opens.
+    "train_data.source": STRING,
+    "train_data.image_key": NAME,
+    "train_data.text_key": NAME,
+    "train_data.tokenizer": NAME,
+    "train_data.shuffle_buffer": Rule(COUNT.ok, "an integer >= 0 (0 or 1: no shuffling)"),
+    "train_data.crop_scale": Rule(
+        lambda v: _seq(v, _number) and len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+        "(low, high) with 0 < low <= high <= 1: the kept area fraction",
+    ),
+    "train_data.data_dir": STRING,
+}
+
+# One rule per key of an eval entry (`evals/entries.py`); `type` and the empty sources are
+# `entries.entry_config`'s.
+EVAL_RULES: dict[str, Rule] = {
+    "type": STRING,
+    "source": STRING,
+    "every_steps": Rule(COUNT.ok, "an integer >= 0 (0: at the end only)"),
+    "batch_size": POSITIVE_INT,
+    "data_dir": STRING,
+    "image_key": STRING,
+    "label_key": STRING,
+    "text_key": STRING,
+    "image_id_key": STRING,
+    "classnames": NAMES,
+    "templates": Rule(lambda v: NAMES.ok(v) and len(v) > 0, "a name, a file or a list of strings"),
+    "class_subset": NAMES,
+    "ks": Rule(lambda v: _seq(v, POSITIVE_INT.ok) and len(v) > 0, "a list of positive integers"),
+    "max_captions": POSITIVE_INT,
+    "train_source": STRING,
+    "val_source": STRING,
+    "features": _one_of(entries.FEATURES),
+    "val_fraction": Rule(lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "seed": INT,
+    "cache_dir": STRING,
+    "shots": Rule(lambda v: _seq(v, POSITIVE_INT.ok) and len(v) > 0, "a list of positive integers"),
+    "seeds": Rule(lambda v: _seq(v, _int) and len(v) > 0, "a list of integers"),
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Refuses a training config with a value its key does not allow.
+
+    Args:
+      config: a training config (`configs/*.py`, after `--config.KEY=VALUE` overrides).
+    Raises:
+      UsageError: one line, `KEY=VALUE: use WHAT IS ALLOWED`, for the first key found wrong.
+    """
+    for key, rule in RULES.items():
+        found, value = _lookup(config, key)
+        if found and not rule.ok(value):
+            _refuse(key, value, rule.allowed)
+    _check_together(config)
+    for name, entry in config.get("evals", {}).items():
+        _check_eval(name, entry)
+
+
+def _lookup(config: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping | ml_collections.ConfigDict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _refuse(key: str, value: Any, allowed: str) -> None:
+    raise UsageError(f"{key}={value!r}: use {allowed}")
+
+
+def _check_together(c: ml_collections.ConfigDict) -> None:
+    """The rules between keys, each checked only once both keys passed their own."""
+    if c.optim.warmup_steps > c.total_steps:
+        _refuse(
+            "optim.warmup_steps",
+            c.optim.warmup_steps,
+            f"at most total_steps={c.total_steps} (a warmup longer than the run)",
+        )
+    if c.batch_size % c.optim.accum_steps:
+        _refuse(
+            "batch_size",
+            c.batch_size,
+            f"a multiple of optim.accum_steps={c.optim.accum_steps} (the micro-batches per step)",
+        )
+    if list(c.mesh.values()).count(-1) > 1:
+        _refuse("mesh", c.mesh.to_dict(), "-1 on at most one axis (it takes the rest)")
+    vision, text = c.model.vision, c.model.text
+    if isinstance(vision.layers, int):  # a ViT
+        if "patch_size" not in vision:
+            raise UsageError("model.vision.patch_size is missing: a ViT (int layers) needs it")
+        if vision.image_size % vision.patch_size:
+            _refuse(
+                "model.vision.image_size",
+                vision.image_size,
+                f"a multiple of model.vision.patch_size={vision.patch_size}",
+            )
+        _check_heads("model.vision", vision.width, vision.heads)
+    else:  # a ResNet: the attention pool sees width x 32 channels
+        _check_heads("model.vision", vision.width * 32, vision.heads, "width x 32")
+    _check_heads("model.text", text.width, text.heads)
+    if text.get("pool_type") == "eot" and text.get("eot_token_id") is None:
+        raise UsageError("model.text.pool_type='eot' needs model.text.eot_token_id")
+    if text.get("eot_token_id") is not None and text.eot_token_id >= text.vocab_size:
+        _refuse(
+            "model.text.eot_token_id",
+            text.eot_token_id,
+            f"an id below model.text.vocab_size={text.vocab_size}",
+        )
+    if c.loss.name == "sigmoid" and c.model.get("init_logit_bias") is None:
+        raise UsageError(
+            "loss.name='sigmoid' needs a learned bias: set model.init_logit_bias (SigLIP: -10)"
+        )
+
+
+def _check_heads(tower: str, width: int, heads: int, what: str = "width") -> None:
+    if width % heads:
+        _refuse(f"{tower}.heads", heads, f"a divisor of the {what}, {width}")
+
+
+def _check_eval(name: str, entry: Any) -> None:
+    if not isinstance(entry, Mapping | ml_collections.ConfigDict):
+        _refuse(f"evals.{name}", entry, "dict(type=..., source=..., ...)")
+    for key, value in entries.entry_config(name, entry).items():
+        rule = EVAL_RULES.get(key)
+        if rule is not None and not rule.ok(value):
+            _refuse(f"evals.{name}.{key}", value, rule.allowed)
