@@ -9,7 +9,10 @@ example than one image at a time).
 
 Decoding handles whatever `tf.io.decode_image` reads: JPEG, PNG, GIF (first frame), BMP and, in
 the TensorFlow versions we support, WebP. Undecodable or truncated bytes raise an error inside
-the graph; the pipeline turns such errors into skipped, counted records.
+the graph; the pipeline turns such errors into skipped, counted records. So do images whose
+header declares more than `max_pixels` (width x height): a few hundred KB of PNG can declare
+20000 x 20000 pixels, 1.2 GB once decoded, so the size is read from the header first (JPEG's by
+`tf.image.extract_jpeg_shape`, the others' fixed header fields) and such images never decode.
 """
 
 import math
@@ -23,11 +26,59 @@ CROP_RATIO = (3 / 4, 4 / 3)
 # Downscaling by more than this gets an antialiasing filter, as PIL's resize (which OpenAI and
 # open_clip use) always applies; below it, the filter changes little and costs 3-4x the time.
 ANTIALIAS_ABOVE = 1.25
+# Images declaring more pixels than this are not decoded: PIL's Image.MAX_IMAGE_PIXELS, the
+# limit past which PIL (which open_clip's loaders use) warns of a decompression bomb.
+MAX_IMAGE_PIXELS = 89_478_485
+_HEADER_BYTES = 32
 
 
-def decode_rgb(data: tf.Tensor) -> tf.Tensor:
-    """Encoded image bytes (a scalar tf.string) -> uint8 [H, W, 3]; raises on bad bytes."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+def header_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width x height as the header of encoded image bytes declares it, without decoding: int64
+    scalar; 0 for a format not recognised (`tf.io.decode_image` then refuses it anyway)."""
+    head = tf.strings.substr(data + b"\0" * _HEADER_BYTES, 0, _HEADER_BYTES)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)  # [32]
+
+    def le(start: int, n: int) -> tf.Tensor:  # little-endian unsigned integer at b[start:]
+        return sum(b[start + i] * 256**i for i in range(n))
+
+    def be(start: int, n: int) -> tf.Tensor:
+        return sum(b[start + i] * 256 ** (n - 1 - i) for i in range(n))
+
+    def starts(prefix: bytes, at: int = 0) -> tf.Tensor:
+        return tf.reduce_all(tf.equal(b[at : at + len(prefix)], list(prefix)))
+
+    def signed32(v: tf.Tensor) -> tf.Tensor:
+        return tf.abs(tf.where(v >= 2**31, v - 2**32, v))
+
+    vp8l = le(21, 4)
+    sizes = [  # (format test, width, height)
+        (starts(b"\x89PNG\r\n\x1a\n"), be(16, 4), be(20, 4)),
+        (starts(b"GIF8"), le(6, 2), le(8, 2)),
+        (starts(b"BM"), signed32(le(18, 4)), signed32(le(22, 4))),
+        (starts(b"WEBPVP8X", 8), 1 + le(24, 3), 1 + le(27, 3)),
+        (starts(b"WEBPVP8 ", 8), le(26, 2) % 2**14, le(28, 2) % 2**14),
+        (starts(b"WEBPVP8L", 8), 1 + vp8l % 2**14, 1 + vp8l // 2**14 % 2**14),
+    ]
+    pixels = tf.constant(0, tf.int64)
+    for test, width, height in reversed(sizes):
+        pixels = tf.where(test, width * height, pixels)
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)),
+        lambda: pixels,
+    )
+
+
+def decode_rgb(data: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
+    """Encoded image bytes (a scalar tf.string) -> uint8 [H, W, 3]; raises on bad bytes, and on
+    an image whose header declares more than `max_pixels` pixels, before decoding it."""
+    small = tf.debugging.assert_less_equal(
+        header_pixels(data),
+        tf.constant(max_pixels, tf.int64),
+        message=f"an image above max_pixels={max_pixels} (not decoded)",
+    )
+    with tf.control_dependencies([small]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 
@@ -91,6 +142,7 @@ def train_crop(
     size: int,
     seed: tf.Tensor,
     scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tf.Tensor:
     """Encoded bytes -> a random resized crop: uint8 [size, size, 3].
 
@@ -99,17 +151,18 @@ def train_crop(
       size: output resolution.
       seed: int [2] stateless seed (the crop is a pure function of the bytes and the seed).
       scale: range of the crop's share of the image area.
+      max_pixels: larger images (by their header) raise instead of being decoded.
     """
-    image = decode_rgb(data)
+    image = decode_rgb(data, max_pixels)
     shape = tf.shape(image)
     top, left, h, w = random_crop_window(shape[0], shape[1], seed, scale)
     return to_uint8(resize(image[top : top + h, left : left + w], size, size))
 
 
-def eval_crop(data: tf.Tensor, size: int) -> tf.Tensor:
+def eval_crop(data: tf.Tensor, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
     """Encoded bytes -> OpenAI's evaluation transform: shorter side resized to `size` (bicubic),
-    center crop `size` x `size`: uint8 [size, size, 3]."""
-    image = decode_rgb(data)
+    center crop `size` x `size`: uint8 [size, size, 3]; raises above `max_pixels` (undecoded)."""
+    image = decode_rgb(data, max_pixels)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     short = tf.minimum(shape[0], shape[1])
     # torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated.

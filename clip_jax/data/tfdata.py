@@ -6,7 +6,8 @@ Per reader, the stream is a pure function of the seed and a position (epoch, off
     epoch e0 from offset o0, then epochs e0+1, e0+2, ... (each in its own seeded order)
       -> number every raw record (epoch, offset) before decoding
       -> parse + decode + crop (uint8) in a deterministic parallel map, seeded by the position
-      -> drop records that raised (bad image bytes) or are unusable (no or empty caption)
+      -> drop records that raised (bad image bytes, an image whose header declares more than
+         `max_image_pixels`: never decoded) or are unusable (no or empty caption)
     then mix the readers' streams (a seeded draw per example), batch, normalise each batch's
     images and tokenize its captions in one call, prefetch.
 
@@ -137,6 +138,7 @@ class TFDataSource:
         weights: Sequence[float] | None = None,
         crop_scale: tuple[float, float] | None = None,
         process_index: int = 0,
+        max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS,
     ):
         weights = list(weights) if weights is not None else [1.0] * len(readers)
         if len(weights) != len(readers) or min(weights) <= 0:
@@ -148,10 +150,15 @@ class TFDataSource:
         self.tokenize_fn, self.seed = tokenize_fn, seed
         self.image_size, self.context_length = image_size, context_length
         self.crop_scale, self.process_index = (float(lo), float(hi)), process_index
+        if max_image_pixels < 1:
+            raise UsageError(f"max_image_pixels={max_image_pixels} must be at least 1")
+        self.max_image_pixels = int(max_image_pixels)
         self.skipped_examples = 0
 
     def _image_fn(self, data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        return image_ops.train_crop(data, self.image_size, seed, self.crop_scale)
+        return image_ops.train_crop(
+            data, self.image_size, seed, self.crop_scale, self.max_image_pixels
+        )
 
     def _tokenize(self, captions: np.ndarray) -> np.ndarray:
         tokens = self.tokenize_fn([c.decode("utf-8") for c in captions])  # [n, L]

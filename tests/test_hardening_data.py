@@ -1,0 +1,145 @@
+"""Hardening of the data path (issue 11): decompression bombs are skipped and counted without
+being decoded; data preparation keeps to the CSV's folder."""
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from clip_jax.data import image_ops, prepare, readers, tfdata, tokenizers
+
+
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 8-bit greyscale PNG of zeros: ~390 KB that decode to width x height x 3 bytes.
+
+    The zlib stream repeats one fully flushed block (a full flush resets the compressor, so the
+    block's bytes are the same each time): built in a fraction of a second, not a full deflate.
+    """
+    rows_per_block = 400
+    assert height % rows_per_block == 0
+    block_rows = b"\0" * ((width + 1) * rows_per_block)  # filter byte 0 + a row of zeros
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate: we add zlib's wrapper
+    block = compressor.compress(block_rows) + compressor.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(height // rows_per_block):
+        adler = zlib.adler32(block_rows, adler)
+    stream = b"\x78\xda" + block * (height // rows_per_block) + b"\x03\x00"
+    stream += struct.pack(">I", adler)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    )
+
+
+def encoded(fmt: str, height: int = 20, width: int = 30, **kw) -> bytes:
+    array = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, fmt, **kw)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    data = png_bomb()
+    assert len(data) < 500_000
+    with pytest.raises(Image.DecompressionBombError, match="400000000 pixels"):
+        Image.open(io.BytesIO(data))  # a real PNG, and a bomb by PIL's measure too
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: decompression bombs
+
+
+@pytest.mark.parametrize(
+    "fmt, kw",
+    [
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("PNG", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("WEBP", {"lossless": False}),
+        ("WEBP", {"lossless": True}),
+    ],
+)
+def test_header_pixels_reads_the_size_every_decodable_format_declares(fmt, kw):
+    data = encoded(fmt, 37, 53, **kw)
+    assert int(image_ops.header_pixels(tf.constant(data))) == 37 * 53
+    assert image_ops.decode_rgb(tf.constant(data)).shape == (37, 53, 3)
+
+
+def test_header_pixels_of_extended_webp_and_unknown_bytes():
+    rgba = np.zeros((41, 29, 4), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(out, "WEBP", exif=b"Exif\0\0")  # VP8X: extended header
+    assert out.getvalue()[12:16] == b"VP8X"
+    assert int(image_ops.header_pixels(tf.constant(out.getvalue()))) == 41 * 29
+    assert int(image_ops.header_pixels(tf.constant(b"no image"))) == 0
+    assert int(image_ops.header_pixels(tf.constant(b""))) == 0
+
+
+def test_a_decompression_bomb_raises_before_it_is_decoded(bomb):
+    start = time.perf_counter()
+    for crop in (
+        lambda: image_ops.train_crop(tf.constant(bomb), 16, tf.constant([1, 2], tf.int64)),
+        lambda: image_ops.eval_crop(tf.constant(bomb), 16),
+    ):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=89478485"):
+            crop()
+    # Decoding would take seconds (and 1.2 GB); reading the header takes milliseconds.
+    assert time.perf_counter() - start < 1.0
+    assert int(image_ops.header_pixels(tf.constant(bomb))) == 20000 * 20000
+    small = encoded("PNG", 20, 30)
+    assert image_ops.eval_crop(tf.constant(small), 16, max_pixels=600).shape == (16, 16, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=599"):
+        image_ops.eval_crop(tf.constant(small), 16, max_pixels=599)
+
+
+def write_shards(path, images: list[bytes]) -> str:
+    with prepare.ShardWriter(str(path), "part", shard_size=100) as writer:
+        for i, data in enumerate(images):
+            writer.write(prepare.make_example(data, f"caption {i}", f"{i:09d}"))
+    return str(path / "part-*.tfrecord")
+
+
+def make_source(pattern: str, **kw) -> tfdata.TFDataSource:
+    reader = readers.TFRecordReader(pattern, shuffle_buffer=1)
+    return tfdata.TFDataSource(
+        [reader],
+        tokenize_fn=tokenizers.get_tokenizer("clip_bpe", 8).tokenize,
+        seed=0,
+        image_size=8,
+        context_length=8,
+        **kw,
+    )
+
+
+def test_training_skips_and_counts_a_bomb_without_decoding_it(tmp_path, bomb):
+    good = [encoded("JPEG"), encoded("PNG"), encoded("JPEG")]
+    pattern = write_shards(tmp_path, [good[0], bomb, good[1], good[2]])
+    source = make_source(pattern)
+    start = time.perf_counter()
+    batch, state = next(source.batches(3, slice(0, 3)))
+    assert batch["image"].shape == (3, 8, 8, 3)
+    assert source.skipped_examples == 1 and state["skipped_examples"] == 1
+    assert time.perf_counter() - start < 20  # the pipeline's start-up; a decode adds ~7 s a bomb
+
+
+def test_the_pixel_limit_is_an_argument(tmp_path):
+    pattern = write_shards(tmp_path, [encoded("PNG", 20, 30), encoded("PNG", 40, 60)] * 2)
+    source = make_source(pattern, max_image_pixels=20 * 30)
+    _, state = next(source.batches(2, slice(0, 2)))
+    assert state["skipped_examples"] == 1  # the first 40 x 60 image, before the second 20 x 30
+    with pytest.raises(ValueError, match="max_image_pixels=0"):
+        make_source(pattern, max_image_pixels=0)
