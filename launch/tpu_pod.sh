@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# Run on every host of a Cloud TPU pod slice (jax.distributed.initialize() detects the pod):
+# clip_jax on a Cloud TPU VM slice, from your machine (gcloud logged in, a git checkout):
 #
-#   launch/tpu_pod.sh my-tpu us-central2-b configs/b16.py gs://bucket/runs/b16 [--config.KEY=VALUE]
+#   launch/tpu_pod.sh [--zone=us-central2-b] [--accelerator-type=v4-32] [--spot] [--queued] \
+#     TPU_NAME CONFIG WORKDIR [--config.KEY=VALUE ...]
 #
-# The repository must be at the same path (~/clip_jax) on every host; gs:// workdirs hold the
-# checkpoints and metrics. Rerunning the same command resumes from the latest checkpoint.
+# Creates or reuses the slice TPU_NAME, copies the code (HEAD plus uncommitted changes to tracked
+# files) to every worker and installs it once per code version, starts the run on all workers
+# detached (each worker logs to ~/clip_jax/logs/RUN.log, RUN being WORKDIR's last part), watches
+# it and relaunches it after a preemption until WORKDIR/done.json exists. WORKDIR is gs://... (or
+# a path every worker mounts). Rerunning the same command reattaches to a running run or resumes
+# it from its latest checkpoint. `--dry-run` prints every command, runs none; `--help` lists the
+# options (project, runtime version, Spot/preemptible, queued resources, polling, ...).
 set -euo pipefail
-TPU_NAME=${1:?TPU name}
-ZONE=${2:?zone}
-CONFIG=${3:?config file}
-WORKDIR=${4:?workdir}
-shift 4
-EXTRA=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd ~/clip_jax && pip install -q -e . 'jax[tpu]' &&
-  python -m clip_jax.main --config=$CONFIG --workdir=$WORKDIR $EXTRA"
+command -v python3 >/dev/null || { echo "tpu_pod.sh: error: python3 is needed" >&2; exit 2; }
+exec python3 "$(dirname "${BASH_SOURCE[0]}")/tpu_pod.py" "$@"
