@@ -3,9 +3,11 @@ fake SLURM environment; launch/tpu_pod.sh against a fake gcloud whose TPU worker
 folders, in which it runs the workers' commands (the worker script, a fake python3 and the
 metadata server's curl) as a TPU VM would."""
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -251,3 +253,336 @@ def test_slurm_failed_run_is_not_requeued(slurm):
     assert code == 3
     assert slurm.events("scontrol") == []
     assert "failed with status 3" in err
+
+
+# --- TPU pods -------------------------------------------------------------------------------
+
+# gcloud: a slice of FAKE state.json's "workers" workers, each a folder used as its home; ssh runs
+# the command there with bash, scp copies there, storage maps gs:// to a folder. A describe after
+# the first start reports PREEMPTED once when "preempt" is set, SIGTERMing the workers' runs.
+FAKE_GCLOUD = r"""#!PYTHON
+import json, os, shutil, signal, subprocess, sys, time
+cloud = os.environ["FAKE_CLOUD"]
+argv = sys.argv[1:]
+with open(os.path.join(cloud, "gcloud.jsonl"), "a") as f:
+    f.write(json.dumps(argv) + "\n")
+with open(os.path.join(cloud, "state.json")) as f:
+    state = json.load(f)
+def save():
+    with open(os.path.join(cloud, "state.json"), "w") as f:
+        json.dump(state, f)
+def flag(name):
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
+homes = [os.path.join(cloud, "workers", str(i)) for i in range(state["workers"])]
+def stop_runs():  # what a VM going down does to its processes
+    groups = []
+    for home in homes:
+        folder = os.path.join(home, "clip_jax", "state")
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.endswith(".pid"):
+                with open(os.path.join(folder, name)) as f:
+                    groups.append(int(f.read()))
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{g}") for g in groups):
+        time.sleep(0.02)
+def fresh_homes():
+    for home in homes:
+        shutil.rmtree(home, ignore_errors=True)
+        os.makedirs(home)
+def gcs(url):
+    return os.path.join(cloud, "gcs", url[len("gs://"):])
+if argv[:3] == ["compute", "tpus", "tpu-vm"]:
+    verb = argv[3]
+    if verb == "describe":
+        if not state["exists"]:
+            print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND", file=sys.stderr)
+            sys.exit(1)
+        if state["preempt"] and state["starts"] and state["node"] == "READY":
+            state.update(preempt=False, node="PREEMPTED")
+            save()
+            stop_runs()
+        print(state["node"])
+    elif verb == "create":
+        fresh_homes()
+        state.update(exists=True, node="READY")
+        save()
+    elif verb == "delete":
+        stop_runs()
+        fresh_homes()
+        state.update(exists=False)
+        save()
+    elif verb == "scp":
+        for home in homes:
+            shutil.copy(argv[4], os.path.join(home, argv[5].split(":", 1)[1]))
+    elif verb == "ssh":
+        assert flag("worker") == "all", argv
+        command = flag("command")
+        if "tpu_worker.sh start" in command:
+            state["starts"] += 1
+            save()
+        status = 0
+        for i, home in enumerate(homes):
+            env = {**os.environ, "HOME": home, "FAKE_WORKER": str(i),
+                   "FAKE_WORKERS": str(len(homes)),
+                   "PATH": os.environ["FAKE_WORKER_BIN"] + os.pathsep + os.environ["PATH"]}
+            done = subprocess.run(["bash", "-c", command], cwd=home, env=env, timeout=60)
+            status = max(status, done.returncode)
+        sys.exit(status)
+    else:
+        sys.exit(f"fake gcloud: {argv}")
+elif argv[:2] in (["storage", "ls"], ["storage", "cat"]):
+    if not os.path.exists(gcs(argv[2])):
+        print("ERROR: (gcloud.storage.ls) One or more URLs matched no objects.", file=sys.stderr)
+        sys.exit(1)
+    with open(gcs(argv[2])) as f:
+        print(argv[2] if argv[1] == "ls" else f.read())
+else:
+    sys.exit(f"fake gcloud: {argv}")
+"""
+# The metadata server, as curl on a worker sees it.
+FAKE_CURL = r"""#!PYTHON
+import os, sys
+key = sys.argv[-1].rsplit("/", 1)[1]
+n = int(os.environ["FAKE_WORKERS"])
+if key == "worker-network-endpoints":
+    print(",".join(f"w{i}:{i}:10.0.0.{10 + i}" for i in range(n)), end="")
+elif key == "agent-worker-number":
+    print(os.environ["FAKE_WORKER"], end="")
+else:
+    sys.exit(22)
+"""
+# python3 on a worker: pip installs are noted; the trainer does what state.json's "train" says
+# for this launch and worker: finish (worker 0 writes done.json), exit0, fail, or wait (saves
+# and exits 0 on SIGTERM).
+FAKE_PYTHON = r"""#!PYTHON
+import json, os, signal, sys, time
+cloud, worker = os.environ["FAKE_CLOUD"], int(os.environ["FAKE_WORKER"])
+log = os.path.join(cloud, "workers.jsonl")
+def note(**kw):
+    with open(log, "a") as f:
+        f.write(json.dumps({"worker": worker, **kw}) + "\n")
+args = sys.argv[1:]
+if args[:2] == ["-m", "pip"]:
+    note(event="pip", argv=args[2:])
+    sys.exit(0)
+assert args[:2] == ["-m", "clip_jax.main"], args
+with open(os.path.join(cloud, "state.json")) as f:
+    plan = json.load(f)["train"]
+launch = 0
+if os.path.exists(log):
+    with open(log) as f:
+        launch = sum(1 for line in f if '"train"' in line and json.loads(line)["worker"] == worker)
+note(event="train", argv=args[2:], launch=launch, cwd=os.getcwd())
+behaviour = plan[min(launch, len(plan) - 1)][worker]
+workdir = next(a.split("=", 1)[1] for a in args if a.startswith("--workdir="))
+workdir = os.path.join(cloud, "gcs", workdir[len("gs://"):])
+if behaviour == "finish":
+    if worker == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "done.json"), "w") as f:
+            f.write('{"step": 10}')
+    sys.exit(0)
+if behaviour in ("exit0", "fail"):
+    sys.exit(3 if behaviour == "fail" else 0)
+def on_term(*_):
+    note(event="saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+time.sleep(20)
+sys.exit(1)
+"""
+
+
+@pytest.fixture
+def pod(tmp_path):
+    """A git checkout holding the launcher, a fake gcloud on PATH and a fake cloud behind it."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    (repo / "configs").mkdir()
+    for name in ("tpu_pod.sh", "tpu_pod.py", "tpu_worker.sh"):
+        shutil.copy2(os.path.join(ROOT, "launch", name), repo / "launch" / name)
+    (repo / "configs" / "tiny.py").write_text("# the config\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "code"], check=True)
+    tree = subprocess.run(
+        [*git, "rev-parse", "HEAD^{tree}"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    cloud, bin_dir, worker_bin = tmp_path / "cloud", tmp_path / "bin", tmp_path / "worker_bin"
+    for folder in (cloud, bin_dir, worker_bin, tmp_path / "tmp"):
+        folder.mkdir()
+    write_executable(bin_dir / "gcloud", FAKE_GCLOUD)
+    write_executable(worker_bin / "curl", FAKE_CURL)
+    write_executable(worker_bin / "python3", FAKE_PYTHON)
+
+    class Pod:
+        version = tree[:12]
+        code = f"clip_jax/code/{tree[:12]}"
+
+        def __init__(self):
+            self.state(exists=True, node="READY", preempt=False, train=[["finish", "finish"]])
+            for worker in range(2):  # the slice exists: so do its workers
+                (cloud / "workers" / str(worker)).mkdir(parents=True)
+
+        def state(self, **changes) -> None:
+            path = cloud / "state.json"
+            state = json.loads(path.read_text()) if path.exists() else {"workers": 2, "starts": 0}
+            path.write_text(json.dumps({**state, **changes}))
+
+        def run(self, *args: str, timeout: float = 60):
+            env = {
+                **os.environ,
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                "FAKE_CLOUD": str(cloud),
+                "FAKE_WORKER_BIN": str(worker_bin),
+                "TMPDIR": str(tmp_path / "tmp"),
+            }
+            command = ["bash", str(repo / "launch" / "tpu_pod.sh"), *args]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+            return done.returncode, done.stdout, done.stderr
+
+        def gcloud(self) -> list[list[str]]:
+            return [json.loads(line) for line in open(cloud / "gcloud.jsonl")]
+
+        def verbs(self) -> list[str]:
+            return [a[3] if a[:2] == ["compute", "tpus"] else a[1] for a in self.gcloud()]
+
+        def workers(self, event: str) -> list[dict]:
+            return [e for e in events(cloud / "workers.jsonl") if e["event"] == event]
+
+        def worker_file(self, worker: int, path: str) -> str:
+            return (cloud / "workers" / str(worker) / path).read_text()
+
+    yield Pod()
+    # Nothing started here outlives the test (a pid still naming its worker script is ours).
+    for pidfile in cloud.glob("workers/*/clip_jax/state/*.pid"):
+        pid = pidfile.read_text().strip()
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if str(cloud).encode() in f.read():
+                os.killpg(int(pid), signal.SIGKILL)
+
+
+LAUNCH = [
+    "--spot",
+    "--poll-seconds=0.05",
+    "--max-failures=3",
+    "my-tpu",
+    "configs/tiny.py",
+    "gs://bucket/run",
+]
+
+
+def remote_argv(command: list[str]) -> list[str]:
+    """The argv a worker's shell makes of an ssh command's --command."""
+    (script,) = [a.split("=", 1)[1] for a in command if a.startswith("--command=")]
+    return shlex.split(script)
+
+
+def trainer_argv(worker: int, flags: list[str]) -> list[str]:
+    distributed = ["--coordinator_address=10.0.0.10:8476", "--num_processes=2"]
+    workdir = ["--config=configs/tiny.py", "--workdir=gs://bucket/run"]
+    return [*workdir, *distributed, f"--process_id={worker}", *flags]
+
+
+@pytest.mark.parametrize("flags", [[], USER_FLAGS], ids=["no_flags", "user_flags"])
+def test_tpu_dry_run_prints_every_command(pod, flags):
+    code, out, err = pod.run("--dry-run", *LAUNCH, *flags)
+    assert code == 0, err
+    commands = [shlex.split(line) for line in out.splitlines()]
+    tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
+    where = ["my-tpu", "--zone=us-central2-b"]
+    assert commands[0][:4] == ["git", "-C", commands[0][2], "archive"]
+    assert commands[1] == [*tpu, "describe", *where, "--format=value(state)"]
+    create = [*tpu, "create", *where, "--accelerator-type=v4-32"]
+    assert commands[2] == [*create, "--version=tpu-ubuntu2204-base", "--spot"]
+    ssh = [*tpu, "ssh", *where, "--worker=all"]
+    assert commands[3] == [*ssh, f"--command=test -f {pod.code}/.installed"]
+    tarball = f"clip_jax-{pod.version}.tar.gz"
+    assert commands[4][:6] == [*tpu, "scp", commands[0][-2].split("=", 1)[1]]
+    assert commands[4][6:] == [f"my-tpu:{tarball}", "--zone=us-central2-b", "--worker=all"]
+    assert "pip install --quiet -e" in commands[5][-1] and "'jax[tpu]'" in commands[5][-1]
+    start = ["bash", f"{pod.code}/launch/tpu_worker.sh", "start", "run", "python3"]
+    assert remote_argv(commands[6]) == [*start, "configs/tiny.py", "gs://bucket/run", *flags]
+    assert commands[7] == ["gcloud", "storage", "ls", "gs://bucket/run/done.json"]
+    verbs = [c[4] if c[1] == "compute" else c[2] for c in commands[8:]]
+    assert verbs == ["describe", "ssh", "delete", "create", "ssh", "cat"]
+    assert commands[10] == [*tpu, "delete", *where, "--quiet"]
+    # No empty argument anywhere, neither in the commands nor in what the workers' shells run.
+    for command in commands:
+        assert "" not in command
+        if any(a.startswith("--command=") for a in command):
+            assert "" not in remote_argv(command)
+    with pytest.raises(FileNotFoundError):
+        pod.gcloud()  # nothing ran
+
+
+def test_tpu_dry_run_with_a_queued_resource(pod):
+    code, out, err = pod.run("--dry-run", "--queued", *LAUNCH)
+    assert code == 0, err
+    commands = [shlex.split(line) for line in out.splitlines()]
+    queued = ["gcloud", "compute", "tpus", "queued-resources"]
+    where = ["my-tpu", "--zone=us-central2-b"]
+    assert commands[1] == [*queued, "describe", *where, "--format=value(state.state)"]
+    node = ["--node-id=my-tpu", "--runtime-version=tpu-ubuntu2204-base"]
+    assert commands[2] == [*queued, "create", *where, *node, "--accelerator-type=v4-32", "--spot"]
+    assert [*queued, "delete", *where, "--force", "--quiet"] in commands
+
+
+def test_tpu_relaunches_after_preemption_until_done(pod):
+    pod.state(preempt=True, train=[["wait", "wait"], ["finish", "finish"]])
+    code, _, err = pod.run(*LAUNCH, *USER_FLAGS)
+    assert code == 0, err
+    verbs = pod.verbs()
+    # Reused the slice; after the preemption deleted and recreated it, then copied again.
+    assert verbs.count("delete") == 1 and verbs.count("create") == 1
+    assert verbs.index("delete") < verbs.index("create")
+    assert verbs.count("scp") == 2 and verbs[-1] == "cat"
+    assert len(pod.workers("pip")) == 4  # each worker, once per slice
+    assert len(pod.workers("saved")) == 2  # both saved when preempted
+    trains = pod.workers("train")
+    assert sorted((e["worker"], e["launch"]) for e in trains) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for e in trains:
+        assert e["argv"] == trainer_argv(e["worker"], USER_FLAGS)
+        assert e["cwd"].endswith(pod.code)
+    assert "relaunch 1" in err and "~/clip_jax/logs/run.log" in err
+    assert "worker 1 of 2" in pod.worker_file(1, "clip_jax/logs/run.log")
+
+
+def test_tpu_resume_on_the_same_slice_does_not_reinstall(pod):
+    pod.state(exists=False, train=[["exit0", "exit0"], ["finish", "finish"]])
+    code, _, err = pod.run(*LAUNCH)
+    assert code == 0, err
+    verbs = pod.verbs()
+    assert verbs.count("create") == 1 and verbs.count("delete") == 0
+    assert verbs.count("scp") == 1 and len(pod.workers("pip")) == 2
+    assert len(pod.workers("train")) == 4
+    for e in pod.workers("train"):
+        assert e["argv"] == trainer_argv(e["worker"], [])  # no empty argument
+    log = pod.worker_file(0, "clip_jax/logs/run.log")
+    assert log.count("worker 0 of 2") == 2 and log.count("exit status 0") == 2
+
+
+def test_tpu_failed_run_stops_the_others_and_is_not_relaunched(pod):
+    pod.state(train=[["wait", "fail"]])
+    code, _, err = pod.run(*LAUNCH)
+    assert code == 1
+    assert "failed with status 3" in err and "~/clip_jax/logs/run.log" in err
+    assert len(pod.workers("train")) == 2
+    wait_for(lambda: pod.workers("saved"))  # worker 0 was stopped with SIGTERM: it saved
+
+
+def test_tpu_usage_errors(pod):
+    for args, message in [
+        (["my-tpu", "us-central2-b", "configs/tiny.py", "gs://b/r"], "the zone is a flag"),
+        (["my-tpu", "configs/tiny.py", "gs://b/r", "--spot"], "is a launcher option"),
+        (["my-tpu", "configs/tiny.py", "runs/r"], "absolute shared path"),
+        (["my-tpu", "configs/tiny.py", "gs://b/r", ""], "empty argument"),
+    ]:
+        code, _, err = pod.run(*args)
+        assert code == 2 and message in err, err
