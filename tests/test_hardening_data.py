@@ -2,6 +2,7 @@
 being decoded; data preparation keeps to the CSV's folder."""
 
 import io
+import json
 import struct
 import time
 import zlib
@@ -106,6 +107,24 @@ def test_a_decompression_bomb_raises_before_it_is_decoded(bomb):
         image_ops.eval_crop(tf.constant(small), 16, max_pixels=599)
 
 
+def test_prepare_skips_images_above_the_pixel_limit_before_decoding(tmp_path, bomb):
+    mild = png_bomb(9600, 9600)  # 92 M pixels: above the limit, below PIL's own error (179 M)
+    for data in (mild, bomb):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match="^image above the pixel limit$"):
+            prepare.to_jpeg(data)
+        assert time.perf_counter() - start < 1.0
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, data in {"a.png": mild, "b.png": bomb, "c.jpg": encoded("JPEG")}.items():
+        (folder / name).write_bytes(data)
+        (folder / name).with_suffix(".txt").write_text(f"caption of {name}")
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(folder), "--output", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 1 and stats["skipped_reasons"] == {"image above the pixel limit": 2}
+
+
 def write_shards(path, images: list[bytes]) -> str:
     with prepare.ShardWriter(str(path), "part", shard_size=100) as writer:
         for i, data in enumerate(images):
@@ -143,3 +162,51 @@ def test_the_pixel_limit_is_an_argument(tmp_path):
     assert state["skipped_examples"] == 1  # the first 40 x 60 image, before the second 20 x 30
     with pytest.raises(ValueError, match="max_image_pixels=0"):
         make_source(pattern, max_image_pixels=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 13: data preparation keeps to the CSV's folder
+
+
+@pytest.fixture
+def table_with_escapes(tmp_path):
+    """A CSV whose rows name a file inside its folder, and the same secret outside it five ways."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(encoded("JPEG"))
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.jpg").write_bytes(encoded("JPEG"))
+    (data / "images" / "link.jpg").symlink_to(outside / "secret.jpg")
+    (data / "images" / "dirlink").symlink_to(outside)
+    table = data / "pairs.csv"
+    table.write_text(
+        "path,caption\n"
+        "images/a.jpg,inside\n"
+        f"{data / 'images' / 'a.jpg'},inside by an absolute path\n"
+        "images/../images/a.jpg,inside after normalising\n"
+        f"{outside / 'secret.jpg'},absolute\n"
+        "../outside/secret.jpg,a parent escape\n"
+        "images/../../outside/secret.jpg,a deeper escape\n"
+        "images/link.jpg,a symlink out\n"
+        "images/dirlink/secret.jpg,a folder symlink out\n"
+    )
+    return table
+
+
+def test_a_csv_cannot_reach_outside_its_folder(table_with_escapes, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(table_with_escapes), "--output", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 3
+    assert stats["skipped_reasons"] == {"outside the table's folder": 5}
+    printed = capsys.readouterr().out
+    assert "5 paths outside" in printed and "--allow_outside_paths" in printed
+
+
+def test_allow_outside_paths_reads_them(table_with_escapes, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--input", str(table_with_escapes), "--output", str(out), "--allow_outside_paths"]
+    assert prepare.main(argv) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 8 and stats["skipped"] == 0

@@ -1,19 +1,24 @@
 """Images with captions -> sharded TFRecords in img2dataset's layout (what `tfrecord:GLOB` reads).
 
     python -m clip_jax.data.prepare --input DIR_OR_CSV --output OUTDIR [--shard_size N]
-        [--image_size S] [--workers W]
+        [--image_size S] [--workers W] [--allow_outside_paths]
 
 The input is a folder of images, each with a sidecar caption file of the same stem (`a/b.jpg` and
 `a/b.txt`), searched recursively; or a CSV / TSV (by extension: .tsv and .tab are tab-separated)
 of `path,caption` rows, paths relative to the file, with an optional header naming the columns.
+A table's paths must lie inside its folder once resolved (`..` and symbolic links followed): a
+table from elsewhere cannot make this read any file it names. Rows outside are skipped and
+counted, unless `--allow_outside_paths`.
 Each record is a tf.train.Example with bytes features `jpg` (JPEG bytes: JPEG files are kept
 as they are, other formats re-encoded; with --image_size the shorter side is resized to S and
 the image re-encoded), `txt` (the caption, UTF-8) and `key`. Records keep the input's order in
 shards `OUTDIR/part-00000.tfrecord`, ...; counts go to stdout and `OUTDIR/stats.json`.
 
-An unreadable image, a missing file, a missing or empty caption: the item is skipped and counted
-with its reason. Captions that are not valid UTF-8 are repaired (invalid bytes become U+FFFD) and
-counted. Bad arguments end with one error line and exit status 2.
+An unreadable image, one of more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (89.5 M, as
+training's default limit; not decoded), a missing file, a path outside the table's folder, a
+missing or empty caption: the item is skipped and counted with its reason. Captions that are not
+valid UTF-8 are repaired (invalid bytes become U+FFFD) and counted. Bad arguments end with one
+error line and exit status 2.
 """
 
 import collections
@@ -37,6 +42,7 @@ PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "
 CAPTION_COLUMNS = ("caption", "text", "txt", "title", "label")
 JPEG_QUALITY = 95
 CHUNK = 256  # items in flight at once
+OUTSIDE = "outside the table's folder"
 
 
 def make_example(image: bytes, caption: str, key: str, label: int | None = None) -> bytes:
@@ -87,11 +93,19 @@ class ShardWriter:
         self.close()
 
 
+class _AboveLimit(ValueError):
+    """An image declaring more than PIL's MAX_IMAGE_PIXELS pixels (its own skip reason)."""
+
+
 def to_jpeg(data: bytes, image_size: int = 0) -> bytes:
     """Encoded image bytes -> JPEG bytes: a JPEG kept as is unless resized (shorter side to
-    `image_size`, if > 0); raises ValueError when the bytes are not a readable image."""
+    `image_size`, if > 0); raises ValueError when the bytes are not a readable image or declare
+    more than PIL's `Image.MAX_IMAGE_PIXELS` (checked on the header, before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            limit = Image.MAX_IMAGE_PIXELS  # None: no limit
+            if limit is not None and im.width * im.height > limit:
+                raise _AboveLimit("image above the pixel limit")
             im.load()  # decodes everything: catches truncated files
             if im.format == "JPEG" and im.mode in ("RGB", "L") and not image_size:
                 return data
@@ -100,7 +114,9 @@ def to_jpeg(data: bytes, image_size: int = 0) -> bytes:
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
             im = im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except (_AboveLimit, Image.DecompressionBombError):  # ours, or PIL's own at twice the limit
+        raise _AboveLimit("image above the pixel limit") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"unreadable image ({type(e).__name__})") from None
     if image_size:
         w, h = im.size
@@ -164,9 +180,20 @@ def table_items(path: str) -> list[Item]:
     return items
 
 
-def convert_item(item: Item, image_size: int) -> tuple[bytes | None, bool, str]:
-    """One item -> (JPEG bytes or None, caption repaired?, caption text or the skip reason)."""
+def inside(path: str, root: str) -> bool:
+    """Whether `path` lies in the folder `root` once both are resolved (`..`, symbolic links)."""
+    root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
+
+
+def convert_item(
+    item: Item, image_size: int, root: str | None = None
+) -> tuple[bytes | None, bool, str]:
+    """One item -> (JPEG bytes or None, caption repaired?, caption text or the skip reason);
+    with `root`, an image path outside that folder is skipped without being opened."""
     image_path, raw_caption, caption_path = item
+    if root is not None and image_path and not inside(image_path, root):
+        return None, False, OUTSIDE
     if raw_caption is None:
         if not os.path.isfile(caption_path):
             return None, False, "no caption file"
@@ -204,11 +231,12 @@ def _progress(total: int) -> Callable[[int, bool], None]:
     return show
 
 
-def _converted(items: list[Item], image_size: int, workers: int) -> Iterator:
+def _converted(items: list[Item], image_size: int, workers: int, root: str | None) -> Iterator:
     """`convert_item` over `items` in threads (PIL releases the GIL), in input order."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for i in range(0, len(items), CHUNK):
-            yield from pool.map(lambda it: convert_item(it, image_size), items[i : i + CHUNK])
+            chunk = items[i : i + CHUNK]
+            yield from pool.map(lambda it: convert_item(it, image_size, root), chunk)
 
 
 def prepare(
@@ -218,8 +246,12 @@ def prepare(
     shard_size: int = 10_000,
     image_size: int = 0,
     workers: int = 8,
+    root: str | None = None,
 ) -> dict:
-    """Writes `items` as shards in `output`; returns the counts (also in `output/stats.json`)."""
+    """Writes `items` as shards in `output`; returns the counts (also in `output/stats.json`).
+
+    With `root`, items whose image lies outside that folder are skipped and counted.
+    """
     import tensorflow as tf
 
     items = list(items)
@@ -232,7 +264,8 @@ def prepare(
     repaired = 0
     show = _progress(len(items))
     with ShardWriter(output, "part", shard_size) as writer:
-        for done, (jpeg, fixed, text) in enumerate(_converted(items, image_size, workers), 1):
+        converted = _converted(items, image_size, workers, root)
+        for done, (jpeg, fixed, text) in enumerate(converted, 1):
             if jpeg is None:
                 skipped[text] += 1
             else:
@@ -264,6 +297,13 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "workers", min(32, os.cpu_count() or 1), "Images converted at once.", 1, flag_values=fv
     )
+    flags.DEFINE_bool(
+        "allow_outside_paths",
+        False,
+        "Let a CSV/TSV name images outside its own folder (absolute paths, ../, symbolic links): "
+        "only for a table you trust.",
+        flag_values=fv,
+    )
     flags.mark_flag_as_required("input", flag_values=fv)
     flags.mark_flag_as_required("output", flag_values=fv)
 
@@ -271,21 +311,32 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues, args: list[str]) -> int:
     if args:
         raise UsageError(f"unexpected arguments: {' '.join(args)} (flags start with --)")
-    source = fv.input
+    source, root = fv.input, None
     if os.path.isdir(source):
         items = folder_items(source)
     elif os.path.isfile(source):
         items = table_items(source)
+        root = None if fv.allow_outside_paths else os.path.dirname(os.path.abspath(source))
     else:
         raise UsageError(f"--input {source} does not exist")
     stats = prepare(
-        items, fv.output, shard_size=fv.shard_size, image_size=fv.image_size, workers=fv.workers
+        items,
+        fv.output,
+        shard_size=fv.shard_size,
+        image_size=fv.image_size,
+        workers=fv.workers,
+        root=root,
     )
     reasons = ", ".join(f"{k}: {v}" for k, v in stats["skipped_reasons"].items()) or "none"
     print(f"wrote {stats['written']} examples in {stats['shards']} shards to {fv.output}")
     print(
         f"skipped {stats['skipped']} ({reasons}); repaired captions: {stats['repaired_captions']}"
     )
+    if stats["skipped_reasons"].get(OUTSIDE):
+        print(
+            f"{stats['skipped_reasons'][OUTSIDE]} paths outside {root} were not read; "
+            "--allow_outside_paths reads them (only for a table you trust)"
+        )
     if not stats["written"]:
         raise UsageError("no usable image-caption pair in the input")
     return 0
