@@ -46,7 +46,14 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "scikit-learn>=1.4"],
+        # gcsfs and the storage emulator: the gs:// workdir test, on a fake server.
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "scikit-learn>=1.4",
+            "gcsfs>=2024.2",
+            "gcp-storage-emulator>=2024.8",
+        ],
         # The handwritten-digits demo dataset ships inside scikit-learn.
         "demo": ["scikit-learn>=1.4"],
         # The reference implementation, for the parity tests (they skip without it).

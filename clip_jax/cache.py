@@ -1,7 +1,7 @@
 """Where clip_jax keeps what it writes or downloads for itself: `$CLIP_JAX_CACHE` when set, else
 `~/.cache/clip_jax`. Inside it: `digits/` (the demo's data, written on first use by
-`clip_jax.data.digits.cached_shards`) and `weights/` (pretrained checkpoints,
-`clip_jax.pretrained`)."""
+`clip_jax.data.digits.cached_shards`), `weights/` (pretrained checkpoints,
+`clip_jax.pretrained`) and `features/` (the linear-probe job's features of weight files)."""
 
 import os
 

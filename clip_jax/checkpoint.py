@@ -84,7 +84,9 @@ class Checkpointer:
         item = paths.path(self.directory) / str(step) / "config"
         if not item.exists():
             return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
         return restored["config"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:

@@ -7,7 +7,6 @@ never through `open` / `os.path`. Object stores have no append and no rename of 
 being written, so the writers here rewrite a whole object when they flush.
 """
 
-import io
 import os
 import re
 import uuid
@@ -41,18 +40,16 @@ def write_text(p: "str | os.PathLike", text: str) -> None:
     tmp.replace(target)
 
 
-class RewritingFile(io.RawIOBase):
+class RewritingFile:
     """A binary file on an object store that is only ever appended to: the bytes are kept and
-    the whole object is rewritten at each `flush` (what TensorBoard event files need there)."""
+    the whole object is rewritten at each `flush` (what TensorBoard event files need there).
+    It has no `fileno`, so that writers do not try to fsync it."""
 
     def __init__(self, p: str):
-        super().__init__()
         self._path = path(p)
         self._buffer = bytearray()
         self._dirty = False
-
-    def writable(self) -> bool:
-        return True
+        self.closed = False
 
     def write(self, data) -> int:
         self._buffer += bytes(data)
@@ -67,7 +64,7 @@ class RewritingFile(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self.flush()
-        super().close()
+            self.closed = True
 
 
 class _TensorBoardFactory:

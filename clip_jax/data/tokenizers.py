@@ -22,7 +22,7 @@ from typing import Protocol
 import numpy as np
 from absl import flags
 
-from clip_jax import cli
+from clip_jax import cli, paths
 from clip_jax.errors import UsageError
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
@@ -197,10 +197,9 @@ def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = N
 
     `context_length` defaults to 77, or to the run's for a run directory.
     """
-    run_config = os.path.join(name_or_path, "config.json")
-    if os.path.isdir(name_or_path) and os.path.exists(run_config):
-        with open(run_config) as f:
-            config = json.load(f)
+    run_config = paths.path(name_or_path) / "config.json"
+    if name_or_path not in ("clip_bpe", "openai") and run_config.exists():
+        config = json.loads(run_config.read_text())
         length = context_length or config["model"]["text"]["context_length"]
         return get_tokenizer(config["train_data"]["tokenizer"], length)
     context_length = context_length or 77

@@ -13,7 +13,6 @@ the model); `runner` schedules them. Keys: `zeroshot/NAME/top1`, `.../top5`,
 `linear_probe/NAME/C`, `fewshot/NAME/10shot`, and `eval/NAME/seconds` for each.
 """
 
-import os
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from clip_jax import sharding
+from clip_jax import paths, sharding
 from clip_jax.errors import UsageError
 from clip_jax.evals import (
     extract,
@@ -241,7 +240,7 @@ class Evaluator:
     def _features(self, variables, source, split, model_id, cache_root) -> tuple[np.ndarray, ...]:
         cache_dir = self.cfg["cache_dir"] or cache_root
         if cache_dir:
-            cache_dir = os.path.join(cache_dir, self.name, split)
+            cache_dir = str(paths.path(cache_dir) / self.name / split)
         meta = {"features": self.cfg["features"], "model": model_id}
         out, _ = self._extract("features", variables, source, cache_dir=cache_dir, meta=meta)
         if jax.process_index() != 0:  # only process 0 holds the cached part; it fits alone

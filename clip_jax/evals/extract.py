@@ -11,9 +11,8 @@ batch; the mask, labels and indices travel with them. `extra` is any other array
 zero-shot classifier), an argument rather than a constant so that a new one does not recompile.
 """
 
+import io
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import sharding
+from clip_jax import paths, sharding
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 
 PASSED_THROUGH = ("mask", "index", "label", "num_captions", "image_key")
@@ -65,41 +64,45 @@ class FeatureCache:
         self.directory, self.meta, self.every = directory, dict(meta), max(1, every)
         self.enabled = jax.process_index() == 0
 
-    def _meta_path(self) -> str:
-        return os.path.join(self.directory, "meta.json")
+    def _meta_path(self):
+        return paths.path(self.directory) / "meta.json"
 
-    def _chunk_path(self, i: int) -> str:
-        return os.path.join(self.directory, f"chunk-{i:06d}.npz")
+    def _chunk_path(self, i: int):
+        return paths.path(self.directory) / f"chunk-{i:06d}.npz"
 
     def load(self) -> list[dict[str, np.ndarray]]:
         """The cached chunks in order; a cache of other settings is removed (empty result)."""
         if not self.enabled:
             return []
-        if os.path.exists(self._meta_path()):
-            with open(self._meta_path()) as f:
-                same = json.load(f) == self.meta
+        if self._meta_path().exists():
+            same = json.loads(self._meta_path().read_text()) == self.meta
             if not same:
                 logging.warning("%s was made for other settings: recomputing", self.directory)
         else:
             same = False
         if not same:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            os.makedirs(self.directory, exist_ok=True)
-            with open(self._meta_path(), "w") as f:
-                json.dump(self.meta, f)
+            if paths.path(self.directory).exists():
+                paths.path(self.directory).rmtree()
+            paths.write_text(self._meta_path(), json.dumps(self.meta))
             return []
         chunks = []
-        while os.path.exists(path := self._chunk_path(len(chunks))):
-            with np.load(path) as f:
+        while (path := self._chunk_path(len(chunks))).exists():
+            with np.load(io.BytesIO(path.read_bytes())) as f:
                 chunks.append({k: f[k] for k in f.files})
         return chunks
 
     def save(self, i: int, chunk: dict[str, np.ndarray]) -> None:
         if not self.enabled:
             return
-        tmp = self._chunk_path(i) + ".tmp.npz"
-        np.savez(tmp, **chunk)
-        os.replace(tmp, self._chunk_path(i))  # a chunk exists whole or not at all
+        buffer = io.BytesIO()
+        np.savez(buffer, **chunk)
+        target = self._chunk_path(i)
+        if paths.is_remote(target):  # an object's upload is atomic
+            target.write_bytes(buffer.getvalue())
+            return
+        tmp = target.parent / (target.name + ".tmp")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(target)  # a chunk exists whole or not at all
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -6,7 +6,6 @@ once, `probe(...)` the linear-probe protocol; both return records in CLIP_benchm
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +15,9 @@ import numpy as np
 from absl import logging
 
 import clip_jax
-from clip_jax import sharding, state
+from clip_jax import cache, paths, sharding, state
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries, evaluator, extract, runner, suites
-
-FEATURE_CACHE = os.path.expanduser("~/.cache/clip_jax/features")  # for weight files
 
 
 @dataclasses.dataclass
@@ -60,19 +57,19 @@ def prepare(
             model,
             variables,
             f"{workdir}@{step}",
-            f"{os.path.abspath(workdir)}@{step}",
+            f"{paths.path(workdir)}@{step}",
             clip_jax.get_tokenizer(workdir),
         )
     model, variables = clip_jax.load_pretrained(pretrained)
     name = tokenizer or (config.train_data.tokenizer if config is not None else "clip_bpe")
-    info = os.stat(pretrained)
+    info = paths.path(pretrained).stat()
     return Subject(
         config,
         mesh,
         model,
         extract.replicate(variables, mesh),
-        os.path.basename(pretrained),
-        f"{os.path.abspath(pretrained)}:{info.st_size}:{info.st_mtime_ns}",
+        paths.path(pretrained).name,
+        f"{paths.path(pretrained)}:{info.length}:{info.mtime}",
         clip_jax.get_tokenizer(name, model.text["context_length"]),
     )
 
@@ -115,12 +112,10 @@ def with_mean(records: list[dict]) -> list[dict]:
 
 def write_results(output: str, records: list[dict], model_name: str, skipped=()) -> None:
     """`output` (JSON, CLIP_benchmark's shape) and a Markdown table beside it (`.md`)."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(records, f, indent=1)
+    paths.write_text(output, json.dumps(records, indent=1))
     notes = "".join(f"\n- skipped {name}: {why}" for name, why in skipped)
-    with open(os.path.splitext(output)[0] + ".md", "w") as f:
-        f.write(f"Model: {model_name}\n\n{format_table(records)}\n{notes}\n")
+    table = paths.path(output).with_suffix(".md")
+    paths.write_text(table, f"Model: {model_name}\n\n{format_table(records)}\n{notes}\n")
 
 
 def select_evals(config: Any, names: str, data_dir: str, batch_size: int) -> dict[str, dict]:
@@ -177,7 +172,7 @@ def evaluate(
             skipped.append((name, str(e)))
     if not evaluators:
         raise UsageError(f"none of the datasets could be read: {skipped[0][1]}")
-    cache_root = os.path.join(os.path.dirname(output) or ".", "features") if output else ""
+    cache_root = str(paths.path(output).parent / "features") if output else ""
     records = []
     for e in evaluators:
         logging.info("evaluating %s on %s", e.name, e.source.name)
@@ -205,11 +200,11 @@ def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -
             "val_source": val,
         }
     if kind == "imagefolder" and rest:
-        val = os.path.join(rest, "val")
+        root = paths.path(rest)
         return {
-            "train_source": f"imagefolder:{os.path.join(rest, 'train')}",
-            "source": f"imagefolder:{os.path.join(rest, 'test')}",
-            "val_source": f"imagefolder:{val}" if os.path.isdir(val) else "",
+            "train_source": f"imagefolder:{root / 'train'}",
+            "source": f"imagefolder:{root / 'test'}",
+            "val_source": f"imagefolder:{root / 'val'}" if (root / "val").is_dir() else "",
         }
     raise UsageError(
         f"--dataset={dataset!r}: use tfds:NAME[/CONFIG] or imagefolder:DIR (DIR/train, DIR/test), "
@@ -234,8 +229,10 @@ def probe(
     name = entry.pop("name")
     if not cache_dir:
         digest = hashlib.sha256(subject.weights_id.encode()).hexdigest()[:12]
-        base = os.path.join(workdir, "features") if workdir else FEATURE_CACHE
-        cache_dir = os.path.join(base, f"{os.path.basename(subject.name)}-{digest}")
+        base = (
+            paths.path(workdir) / "features" if workdir else paths.path(cache.cache_dir("features"))
+        )
+        cache_dir = str(base / f"{paths.path(subject.name).name}-{digest}")
     evaluators = [make_evaluator(subject, name, entry)]
     if fewshot:
         probe_only = ("val_fraction", "val_source", "seed")

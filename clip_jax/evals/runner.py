@@ -3,14 +3,13 @@ are due at a step, which a preemption interrupted, and where results go
 (`workdir/evals/step_N/NAME.json`, in CLIP_benchmark's shape)."""
 
 import json
-import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
+from clip_jax import paths
 from clip_jax.evals import extract
 from clip_jax.evals.entries import entry_config
 from clip_jax.evals.evaluator import Evaluator
@@ -49,8 +48,8 @@ def due(evaluators: Sequence[Evaluator], step: int, total_steps: int) -> list[Ev
     ]
 
 
-def _result_path(workdir: str, step: int, name: str) -> str:
-    return os.path.join(workdir, RESULTS_DIR, f"step_{step}", f"{name}.json")
+def _result_path(workdir: str, step: int, name: str):
+    return paths.path(workdir) / RESULTS_DIR / f"step_{step}" / f"{name}.json"
 
 
 def missing(evaluators: Sequence[Evaluator], workdir: str, step: int, total: int) -> list:
@@ -59,7 +58,7 @@ def missing(evaluators: Sequence[Evaluator], workdir: str, step: int, total: int
     due_now = due(evaluators, step, total)
     names = None
     if jax.process_index() == 0:
-        names = [e.name for e in due_now if not os.path.exists(_result_path(workdir, step, e.name))]
+        names = [e.name for e in due_now if not _result_path(workdir, step, e.name).exists()]
     names = extract.broadcast_json(names)
     return [e for e in due_now if e.name in names]
 
@@ -69,9 +68,8 @@ def stored(evaluators: Sequence[Evaluator], workdir: str, step: int) -> dict[str
     values = {}
     for e in evaluators:
         path = _result_path(workdir, step, e.name)
-        if jax.process_index() == 0 and os.path.exists(path):
-            with open(path) as f:
-                result = json.load(f)
+        if jax.process_index() == 0 and path.exists():
+            result = json.loads(path.read_text())
             values.update({f"{e.kind}/{e.name}/{k}": v for k, v in result["metrics"].items()})
             values[f"eval/{e.name}/seconds"] = result["seconds"]
     return values
@@ -94,14 +92,12 @@ def run(evaluators: Sequence[Evaluator], variables: Any, step: int, workdir: str
     """Runs `evaluators` during training; their results also go to workdir/evals/step_N/."""
     results = {}
     for e in evaluators:
-        cache_root = os.path.join(workdir, RESULTS_DIR, f"step_{step}", "features")
-        metrics = e.run(variables, f"{os.path.abspath(workdir)}@{step}", cache_root)
+        cache_root = paths.path(workdir) / RESULTS_DIR / f"step_{step}" / "features"
+        metrics = e.run(variables, f"{paths.path(workdir)}@{step}", str(cache_root))
         results.update(metrics)
         if jax.process_index() == 0:
-            path = _result_path(workdir, step, e.name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(record(e, metrics, f"{workdir}@{step}"), f, indent=1)
-            os.replace(path + ".tmp", path)
-            shutil.rmtree(os.path.join(cache_root, e.name), ignore_errors=True)
+            record_ = record(e, metrics, f"{workdir}@{step}")
+            paths.write_text(_result_path(workdir, step, e.name), json.dumps(record_, indent=1))
+            if (cache_root / e.name).exists():
+                (cache_root / e.name).rmtree()
     return results
