@@ -9,8 +9,6 @@ Multi-host: pass `--coordinator_address=HOST:PORT --num_processes=N --process_id
 TPU pods and SLURM jobs are detected by `jax.distributed.initialize()`, else one process runs.
 """
 
-import sys
-
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -50,8 +48,7 @@ def main(argv: list[str]) -> None:
             _JOIN()
             train.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
     except train.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        cli.exit_with_error(str(e), 3)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,21 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, convert, losses, paths, sharding
+from clip_jax import checkpoint, convert, losses, paths, sharding, validate
 from clip_jax import state as state_lib
 from clip_jax.data import pipeline
 from clip_jax.errors import UsageError
 from clip_jax.evals import runner
-from clip_jax.metrics import METRICS_FILE, MetricsWriter, Progress, duration, format_flops, last_evals, summary
+from clip_jax.metrics import (
+    METRICS_FILE,
+    MetricsWriter,
+    Progress,
+    duration,
+    format_flops,
+    last_evals,
+    summary,
+)
 from clip_jax.train_step import TrainState, make_train_step
-
-NONFINITE_POLICIES = ("halt", "skip")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,9 +51,7 @@ def run(
         batch size; without it that is a UsageError (the workdir holds another run).
     """
     # --- Checks and logging ------------------------------------------------------------------
-    nonfinite = config.get("nonfinite", "halt")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise UsageError(f"nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+    validate.validate(config)
     is_main = jax.process_index() == 0
     if not config_change_ok:
         state_lib.check_same_run(config, workdir)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from clip_jax import losses
 from clip_jax.errors import UsageError
@@ -208,11 +209,12 @@ def _refuse(key: str, value: Any, allowed: str) -> None:
 
 def _check_together(c: ml_collections.ConfigDict) -> None:
     """The rules between keys, each checked only once both keys passed their own."""
-    if c.optim.warmup_steps > c.total_steps:
-        _refuse(
-            "optim.warmup_steps",
+    if c.optim.warmup_steps > c.total_steps:  # a shortened trial run: said, not refused
+        logging.warning(
+            "optim.warmup_steps=%d is longer than the run (total_steps=%d): the learning rate "
+            "never reaches optim.learning_rate",
             c.optim.warmup_steps,
-            f"at most total_steps={c.total_steps} (a warmup longer than the run)",
+            c.total_steps,
         )
     if c.batch_size % c.optim.accum_steps:
         _refuse(
