@@ -16,7 +16,6 @@
 unsafe: use it only for a file you trust as you would a program.
 """
 
-import ast
 import io
 import pickle
 import re
@@ -183,11 +182,18 @@ def _torchscript_prefix(archive: zipfile.ZipFile) -> str | None:
 def _read_torchscript(archive: zipfile.ZipFile, prefix: str, path: str) -> StateDict:
     if f"{prefix}data.pkl" not in archive.namelist():
         raise UsageError(f"{path}: a TorchScript archive without data.pkl")
-    classes = _declared_classes(archive, prefix)
+    classes = _declared_classes(archive, prefix, path)
     unpickler = _ArchiveUnpickler(archive, prefix, path)
-    try:
+    try:  # the errors are what the pickle machine raises on malformed bytes
         root = unpickler.load()
-    except (pickle.UnpicklingError, EOFError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        MemoryError,
+    ) as e:
         raise UsageError(f"{path}: refused to read its data.pkl: {e}; {_TRUST_HINT}") from None
     if not isinstance(root, ScriptObject):
         raise UsageError(f"{path}: its data.pkl holds no TorchScript module")
@@ -195,10 +201,11 @@ def _read_torchscript(archive: zipfile.ZipFile, prefix: str, path: str) -> State
 
 
 _CLASS_LINE = re.compile(r"^class (\w+)(?:\((\w*)\))?:")
-_DECL_LINE = re.compile(r"^\s+(__parameters__|__buffers__) = (\[.*\])\s*$")
+_DECL_LINE = re.compile(r"^\s+(__parameters__|__buffers__) = (.*)$")
+_NAME_LIST = re.compile(r'\[\s*(?:"[\w.]*"\s*,\s*)*\]\s*')  # ["weight", "bias", ]
 
 
-def _declared_classes(archive: zipfile.ZipFile, prefix: str) -> dict[str, _ClassInfo]:
+def _declared_classes(archive: zipfile.ZipFile, prefix: str, path: str) -> dict[str, _ClassInfo]:
     """Qualified class name -> its declarations, from the `.py` records under code/ (as text)."""
     classes: dict[str, _ClassInfo] = {}
     code = f"{prefix}code/"
@@ -216,8 +223,10 @@ def _declared_classes(archive: zipfile.ZipFile, prefix: str) -> dict[str, _Class
                 current = None
             elif current is not None:
                 if match := _DECL_LINE.match(line):
-                    names = ast.literal_eval(match.group(2))  # a list of string literals
-                    setattr(current, match.group(1).strip("_"), [str(n) for n in names])
+                    if not _NAME_LIST.fullmatch(match.group(2)):
+                        raise UsageError(f"{path}: malformed {match.group(1)} in {name}")
+                    names = re.findall(r'"([\w.]*)"', match.group(2))
+                    setattr(current, match.group(1).strip("_"), names)
                 elif line.lstrip().startswith("def __setstate__("):
                     current.has_setstate = True
     return classes
@@ -295,6 +304,8 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) 
         raise pickle.UnpicklingError("a tensor with a malformed storage, size or stride")
     if 0 in size:
         return np.zeros(size, storage.dtype)
+    if int(np.prod(size, dtype=object)) > storage.size:  # only expanded views (stride 0) are
+        raise pickle.UnpicklingError("a tensor larger than its storage")  # larger: never weights
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= storage.size:
         raise pickle.UnpicklingError("a tensor reaching past the end of its storage")

@@ -205,6 +205,53 @@ def test_files_whose_loading_runs_code_are_refused_and_run_nothing(
         assert (tmp_path / created).exists()
 
 
+def test_damaged_archives_are_refused_with_one_line(archives, tmp_path):
+    """Random byte changes in data.pkl and code/: each read succeeds or is one UsageError line,
+    never another exception (the file is untrusted input, its damage the user's to fix)."""
+    import random
+    import zipfile
+
+    root, _ = archives
+    with zipfile.ZipFile(root / "scripted.pt") as src:
+        entries = {info.filename: src.read(info) for info in src.infolist()}
+    targets = sorted(n for n in entries if n.endswith(("/data.pkl", ".py")))
+    rng = random.Random(0)
+    refused = 0
+    for trial in range(300):
+        target = rng.choice(targets)
+        data = bytearray(entries[target])
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        path = tmp_path / f"damaged{trial % 2}.pt"
+        with zipfile.ZipFile(path, "w") as dst:
+            for name, value in entries.items():
+                dst.writestr(name, bytes(data) if name == target else value)
+        try:
+            convert.read_state_dict(str(path))
+        except UsageError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+            refused += 1
+    assert refused > 30
+
+
+def test_tensors_must_lie_within_their_storage():
+    import pickle
+
+    from clip_jax import torch_files
+
+    storage = np.arange(12, dtype=np.float32)
+    view = torch_files._rebuild_tensor(storage, 2, (2, 3), (4, 1), False, {})
+    np.testing.assert_array_equal(view, [[2, 3, 4], [6, 7, 8]])
+    for offset, size, stride in [
+        (0, (3, 5), (5, 1)),  # reaches element 14 of 12
+        (11, (2,), (1,)),
+        (0, (10**6, 10**6), (0, 0)),  # an expanded view: 10^12 elements out of 12
+        (0, (2,), (-1,)),
+    ]:
+        with pytest.raises(pickle.UnpicklingError):
+            torch_files._rebuild_tensor(storage, offset, size, stride, False, {})
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 10: broken files are one line naming the file and the cause
 
