@@ -110,6 +110,42 @@ class Checkpointer:
             return restored["state"], None
         return restored["state"], data["states"][jax.process_index()]
 
+    def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict | None]:
+        """`(step, state, data position)` of the newest checkpoint that reads back, or
+        `(None, None, None)` when there is none. An unreadable one (a truncated file, a missing
+        manifest, garbage metadata) is moved out of the way, said in one line, and the one
+        before it is tried: a damaged checkpoint never stops a run that has an older one."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, *self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - whatever the damage, the older one may read
+                cause = " ".join(str(e).split())
+                cause = f"{type(e).__name__}: {cause[:200]}{'...' if len(cause) > 200 else ''}"
+                where = self._set_aside(step)
+                logging.warning(
+                    "the checkpoint at step %d is unreadable (%s); moved it to %s and trying the "
+                    "one before",
+                    step,
+                    cause,
+                    where,
+                )
+        return None, None, None
+
+    def _set_aside(self, step: int) -> str:
+        """Moves the checkpoint at `step` to `workdir/checkpoints_unreadable/` (process 0; all
+        processes wait for it) so that no later run tries it again; returns where it went."""
+        source = paths.path(self.directory) / str(step)
+        target = paths.path(self.directory).parent / "checkpoints_unreadable" / f"{step}"
+        if target.exists():
+            target = target.parent / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"clip_jax set aside checkpoint {step}")
+        self._manager.reload()
+        return str(target)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
@@ -134,19 +170,38 @@ def gather_process_states(data_state: dict) -> list[dict]:
 
 
 class PreemptionWatcher:
-    """Says when to save and stop because the job is being preempted (SIGTERM).
+    """Says when to save and stop: the job is being preempted (SIGTERM) or the user pressed
+    Ctrl-C (the first SIGINT is taken as SIGTERM; a second one aborts at once).
 
     With several processes, JAX's coordination service owns SIGTERM (a signal no longer kills the
     process once `jax.distributed` is initialised) and `reached_preemption_sync_point` makes every
-    process agree on the same step. A single process catches SIGTERM itself.
+    process agree on the same step; a SIGINT is passed on to it as a SIGTERM of this process. A
+    single process catches SIGTERM itself.
     """
 
     def __init__(self):
         self._flag = threading.Event()
         self._multi = jax.process_count() > 1
-        self._previous = None
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+        self._previous: dict[int, Any] = {}
+        self.reason = "preempted"
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if not self._multi:
+            self._previous[signal.SIGTERM] = signal.signal(
+                signal.SIGTERM, lambda *_: self._flag.set()
+            )
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupted)
+
+    def _interrupted(self, signum, frame) -> None:
+        if self.reason == "interrupted":  # the second Ctrl-C
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.reason = "interrupted"
+        logging.warning("interrupted: saving after this step, then stopping (Ctrl-C again aborts)")
+        if self._multi:
+            os.kill(os.getpid(), signal.SIGTERM)  # the coordination service tells every process
+        else:
+            self._flag.set()
 
     def reached(self, step: int) -> bool:
         if self._multi:
@@ -154,9 +209,9 @@ class PreemptionWatcher:
         return self._flag.is_set()
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def export_params(workdir: str, out_path: str, step: int | None = None) -> int:

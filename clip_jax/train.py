@@ -128,9 +128,11 @@ def run(
         )
 
         if latest is not None:
-            logging.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
-            state, data_state = ckpt.restore(latest, spec.abstract_with_shardings())
-        else:
+            latest, state, data_state = ckpt.restore_latest(spec.abstract_with_shardings())
+            if latest is not None:
+                where = ckpt.directory
+                logging.info("resuming from the checkpoint at step %d in %s", latest, where)
+        if latest is None:
             logging.info("initialising the parameters ...")
             state = state_lib.init(spec, config.seed)
             data_state = None
@@ -312,7 +314,9 @@ def _resumed_evals(evaluators, state, step: int, total_steps: int, workdir: str,
 
 def _init_from(state: TrainState, shardings: TrainState, config) -> TrainState:
     """Parameters (and BatchNorm statistics) from OpenAI / OpenCLIP / clip_jax weights."""
-    sd, _ = convert.read_state_dict(config.init_from)
+    sd, _ = convert.read_state_dict(
+        config.init_from, allow_torchscript_code=config.init_from_allow_torchscript_code
+    )
     variables = convert.from_state_dict(sd, config.model.to_dict())
     logging.info("initialised parameters from %s", config.init_from)
     return state.replace(
@@ -389,7 +393,7 @@ def _loop(
         elif progress.due(step):  # early and regular signs of life between logged rows
             progress.log(step, float(metrics["loss"]))
         if preempted:
-            logging.warning("preempted: saved step %d and stopping; rerun to resume", step)
+            logging.warning("%s: saved step %d and stopping; rerun to resume", watcher.reason, step)
             break
     return last, step, progress.elapsed()
 

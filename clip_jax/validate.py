@@ -92,6 +92,7 @@ RULES: dict[str, Rule] = {
     "nonfinite_max_consecutive": POSITIVE_INT,
     "nonfinite_max_fraction": FRACTION,
     "init_from": STRING,
+    "init_from_allow_torchscript_code": BOOL,
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
@@ -147,6 +148,7 @@ RULES: dict[str, Rule] = {
         "(low, high) with 0 < low <= high <= 1: the kept area fraction",
     ),
     "train_data.data_dir": STRING,
+    "train_data.max_image_pixels": POSITIVE_INT,
 }
 
 # One rule per key of an eval entry (`evals/entries.py`); `type` and the empty sources are

@@ -29,6 +29,8 @@ MEANINGS = {
     "nonfinite_max_fraction": "nonfinite=skip: halt when more than this fraction of the run's "
     "steps (and at least nonfinite_max_consecutive) were skipped",
     "init_from": "OpenAI / OpenCLIP / clip_jax weights to start a fresh run from ('': none)",
+    "init_from_allow_torchscript_code": "run the TorchScript code inside init_from's file "
+    "(torch.jit.load): unsafe, only for a file you trust as a program",
     "mesh.data": "devices of the data-parallel mesh axis (-1: the remaining devices)",
     "mesh.fsdp": "devices of the FSDP axis: parameters sharded over the model width",
     "mesh.tensor": "devices of the tensor-parallel axis: heads and MLP units split",
@@ -74,6 +76,8 @@ MEANINGS = {
     "train_data.shuffle_buffer": "records shuffled at once (0 or 1: no shuffling)",
     "train_data.crop_scale": "random resized crop: range of the kept area fraction",
     "train_data.data_dir": "tfds data_dir ('': tfds's default)",
+    "train_data.max_image_pixels": "images whose header declares more pixels are skipped and "
+    "counted, never decoded (decompression bombs)",
     "evals": "evals during training: evals.NAME = dict(type=..., source=..., every_steps=...)",
 }
 
@@ -96,6 +100,7 @@ def base_config(
     c.nonfinite_max_consecutive = 5  # a run that keeps skipping is dead: halt
     c.nonfinite_max_fraction = 0.05
     c.init_from = ""  # OpenAI / OpenCLIP / clip_jax weights to start from (fresh runs only)
+    c.init_from_allow_torchscript_code = False  # unsafe: torch.jit.load runs the file's code
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
 
@@ -125,6 +130,7 @@ def base_config(
     c.train_data.shuffle_buffer = 10_000  # records; 0 or 1: no shuffling
     c.train_data.crop_scale = (0.9, 1.0)  # random resized crop's area range
     c.train_data.data_dir = ""  # tfds data_dir ("": tfds's default)
+    c.train_data.max_image_pixels = 89_478_485  # PIL's limit: larger ones are never decoded
 
     c.evals = ml_collections.ConfigDict()
     # A key that a config file or an override misspells is an error, not a silent new key; evals

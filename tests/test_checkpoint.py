@@ -128,8 +128,15 @@ def reference_mp(tmp_path_factory):
     return read_losses(workdir)
 
 
-@pytest.mark.parametrize("data", ["synthetic", "tfrecord"])
-def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, request):
+@pytest.mark.parametrize(
+    "data,sig,reason",
+    [
+        ("synthetic", signal.SIGTERM, "preempted"),
+        ("tfrecord", signal.SIGTERM, "preempted"),
+        ("synthetic", signal.SIGINT, "interrupted"),  # Ctrl-C: the same save and exit
+    ],
+)
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, sig, reason, request):
     if data == "synthetic":
         source, reference = "synthetic", request.getfixturevalue("reference")
     else:
@@ -138,12 +145,12 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, request):
     workdir = str(tmp_path)
     proc = cli(workdir, *config_overrides(source=source))
     wait_for_step(workdir, 3, [proc])
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     k = max(read_losses(workdir))
     assert 3 <= k < TOTAL and k in saved_steps(workdir)
-    assert f"preempted: saved step {k}" in out
+    assert f"{reason}: saved step {k}" in out
 
     proc = cli(workdir, *config_overrides(source=source))
     out = proc.communicate(timeout=300)[0]
@@ -154,6 +161,21 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, request):
         assert abs(got[step] - reference[step]) <= 1e-6, (step, got[step], reference[step])
 
 
+def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
+    watcher = checkpoint.PreemptionWatcher()
+    try:
+        assert not watcher.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread, at its next instruction
+        assert watcher.reached(2) and watcher.reason == "interrupted"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        watcher.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys
 from clip_jax import checkpoint, train
@@ -161,8 +183,8 @@ from tests.test_checkpoint import make_config
 
 save = checkpoint.Checkpointer.save
 
-def save_then_die(self, step, state, data_state):
-    blocked = save(self, step, state, data_state)
+def save_then_die(self, step, state, data_state, **kwargs):
+    blocked = save(self, step, state, data_state, **kwargs)
     if step == 14:  # the asynchronous write of step 14 has just begun
         os.kill(os.getpid(), signal.SIGKILL)
     return blocked

@@ -94,3 +94,37 @@ def test_done_marker(tmp_path):
     assert json.loads((tmp_path / train.DONE_FILE).read_text())["step"] == 2
     train.run(tiny_config(total_steps=4), workdir)  # more steps: not done until they ran
     assert json.loads((tmp_path / train.DONE_FILE).read_text())["step"] == 4
+
+
+def _truncate_largest_data_file(step_dir):
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+def _delete_manifest(step_dir):
+    for manifest in (step_dir / "state").rglob("manifest.ocdbt"):
+        manifest.unlink()
+
+
+def _garbage_metadata(step_dir):
+    (step_dir / "_CHECKPOINT_METADATA").write_bytes(b"\xff\xfe\x00garbage\x80")
+    (step_dir / "data" / "metadata").write_bytes(b"\xff\xfe\x00garbage\x80")
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate_largest_data_file, _delete_manifest, _garbage_metadata]
+)
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, caplog):
+    workdir = str(tmp_path)
+    config = tiny_config(total_steps=4, checkpoint_every_steps=2)
+    train.run(config, workdir)
+    damage(tmp_path / "checkpoints" / "4")
+    config.total_steps = 6
+    last = train.run(config, workdir)
+    assert sorted(r["step"] for r in rows(workdir) if "loss" in r) == list(range(1, 7))
+    assert (tmp_path / "checkpoints_unreadable" / "4").is_dir()
+    assert checkpoint.Checkpointer(workdir, create=False).all_steps()[-1] == 6
+    assert last["loss"] > 0
+    said = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(said) == 1 and "step 4" in said[0] and "\n" not in said[0], said

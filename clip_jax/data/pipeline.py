@@ -145,6 +145,7 @@ def make_source(
             f"vocabulary {tokenizer.vocab_size}) does not fit the model (context "
             f"{context_length}, vocabulary {vocab_size}); change model.text or train_data.tokenizer"
         )
+    from clip_jax.data import image_ops
     from clip_jax.data.tfdata import TFDataSource
 
     return TFDataSource(
@@ -156,4 +157,5 @@ def make_source(
         weights=[w for _, w in parts],
         crop_scale=cfg.get("crop_scale"),
         process_index=process_index,
+        max_image_pixels=cfg.get("max_image_pixels", image_ops.MAX_IMAGE_PIXELS),
     )
