@@ -5,6 +5,7 @@
     python -m clip_jax.benchmark --what=train_step --config=configs/b32.py --batch_size=16
     python -m clip_jax.benchmark --what=loss_memory --config=configs/b16.py --batch_size=8192
     python -m clip_jax.benchmark --what=zeroshot --config=configs/b32.py --batch_size=64
+    python -m clip_jax.benchmark --what=checkpoint --config=configs/b16.py:smoke --steps=3
 
 Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
 - train_step: pairs per second of the full step on all devices, FLOPs and MFU (where the chip's
@@ -16,6 +17,8 @@ Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
   config's resolution, on this host's CPU cores. With `train_data.source` synthetic or empty
   it first writes temporary JPEG shards (random smooth images stored at 8/7 of the resolution,
   256 px for 224, as img2dataset stores them; captions of 5 to 20 random words) and reads those.
+- checkpoint: how long a save blocks the training loop (the device-to-host copy), how long its
+  background write takes alone, and a train step alone vs beside a write.
 """
 
 import io
@@ -317,6 +320,65 @@ def _zeroshot_end_to_end(config, model, variables, mesh, classifier, batch_size,
     return {"end_to_end_examples_per_sec": round(len(out["top"]) / elapsed, 2)}
 
 
+def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
+    """What a checkpoint costs the training loop: how long `Checkpointer.save` blocks it (the
+    device-to-host copy; training reports it as `checkpoint/blocking_seconds`), how long the
+    background write takes alone, and a train step alone vs beside a write (the write shares the
+    host's cores). `steps` saves, medians reported."""
+    import flax.linen as nn
+
+    from clip_jax import checkpoint, sharding, train
+    from clip_jax import state as state_lib
+
+    batch_size = batch_size or config.batch_size
+    mesh = sharding.make_mesh(config.mesh)
+    spec = state_lib.build(config, mesh)
+    state = state_lib.init(spec, 0)
+    n_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    blocked, write, alone, beside = [], [], [], []
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(sharding.LOGICAL_RULES),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        batch = _random_batch(config, batch_size, mesh)
+        compiled, _ = train.compile_train_step(config, spec, batch_size)
+
+        def step(state):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            return state, time.perf_counter() - t
+
+        for _ in range(WARMUP_BATCHES):
+            state, _ = step(state)
+        ckpt = checkpoint.Checkpointer(tmp, keep=2)
+        for i in range(max(1, steps)):
+            state, seconds = step(state)
+            alone.append(seconds)
+            blocked.append(ckpt.save(2 * i + 1, state, {"skipped_examples": 0}))
+            t = time.perf_counter()
+            ckpt.wait()
+            write.append(time.perf_counter() - t)
+            blocked.append(ckpt.save(2 * i + 2, state, {"skipped_examples": 0}))
+            state, seconds = step(state)  # while that save is written
+            beside.append(seconds)
+            ckpt.wait()
+        ckpt.close()
+    return {
+        "what": "checkpoint",
+        "state_bytes": int(n_bytes),
+        "save_blocking_s": round(float(np.median(blocked)), 3),
+        "save_blocking_max_s": round(float(np.max(blocked)), 3),
+        "background_write_s": round(float(np.median(write)), 2),
+        "step_alone_s": round(float(np.median(alone)), 2),
+        "step_beside_a_write_s": round(float(np.median(beside)), 2),
+        "saves": len(blocked),
+        "batch_size": batch_size,
+        "devices": jax.device_count(),
+    }
+
+
 ZEROSHOT_CLASSES = 1000  # ImageNet's
 
 MODES = {
@@ -324,6 +386,7 @@ MODES = {
     "train_step": bench_train_step,
     "loss_memory": bench_loss_memory,
     "zeroshot": bench_zeroshot,
+    "checkpoint": bench_checkpoint,
 }
 
 

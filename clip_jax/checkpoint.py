@@ -79,6 +79,14 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         return time.perf_counter() - t0
 
+    def busy(self) -> bool:
+        """Whether the previous asynchronous save is still being written, on any process (all
+        processes must agree, since saving is collective)."""
+        busy = np.array([self._manager.is_saving_in_progress()], np.int32)
+        if jax.process_count() > 1:
+            busy = multihost_utils.process_allgather(busy)
+        return bool(busy.any())
+
     def config(self, step: int) -> dict | None:
         """The config saved with `step`; None for checkpoints written without one."""
         item = paths.path(self.directory) / str(step) / "config"

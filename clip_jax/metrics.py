@@ -140,6 +140,12 @@ def summary(title: str, rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join([title, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 
+def is_eval_value(key: str) -> bool:
+    """Whether a metrics key is an eval's result (`zeroshot/NAME/top1`, ...): not its timing
+    (`eval/NAME/seconds`) nor a training figure with a "/" (`checkpoint/blocking_seconds`)."""
+    return "/" in key and not key.startswith(("eval/", "checkpoint/"))
+
+
 def last_evals(workdir: str) -> dict[str, float]:
     """The eval values of the last eval row of `workdir/metrics.jsonl` (keys holding a "/";
     their timings left out); {} when the run logged none."""
@@ -148,7 +154,7 @@ def last_evals(workdir: str) -> dict[str, float]:
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for row in reversed(rows):
-        evals = {k: v for k, v in row.items() if "/" in k and not k.startswith("eval/")}
+        evals = {k: v for k, v in row.items() if is_eval_value(k)}
         if evals:
             return evals
     return {}

@@ -15,6 +15,7 @@ import re
 from etils import epath
 
 from clip_jax.errors import UsageError
+from clip_jax.metrics import is_eval_value
 
 CURVES_FILE = "curves.png"
 # Eval metrics drawn: accuracies and recalls, which share the [0, 1] axis (not C, ranks, times).
@@ -101,7 +102,7 @@ def results_table(workdir: str) -> str:
     """The latest value of each eval metric of the run (times left out), one aligned line each:
     `metric  step  value`; "" when the run has no eval results."""
     series = read_series(workdir)
-    keys = sorted(k for k in series if "/" in k and not k.startswith("eval/"))
+    keys = sorted(k for k in series if is_eval_value(k))
     if not keys:
         return ""
     width = max(len("metric"), *(len(k) for k in keys))

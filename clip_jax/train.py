@@ -350,6 +350,7 @@ def _loop(
     guard = NonFiniteGuard(config, start, int(state.nonfinite_steps))
     config_dict = json.loads(config.to_json_best_effort())  # saved with each checkpoint
     pending = None  # the previous step's non-finite count, read while the current step runs
+    postponed = False  # a periodic checkpoint waiting for the previous one to be written
     for step in range(start + 1, config.total_steps + 1):
         t = time.perf_counter()
         batch, data_state = next(batches)
@@ -361,11 +362,25 @@ def _loop(
         pending = metrics.pop("nonfinite_steps")
 
         preempted = watcher.reached(step)
-        if step % config.checkpoint_every_steps == 0 or step == config.total_steps or preempted:
+        # A periodic save while the previous one is still being written would wait for it:
+        # it moves to the first step after that one is done. The last step, a preemption and
+        # the steps kept for good (keep_period) save at once, waiting if they must.
+        wants = postponed or step % config.checkpoint_every_steps == 0
+        keep_period = config.get("keep_period") or 0
+        must = step == config.total_steps or preempted or (keep_period and step % keep_period == 0)
+        if must or (wants and not ckpt.busy()):
             guard.check(step, pending)  # never save a step that halts: a resume would halt too
             blocked = ckpt.save(step, state, data_state, config=config_dict)
             save_s += blocked
+            postponed = False
             logging.info("checkpoint at step %d (blocked the loop for %.2fs)", step, blocked)
+        elif wants and not postponed:
+            postponed = True
+            logging.info(
+                "step %d: the previous checkpoint is still being written; this one is saved at "
+                "the first step after it",
+                step,
+            )
         due = [] if preempted else runner.due(evaluators, step, config.total_steps)
         if step % config.log_every_steps == 0 or step == config.total_steps or preempted or due:
             metrics = jax.device_get(metrics)
@@ -377,7 +392,7 @@ def _loop(
                 "pairs_per_sec": pairs_per_sec,
                 "step_time": elapsed / window_steps,
                 "input_wait_fraction": wait_s / elapsed,
-                "checkpoint_blocking_s": save_s,
+                "checkpoint/blocking_seconds": save_s,
                 "skipped_examples": _total_skipped(data_state["skipped_examples"]),
                 "nonfinite_steps": int(state.nonfinite_steps),
             }

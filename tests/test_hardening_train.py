@@ -128,3 +128,12 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     assert last["loss"] > 0
     said = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
     assert len(said) == 1 and "step 4" in said[0] and "\n" not in said[0], said
+
+
+def test_a_periodic_save_waits_for_the_previous_write_instead_of_the_loop(tmp_path, monkeypatch):
+    answers = iter([False, True, False])  # steps 2, 4, 5: the save of step 2 still writing at 4
+    monkeypatch.setattr(checkpoint.Checkpointer, "busy", lambda self: next(answers))
+    workdir = str(tmp_path)
+    last = train.run(tiny_config(total_steps=6, checkpoint_every_steps=2), workdir)
+    assert checkpoint.Checkpointer(workdir, create=False).all_steps() == [2, 5, 6]
+    assert last["checkpoint/blocking_seconds"] >= 0
