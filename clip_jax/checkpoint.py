@@ -10,6 +10,7 @@ at any moment leaves the previous checkpoint as the latest; leftovers are remove
 Restoring takes the target's shardings, so a run saved on one mesh resumes on any other.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,11 @@ from jax.experimental import multihost_utils
 
 from clip_jax import cli, convert, paths
 from clip_jax.errors import UsageError
+
+
+class CheckpointWriteError(UsageError):
+    """An asynchronous checkpoint write failed (a full disk, lost access): one line, and the
+    checkpoints written before it stay."""
 
 
 class Checkpointer:
@@ -52,6 +58,7 @@ class Checkpointer:
             read_only=not create,  # readers (evaluation, export) never delete or write
         )
         self.directory = str(paths.path(workdir) / "checkpoints")
+        self._writing: int | None = None  # the step whose asynchronous write is in flight
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config")
         )
@@ -69,6 +76,7 @@ class Checkpointer:
         read back as the run that wrote it, whatever config.json says later.
         """
         t0 = time.perf_counter()
+        self._check_previous_write()
         states = gather_process_states(data_state)
         items = {
             "state": ocp.args.StandardSave(state),
@@ -77,7 +85,23 @@ class Checkpointer:
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._writing = step
         return time.perf_counter() - t0
+
+    def _check_previous_write(self) -> None:
+        """Raises CheckpointWriteError when the last asynchronous write failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the write's own error, whatever it is
+            failed, self._writing = self._writing, None
+            kept = [s for s in self.all_steps() if s != failed]
+            cause = " ".join(str(e).split())
+            cause = cause[-240:] if len(cause) > 240 else cause  # the OS's reason comes last
+            previous = f"the checkpoint at step {max(kept)} is kept" if kept else "none is kept"
+            raise CheckpointWriteError(
+                f"writing the checkpoint of step {failed} to {self.directory} failed "
+                f"(...{cause}); {previous}: free space (or fix access) and rerun to resume"
+            ) from None
 
     def busy(self) -> bool:
         """Whether the previous asynchronous save is still being written, on any process (all
@@ -155,10 +179,15 @@ class Checkpointer:
         return str(target)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        self._check_previous_write()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._check_previous_write()
+        except CheckpointWriteError:
+            with contextlib.suppress(Exception):  # the failed write again: said already
+                self._manager.close()
+            raise
         self._manager.close()
 
 

@@ -238,8 +238,28 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not noisy
 
 
+class _QuietFailedWrites(pylogging.Filter):
+    """A failed asynchronous checkpoint write (a full disk) reaches the training loop, which
+    reports it in one line (`checkpoint.CheckpointWriteError`); orbax's threads and their
+    asyncio tasks also log it, each with its traceback, dozens of times. Drop those copies
+    (`CLIP_JAX_DEBUG=1` keeps them)."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "orbax" in record.pathname and "raised an exception" in message:
+            return False
+        if record.name == "asyncio" and "never retrieved" in message:
+            text = str(record.exc_info[1]) if record.exc_info else ""
+            return "orbax" not in f"{message} {text}" and "OCDBT" not in text
+        return True
+
+
 def quiet_libraries() -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if not os.environ.get("CLIP_JAX_DEBUG"):
+        quiet = _QuietFailedWrites()
+        logging.get_absl_handler().addFilter(quiet)
+        pylogging.getLogger("asyncio").addFilter(quiet)
 
 
 @contextlib.contextmanager

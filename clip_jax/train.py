@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import checkpoint, convert, losses, paths, sharding, validate
+from clip_jax import checkpoint, convert, losses, paths, runlock, sharding, validate
 from clip_jax import state as state_lib
 from clip_jax.data import pipeline
 from clip_jax.errors import UsageError
@@ -50,8 +50,42 @@ def run(
       config_change_ok: train on in a workdir whose `config.json` has another model, data or
         batch size; without it that is a UsageError (the workdir holds another run).
     """
-    # --- Checks and logging ------------------------------------------------------------------
     validate.validate(config)
+    lock = _lock_workdir(workdir)  # one run per workdir, for the run's whole life
+    try:
+        return _train(config, workdir, config_change_ok)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_workdir(workdir: str) -> runlock.RunLock | None:
+    """Process 0 takes the workdir's lock; every process stops if it could not."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = runlock.RunLock(workdir).acquire()
+        except runlock.WorkdirLockedError as e:
+            error = e
+        except OSError as e:  # a file of that name, no permission, a read-only filesystem
+            where = paths.path(workdir)
+            error = UsageError(
+                f"--workdir={workdir} is a file, not a directory"
+                if where.exists() and not where.is_dir()
+                else f"cannot write the workdir {workdir}: {e.strerror or e}"
+            )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            error = UsageError(f"process 0 could not take the workdir {workdir} (its log says why)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     is_main = jax.process_index() == 0
     if not config_change_ok:
         state_lib.check_same_run(config, workdir)
@@ -373,7 +407,7 @@ def _loop(
             blocked = ckpt.save(step, state, data_state, config=config_dict)
             save_s += blocked
             postponed = False
-            logging.info("checkpoint at step %d (blocked the loop for %.2fs)", step, blocked)
+            logging.info("saving step %d in the background (the loop waited %.2fs)", step, blocked)
         elif wants and not postponed:
             postponed = True
             logging.info(

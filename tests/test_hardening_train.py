@@ -1,14 +1,21 @@
 """Faults and bad input in training, each reproduced first: a halting step never poisons the
-checkpoint, a dead run under nonfinite=skip stops, metrics.jsonl shows each step once after a
-resume, config.json is replaced only by an accepted config, and a finished run says so."""
+checkpoint; a dead run under nonfinite=skip stops; metrics.jsonl shows each step once after a
+resume; config.json is replaced only by an accepted config; a finished run says so; a damaged
+latest checkpoint falls back to the one before; a periodic save never waits for the previous
+write; one run per workdir; a failed write (full disk) and an unwritable workdir are one line."""
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from absl import logging
 
-from clip_jax import checkpoint, state, train
+from clip_jax import checkpoint, runlock, state, train
+from clip_jax.errors import UsageError
+from tests.conftest import ROOT
 from tests.test_train import tiny_config
 
 
@@ -137,3 +144,138 @@ def test_a_periodic_save_waits_for_the_previous_write_instead_of_the_loop(tmp_pa
     last = train.run(tiny_config(total_steps=6, checkpoint_every_steps=2), workdir)
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == [2, 5, 6]
     assert last["checkpoint/blocking_seconds"] >= 0
+
+
+def test_a_workdir_in_use_is_refused_with_one_line_naming_its_owner(tmp_path):
+    workdir = str(tmp_path)
+    holder = subprocess.Popen(  # another run, in another process, holding the workdir
+        [sys.executable, "-c", HOLD_LOCK, workdir],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.WorkdirLockedError, match=rf"pid {holder.pid} "):
+            train.run(tiny_config(total_steps=2), workdir)
+        result = subprocess.run(
+            [sys.executable, "-m", "clip_jax.main", "--config=configs/tiny.py"]
+            + [f"--workdir={workdir}", "--config.total_steps=2"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is in use by another run" in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    train.run(tiny_config(total_steps=2), workdir)  # the holder died: the lock went with it
+
+
+HOLD_LOCK = """
+import sys, time
+from clip_jax import runlock
+lock = runlock.RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_object_store_lease(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock.paths, "is_remote", lambda p: True)  # the lease code path
+    lock_file = tmp_path / runlock.LOCK_FILE
+    other = {"host": "worker-7", "pid": 4242, "started": time.time() - 60}
+    lock_file.write_text(json.dumps({**other, "expires": time.time() + 300}))
+    with pytest.raises(runlock.WorkdirLockedError, match="host worker-7 pid 4242"):
+        runlock.RunLock(str(tmp_path)).acquire()
+    lock_file.write_text(json.dumps({**other, "expires": time.time() - 1}))  # its run died
+    lock = runlock.RunLock(str(tmp_path), lease_seconds=0.3).acquire()
+    first = json.loads(lock_file.read_text())
+    assert first["pid"] == os.getpid()
+    time.sleep(0.5)  # renewed meanwhile
+    assert json.loads(lock_file.read_text())["expires"] > first["expires"]
+    with pytest.raises(runlock.WorkdirLockedError):
+        runlock.RunLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not lock_file.exists()
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+    saving = []
+
+    def fake_save(self, step, *args, **kwargs):
+        started = save(self, step, *args, **kwargs)
+        saving.append(step)  # the write of this step is now in flight
+        return started
+
+    def full_disk(self):
+        wait(self)
+        if saving and saving[-1] == 4:
+            raise ValueError(
+                'RESOURCE_EXHAUSTED: Error writing "params.visual.conv1.kernel/0.0" ...: Failed '
+                "to write 2375680 bytes to file 11: No space left on device [os_error_code='28']"
+            )
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", fake_save)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_disk)
+    workdir = str(tmp_path)
+    with pytest.raises(checkpoint.CheckpointWriteError) as failed:
+        train.run(tiny_config(total_steps=4, checkpoint_every_steps=2), workdir)
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "checkpoint of step 4" in message and "No space left on device" in message
+    assert "the checkpoint at step 2 is kept" in message
+    monkeypatch.undo()
+    assert checkpoint.Checkpointer(workdir, create=False).all_steps()[0] == 2
+
+
+def test_a_full_disk_for_real(tmp_path):
+    """On a 10 MB tmpfs (one tiny checkpoint fits, two do not), where mounting is allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs is not allowed here")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "clip_jax.main", "--config=configs/tiny.py"]
+            + [f"--workdir={mount}/run", "--config.total_steps=4"]
+            + ["--config.checkpoint_every_steps=2"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: writing the checkpoint of step 4"), last
+        assert "No space left on device" in last and "step 2 is kept" in last
+        steps = [p.name for p in (mount / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+        assert steps == ["2"]
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        ("a_file", "is a file, not a directory"),
+        ("a_file/run", "cannot write the workdir .*: Not a directory"),
+        ("/proc/clip_jax_run", "cannot write the workdir /proc/clip_jax_run: "),
+    ],
+)
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, where, message):
+    (tmp_path / "a_file").write_text("not a directory")
+    workdir = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(UsageError, match=message) as refused:
+        train.run(tiny_config(total_steps=2), workdir)
+    assert "\n" not in str(refused.value)
