@@ -14,6 +14,8 @@ code they carry (`clip_jax.torch_files`): plain state dicts and OpenCLIP trainin
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +26,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors c
 import numpy as np
 from flax import traverse_util
 
-from clip_jax import torch_files
+from clip_jax import paths, torch_files
 from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
 from clip_jax.pretrained import resolve
@@ -254,8 +256,17 @@ def read_state_dict(
 
     `allow_torchscript_code=True` reads TorchScript archives with `torch.jit.load`, which runs
     the code inside them: unsafe, for files you trust as programs. By default they are read as
-    data (`clip_jax.torch_files`), as OpenAI's released models need.
+    data (`clip_jax.torch_files`), as OpenAI's released models need. A file on an object store
+    (`gs://...`) is copied to a local temporary file first.
     """
+    if paths.is_remote(path):
+        if not paths.path(path).exists():
+            raise UsageError(f"no checkpoint at {path}")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, paths.path(path).name)
+            with paths.path(path).open("rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+            return read_state_dict(local, allow_torchscript_code=allow_torchscript_code)
     if not os.path.exists(path):
         raise UsageError(f"no checkpoint at {path}")
     ext = os.path.splitext(path)[1].lower()
@@ -347,7 +358,7 @@ def load_pretrained(
     """
     path, needs = resolve(path, pretrained, cache_dir=cache_dir, verify=verify)
     overrides = {**needs, **overrides}
-    if os.path.isdir(path):
+    if paths.path(path).is_dir():  # a training run's directory, local or gs://
         from clip_jax import state
 
         model, variables, _ = state.load_run(path, step, **overrides)

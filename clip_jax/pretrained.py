@@ -35,6 +35,7 @@ from collections.abc import Callable
 from email.message import Message
 from typing import Any, NamedTuple
 
+from clip_jax import paths
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from clip_jax.errors import UsageError
 
@@ -185,7 +186,7 @@ def resolve(
     if tag is None:
         if cache_dir is not None or not verify:
             raise UsageError("cache_dir= and verify= apply to pretrained=TAG downloads only")
-        if not os.path.exists(path) and _tags(path):
+        if not paths.path(path).exists() and _tags(path):
             raise UsageError(
                 f"{path!r} is a model name, not a file: choose its weights with pretrained=TAG "
                 f"(one of {', '.join(_tags(path))})"

@@ -19,11 +19,14 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
+import clip_jax  # noqa: E402
 from clip_jax import checkpoint, paths, state, train  # noqa: E402
 from clip_jax.evals import jobs  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -149,5 +152,12 @@ def test_tiny_life_cycle_on_gs(fake_gcs, no_local_calls_on_gs, tmp_path, monkeyp
     top1 = {r["dataset"]: r["metrics"]["top1"] for r in records}
     assert top1["digits"] == pytest.approx(last["zeroshot/digits/top1"], abs=1e-6)
     assert json.loads((root / "eval" / "results.json").read_text())[0]["dataset"] == "digits"
-    model, _, step = state.load_run(workdir)
+    model, variables, step = state.load_run(workdir)
     assert step == 6 and model.embed_dim == config.model.embed_dim
+    # The one-line loaders read both from gs:// too: the run's directory and the export.
+    _, from_run = clip_jax.load_pretrained(workdir)
+    _, from_export = clip_jax.load_pretrained(out)
+    leaves = [jax.tree.leaves(v) for v in (variables, from_run, from_export)]
+    for a, b, c in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=0)
