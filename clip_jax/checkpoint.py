@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -144,23 +143,42 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict | None]:
         """`(step, state, data position)` of the newest checkpoint that reads back, or
-        `(None, None, None)` when there is none. An unreadable one (a truncated file, a missing
-        manifest, garbage metadata) is moved out of the way, said in one line, and the one
-        before it is tried: a damaged checkpoint never stops a run that has an older one."""
+        `(None, None, None)` when there is none.
+
+        An unreadable latest checkpoint (a truncated file, a missing manifest, garbage
+        metadata) does not stop a run that has an older readable one: the older one is
+        restored, the unreadable ones are moved out of the way, each said in one line. When no
+        checkpoint reads back (another model's checkpoints under --config_change_ok, or all of
+        them damaged), nothing is moved and the newest one's error is raised.
+        """
+        failed: list[tuple[int, Exception]] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                return step, *self.restore(step, abstract_state)
+                state, data = self.restore(step, abstract_state)
+                ok = True
             except Exception as e:  # noqa: BLE001 - whatever the damage, the older one may read
-                cause = " ".join(str(e).split())
-                cause = f"{type(e).__name__}: {cause[:200]}{'...' if len(cause) > 200 else ''}"
-                where = self._set_aside(step)
-                logging.warning(
-                    "the checkpoint at step %d is unreadable (%s); moved it to %s and trying the "
-                    "one before",
-                    step,
-                    cause,
-                    where,
-                )
+                failed.append((step, e))
+                ok = False
+            if jax.process_count() > 1:  # a damaged shard may be one process's only
+                flags = multihost_utils.process_allgather(np.array([ok], np.int32))
+                if ok and not flags.all():
+                    failed.append((step, RuntimeError("unreadable on another process")))
+                ok = bool(flags.all())
+            if ok:
+                for bad, e in failed:
+                    cause = " ".join(str(e).split())
+                    cause = f"{type(e).__name__}: {cause[:200]}{'...' if len(cause) > 200 else ''}"
+                    logging.warning(
+                        "the checkpoint at step %d is unreadable (%s); moved it to %s and "
+                        "resuming from step %d",
+                        bad,
+                        cause,
+                        self._set_aside(bad),
+                        step,
+                    )
+                return step, state, data
+        if failed:
+            raise failed[0][1]
         return None, None, None
 
     def _set_aside(self, step: int) -> str:
@@ -230,9 +248,14 @@ class PreemptionWatcher:
         self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupted)
 
     def _interrupted(self, signum, frame) -> None:
-        if self.reason == "interrupted":  # the second Ctrl-C
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+        if self.reason == "interrupted":  # the second Ctrl-C: now, without waiting for a write
+            print(
+                "error: interrupted twice: stopped at once; a checkpoint being written is "
+                "dropped, the ones before it stay",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(130)
         self.reason = "interrupted"
         logging.warning("interrupted: saving after this step, then stopping (Ctrl-C again aborts)")
         if self._multi:
@@ -261,14 +284,7 @@ def export_params(workdir: str, out_path: str, step: int | None = None) -> int:
 
     _, variables, step = state.load_run(workdir, step)
     model_cfg = state.model_config(state.read_run_config(workdir, step).model)
-    if not paths.is_remote(out_path):
-        convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
-        return step
-    with tempfile.TemporaryDirectory() as tmp:  # the writers need a local file; then upload
-        local = os.path.join(tmp, paths.path(out_path).name)
-        convert.save_pretrained(local, jax.device_get(variables), model_cfg)
-        paths.path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        paths.path(out_path).write_bytes(paths.path(local).read_bytes())
+    convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
     return step
 
 

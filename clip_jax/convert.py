@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -274,8 +275,14 @@ def read_state_dict(
         sd, meta = _read_safetensors(path)
         cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
     elif ext == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            sd = {k: f[k] for k in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                sd = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise UsageError(
+                f"{path}: not a readable .npz file ({type(e).__name__}: {e}); it may be "
+                "truncated: write or download it again"
+            ) from None
         cfg = json.loads(str(sd.pop(CONFIG_KEY))) if CONFIG_KEY in sd else None
     elif ext in (".pt", ".pth", ".bin"):
         sd, cfg = torch_files.read(path, allow_torchscript_code=allow_torchscript_code), None
@@ -379,6 +386,14 @@ def save_pretrained(path: str, variables: Variables, cfg: Mapping[str, Any]) -> 
     its metadata; `load_pretrained` reads it back bit-exactly and open_clip loads its tensors."""
     sd = to_state_dict(variables, cfg)
     meta = json.dumps(_jsonable(cfg))
+    if paths.is_remote(path):  # the writers need a local file: write one, then upload it
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            local = os.path.join(tmp_dir, paths.path(path).name)
+            save_pretrained(local, variables, cfg)
+            paths.path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(local, "rb") as src, paths.path(path).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file

@@ -37,15 +37,16 @@ class MetricsWriter:
         self._remote = paths.is_remote(self._path)
         self._flush_secs, self._flushed_at = flush_secs, time.monotonic()
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        lines = self._path.read_text().splitlines() if self._path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
-        self._text = "".join(line + "\n" for line in kept)
+        text = self._path.read_text() if self._path.exists() else ""
+        rows = parse_rows(text, str(self._path))
+        kept = [row for row in rows if row["step"] <= start_step]
+        self._text = "".join(json.dumps(row) + "\n" for row in kept)
         self._dirty = False
-        if len(kept) < len(lines):
+        if self._text != text:
             logging.info(
                 "%s: dropped %d rows past step %d (logged after the checkpoint this run resumes)",
                 self._path,
-                len(lines) - len(kept),
+                len(rows) - len(kept),
                 start_step,
             )
             paths.write_text(self._path, self._text)
@@ -88,6 +89,27 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def parse_rows(text: str, name: str) -> list[dict]:
+    """The rows of a metrics.jsonl text; a line that is not a whole row (the half-written last
+    line of a killed run) is left out, with a warning."""
+    rows, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        logging.warning("%s: left out %d lines that are not whole rows", name, bad)
+    return rows
 
 
 def _plain(value: Any) -> Any:
@@ -152,7 +174,7 @@ def last_evals(workdir: str) -> dict[str, float]:
     path = paths.path(workdir) / METRICS_FILE
     if not path.exists():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = parse_rows(path.read_text(), str(path))
     for row in reversed(rows):
         evals = {k: v for k, v in row.items() if is_eval_value(k)}
         if evals:

@@ -8,14 +8,13 @@ A step logged twice (a resumed run logs its restored step's evals again) keeps i
 """
 
 import io
-import json
 import math
 import re
 
 from etils import epath
 
 from clip_jax.errors import UsageError
-from clip_jax.metrics import is_eval_value
+from clip_jax.metrics import is_eval_value, parse_rows
 
 CURVES_FILE = "curves.png"
 # Eval metrics drawn: accuracies and recalls, which share the [0, 1] axis (not C, ranks, times).
@@ -35,10 +34,7 @@ def read_series(workdir: str) -> dict[str, list[tuple[int, float]]]:
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise UsageError(f"{path}: no such file; is {workdir} the workdir of a training run?")
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in parse_rows(path.read_text(), str(path)):
         step = int(row.pop("step"))
         for key, value in row.items():
             if isinstance(value, (int, float)) and math.isfinite(value):

@@ -17,7 +17,7 @@ from clip_jax import paths
 from clip_jax.errors import UsageError
 
 LOCK_FILE = "lock.json"
-LEASE_SECONDS = 600.0
+LEASE_SECONDS = 120.0  # renewed every 40 s; a relaunch after a hard kill waits at most this
 
 
 class WorkdirLockedError(UsageError):
@@ -79,7 +79,7 @@ class RunLock:
         f = open(self.path, "a+")  # noqa: SIM115 - held open for the run's whole life
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             f.seek(0)
             try:
                 holder = _describe(json.loads(f.read() or "{}"))
@@ -90,6 +90,14 @@ class RunLock:
                 f"{self.path.parent} is in use by another run ({holder}): stop it, or give "
                 "another --workdir"
             ) from None
+        except OSError as e:  # a filesystem without file locks (some NFS, Lustre mounts)
+            from absl import logging
+
+            logging.warning(
+                "%s: the filesystem takes no file locks (%s): running without the workdir lock",
+                self.path.parent,
+                e.strerror or e,
+            )
         f.seek(0)
         f.truncate()
         f.write(json.dumps(self._owner))
@@ -128,6 +136,19 @@ class RunLock:
         self._renewer.start()
 
     def _renew(self) -> None:
+        from absl import logging
+
         while not self._stop.wait(self.lease_seconds / 3):
-            self._expires = time.time() + self.lease_seconds
-            paths.write_text(self.path, json.dumps(self._lease()))
+            try:
+                held = self._read()
+                if held is not None and held != self._lease():
+                    logging.error(
+                        "%s: the workdir's lease was taken by %s while this run held it",
+                        self.path.parent,
+                        _describe(held),
+                    )
+                    return
+                self._expires = time.time() + self.lease_seconds
+                paths.write_text(self.path, json.dumps(self._lease()))
+            except Exception as e:  # noqa: BLE001 - a passing store error: retry at the next turn
+                logging.warning("%s: could not renew the workdir's lease: %s", self.path, e)

@@ -122,7 +122,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = paths.path(workdir) / CONFIG_FILE
     if not path.exists():
         return
-    old = _flat(json.loads(path.read_text()))
+    old = _flat(_read_config_file(path))
     new = _flat(json.loads(config.to_json_best_effort()))
     changed = [
         f"{k}: {old[k]!r} -> {new[k]!r}"
@@ -163,7 +163,17 @@ def read_run_config(workdir: str, step: int | None = None) -> ml_collections.Con
     path = paths.path(workdir) / CONFIG_FILE
     if not path.exists():
         raise UsageError(f"{path} is missing: is {workdir} a clip_jax run directory?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(_read_config_file(path))
+
+
+def _read_config_file(path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a run's config ({e}): restore it, or remove it") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a run's config (no JSON object): restore it, or remove it")
+    return config
 
 
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -189,6 +199,9 @@ def load_run(
 
     if mesh is None:
         mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
+    config_file = paths.path(workdir) / CONFIG_FILE
+    if not config_file.exists():
+        raise UsageError(f"{config_file} is missing: is {workdir} a clip_jax run directory?")
     ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
     try:
         available = ckpt.all_steps()

@@ -124,10 +124,13 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
         )
         latest = ckpt.latest_step()
         logging.info("%s", _start_summary(config, mesh, spec, workdir, latest, accum_steps))
+        final = latest is not None and latest >= config.total_steps
+        if final and runner.missing(evaluators, workdir, latest, config.total_steps):
+            # Preempted during the final evals: finish them (or, when the final checkpoint is
+            # unreadable, train on from the one before it, below).
+            latest, state, _ = ckpt.restore_latest(spec.abstract_with_shardings())
         if latest is not None and latest >= config.total_steps:
             if runner.missing(evaluators, workdir, latest, config.total_steps):
-                # Preempted during the final evals: finish them.
-                state, _ = ckpt.restore(latest, spec.abstract_with_shardings())
                 ckpt.close()
                 writer = MetricsWriter(workdir, enabled=is_main, start_step=latest)
                 try:
@@ -192,8 +195,12 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             watcher.close()
             writer.close()
             ckpt.close()  # waits for an asynchronous save in flight
+    # Done once the last step and its evals are (a preemption at the last step skips them).
+    done = step >= config.total_steps and not runner.missing(
+        evaluators, workdir, step, config.total_steps
+    )
     if is_main:
-        if step >= config.total_steps:
+        if done:
             mark_done(workdir, step)
         logging.info("%s", _end_summary(config, workdir, ckpt.directory, last, step, train_s))
     return last
@@ -407,6 +414,7 @@ def _loop(
             blocked = ckpt.save(step, state, data_state, config=config_dict)
             save_s += blocked
             postponed = False
+            writer.flush()  # an object store's metrics up to the checkpoint, before a kill
             logging.info("saving step %d in the background (the loop waited %.2fs)", step, blocked)
         elif wants and not postponed:
             postponed = True

@@ -161,19 +161,34 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, sig, reaso
         assert abs(got[step] - reference[step]) <= 1e-6, (step, got[step], reference[step])
 
 
+TWO_CTRL_C = """
+import os, signal, time
+from clip_jax import checkpoint
+watcher = checkpoint.PreemptionWatcher()
+assert not watcher.reached(1)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.1)  # the handler runs in the main thread, at its next instruction
+assert watcher.reached(2) and watcher.reason == "interrupted"
+print("first: save and stop", flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("not reached", flush=True)
+"""
+
+
 def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
-    watcher = checkpoint.PreemptionWatcher()
-    try:
-        assert not watcher.reached(1)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler runs in the main thread, at its next instruction
-        assert watcher.reached(2) and watcher.reason == "interrupted"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    finally:
-        watcher.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_CTRL_C],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["first: save and stop"]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: interrupted twice")
+    assert "Traceback" not in result.stderr
 
 
 KILL_DURING_SAVE = """

@@ -60,6 +60,9 @@ def finish():
     with open(os.path.join(workdir, "done.json"), "w") as f:
         f.write('{"step": 10}')
 def on_term(*_):
+    if mode == "wait_fail":  # the save itself fails
+        note("save failed")
+        sys.exit(2)
     note("saved")
     if mode == "wait_done":
         finish()
@@ -236,6 +239,16 @@ def test_slurm_time_limit_after_the_end_does_not_requeue(slurm):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert slurm.events("saved") and slurm.events("scontrol") == []
+
+
+def test_slurm_time_limit_with_a_failed_save_does_not_requeue(slurm):
+    proc = slurm.start("configs/b16.py", slurm.workdir, mode="wait_fail")
+    wait_for(lambda: slurm.events("running"))
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert slurm.events("save failed") and slurm.events("scontrol") == []
+    assert "failed with status 2; not requeueing" in err
 
 
 def test_slurm_scancel_saves_and_stops(slurm):

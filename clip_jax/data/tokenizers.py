@@ -163,11 +163,18 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str, context_length: int = 77, add_bos: bool = False):
         import sentencepiece
 
-        if not os.path.exists(model_path):
+        model = paths.path(model_path)
+        if not model.exists():
             raise UsageError(f"no sentencepiece model at {model_path}")
-        try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
-        except RuntimeError as e:  # sentencepiece's one error type: unparsable file, a folder
+        try:  # read through the path layer: the model may sit beside a gs:// run
+            proto = model.read_bytes()
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        except IsADirectoryError:
+            raise UsageError(
+                f"{model_path}: not a sentencepiece model (a folder); give the .model file that "
+                "`python -m clip_jax.data.tokenizers train` (or sentencepiece) wrote"
+            ) from None
+        except RuntimeError as e:  # sentencepiece's one error type: an unparsable model
             reason = str(e).replace(f" from {model_path}", "")
             raise UsageError(
                 f"{model_path}: not a sentencepiece model ({reason}); give the .model file that "
