@@ -244,14 +244,30 @@ class _QuietFailedWrites(pylogging.Filter):
     asyncio tasks also log it, each with its traceback, dozens of times. Drop those copies
     (`CLIP_JAX_DEBUG=1` keeps them)."""
 
+    ORBAX = ("raised an exception", "Failed to run", "Save Finalize thread")
+
     def filter(self, record: pylogging.LogRecord) -> bool:
         message = record.getMessage()
-        if "orbax" in record.pathname and "raised an exception" in message:
+        if "orbax" in record.pathname and any(m in message for m in self.ORBAX):
             return False
         if record.name == "asyncio" and "never retrieved" in message:
             text = str(record.exc_info[1]) if record.exc_info else ""
             return "orbax" not in f"{message} {text}" and "OCDBT" not in text
         return True
+
+
+def _quiet_unraisable(previous):
+    """Once a failed write has stopped orbax's event loop, tensorstore's callbacks into it fail
+    with "Event loop is closed", each printed as an unraisable exception: the aftermath of the
+    one-line error, dropped."""
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def quiet_libraries() -> None:
@@ -260,6 +276,7 @@ def quiet_libraries() -> None:
         quiet = _QuietFailedWrites()
         logging.get_absl_handler().addFilter(quiet)
         pylogging.getLogger("asyncio").addFilter(quiet)
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
 
 @contextlib.contextmanager
