@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import sharding, state, train
+from clip_jax import metrics, sharding, state, train
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries, jobs, runner
 from tests.conftest import run_processes
@@ -175,8 +175,8 @@ def one_device_results(run_dir):
 
 
 def assert_same_results(a, b):
-    keys = sorted(k for k in a if not k.startswith("eval/"))
-    assert keys == sorted(k for k in b if not k.startswith("eval/"))
+    keys = sorted(k for k in a if metrics.is_eval_value(k))
+    assert keys == sorted(k for k in b if metrics.is_eval_value(k))
     for k in keys:
         assert a[k] == b[k], (k, a[k], b[k])
 
@@ -185,7 +185,7 @@ def test_results_identical_on_one_and_eight_devices(run_dir):
     eight = {}
     for row in read_rows(run_dir):
         if row["step"] == 4:
-            eight.update({k: v for k, v in row.items() if "/" in k})
+            eight.update({k: v for k, v in row.items() if metrics.is_eval_value(k)})
     assert_same_results(one_device_results(run_dir), eight)
 
 
