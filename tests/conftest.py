@@ -36,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_python(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root with this checkout importable; output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_processes(module: str, args: list[str], num_processes: int = 2, devices: int = 4):
     """Runs `python -m module args` as `num_processes` processes of `devices` CPU devices each,
     joined by jax.distributed on 127.0.0.1; returns their (returncode, output) pairs."""

@@ -15,7 +15,7 @@ import pytest
 import clip_jax
 from clip_jax import checkpoint, sharding, train
 from clip_jax import state as state_lib
-from tests.conftest import free_port
+from tests.conftest import free_port, run_python
 from tests.test_train import tiny_config, write_shard_with_bad_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,14 +177,7 @@ print("not reached", flush=True)
 
 
 def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
-    result = subprocess.run(
-        [sys.executable, "-c", TWO_CTRL_C],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_python(["-c", TWO_CTRL_C], timeout=120)
     assert result.returncode == 130, result.stderr[-2000:]
     assert result.stdout.splitlines() == ["first: save and stop"]
     assert result.stderr.strip().splitlines()[-1].startswith("error: interrupted twice")

@@ -16,7 +16,7 @@ from absl import logging
 
 from clip_jax import checkpoint, runlock, state, train
 from clip_jax.errors import UsageError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_python
 from tests.test_train import tiny_config
 
 
@@ -160,14 +160,9 @@ def test_a_workdir_in_use_is_refused_with_one_line_naming_its_owner(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(runlock.WorkdirLockedError, match=rf"pid {holder.pid} "):
             train.run(tiny_config(total_steps=2), workdir)
-        result = subprocess.run(
-            [sys.executable, "-m", "clip_jax.main", "--config=configs/tiny.py"]
-            + [f"--workdir={workdir}", "--config.total_steps=2"],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT},
-            capture_output=True,
-            text=True,
-            timeout=300,
+        result = run_python(
+            ["-m", "clip_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}"]
+            + ["--config.total_steps=2"]
         )
         assert result.returncode == 2, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -246,15 +241,9 @@ def test_a_full_disk_for_real(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(mount)]).returncode:
         pytest.skip("mounting a small tmpfs is not allowed here")
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "clip_jax.main", "--config=configs/tiny.py"]
-            + [f"--workdir={mount}/run", "--config.total_steps=4"]
-            + ["--config.checkpoint_every_steps=2"],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT},
-            capture_output=True,
-            text=True,
-            timeout=300,
+        result = run_python(
+            ["-m", "clip_jax.main", "--config=configs/tiny.py", f"--workdir={mount}/run"]
+            + ["--config.total_steps=4", "--config.checkpoint_every_steps=2"]
         )
         assert result.returncode == 2, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]

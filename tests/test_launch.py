@@ -232,21 +232,24 @@ def test_slurm_time_limit_saves_then_requeues(slurm):
     assert slurm.events("scontrol")[0]["argv"] == ["requeue", "4242"]
 
 
-def test_slurm_time_limit_after_the_end_does_not_requeue(slurm):
-    proc = slurm.start("configs/b16.py", slurm.workdir, mode="wait_done")
+def signalled(slurm, mode: str, sig: int) -> tuple[int, str]:
+    """The batch script's exit status and stderr when `sig` reaches it while the run runs."""
+    proc = slurm.start("configs/b16.py", slurm.workdir, mode=mode)
     wait_for(lambda: slurm.events("running"))
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    return proc.returncode, err
+
+
+def test_slurm_time_limit_after_the_end_does_not_requeue(slurm):
+    code, err = signalled(slurm, "wait_done", signal.SIGUSR1)
+    assert code == 0, err
     assert slurm.events("saved") and slurm.events("scontrol") == []
 
 
 def test_slurm_time_limit_with_a_failed_save_does_not_requeue(slurm):
-    proc = slurm.start("configs/b16.py", slurm.workdir, mode="wait_fail")
-    wait_for(lambda: slurm.events("running"))
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2, err
+    code, err = signalled(slurm, "wait_fail", signal.SIGUSR1)
+    assert code == 2, err
     assert slurm.events("save failed") and slurm.events("scontrol") == []
     assert "failed with status 2; not requeueing" in err
 
