@@ -11,8 +11,7 @@ import io
 import math
 import re
 
-from etils import epath
-
+from clip_jax import paths
 from clip_jax.errors import UsageError
 from clip_jax.metrics import is_eval_value, parse_rows
 
@@ -31,7 +30,7 @@ def read_series(workdir: str) -> dict[str, list[tuple[int, float]]]:
     """`workdir/metrics.jsonl` as {key: [(step, value), ...]} sorted by step, one value a step
     (the last logged), finite numbers only."""
     series: dict[str, dict[int, float]] = {}
-    path = epath.Path(workdir) / "metrics.jsonl"
+    path = paths.path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise UsageError(f"{path}: no such file; is {workdir} the workdir of a training run?")
     for row in parse_rows(path.read_text(), str(path)):
@@ -89,7 +88,7 @@ def plot_run(workdir: str) -> str:
     fig.suptitle(str(workdir), fontsize="small")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    path = epath.Path(workdir) / CURVES_FILE
+    path = paths.path(workdir) / CURVES_FILE
     path.write_bytes(buffer.getvalue())
     return str(path)
 
