@@ -11,32 +11,28 @@ and keeps its traceback.
     cli.run_tool(argv, define_flags, body, doc)    small tools (prepare, digits, tokenizers,
                                                    checkpoint export), callable in-process
 
-Logs of a multi-process job: process 0 prints its log as a single process does; the others print
-only warnings and errors, each line prefixed `[process N] `. `--log_dir=DIR` (every `cli.run`
-entry point) also writes each process's whole log, INFO included, to `DIR/process_N.log`.
+Logs (which process prints what, `--log_dir`, the libraries' chatter) are `clip_jax.logs`.
 """
 
 import contextlib
-import dataclasses
 import difflib
 import fnmatch
 import importlib.util
-import logging as pylogging
 import os
 import re
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import ml_collections
-from absl import app, flags, logging
-from etils import epath
+from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
 
+from clip_jax import logs
 from clip_jax.errors import UsageError
+from clip_jax.logs import quiet_libraries, start_process_logs  # noqa: F401 (entry points' API)
 
 HELP_FLAGS = ("-h", "-?", "-help", "--help", "-helpshort", "--helpshort", "-helpfull", "--helpfull")
 KEYS_HINT = "python -m clip_jax.main --config=FILE --show_config lists every key"
@@ -75,208 +71,13 @@ def initialize_distributed(
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise UsageError("--coordinator_address needs --num_processes and --process_id")
-        start_process_logs(process_id)  # before JAX's own lines about joining
+        logs.start_process_logs(process_id)  # before JAX's own lines about joining
         jax.distributed.initialize(coordinator, num_processes, process_id)
     elif _cluster_detected():
         jax.distributed.initialize()
-        start_process_logs(jax.process_index())
+        logs.start_process_logs(jax.process_index())
     else:
-        start_process_logs(0)
-
-
-# --- Logs -------------------------------------------------------------------------------------
-# absl already defines --log_dir ("directory to write logfiles into"), but only its opt-in
-# `use_absl_log_file` reads it, which no entry point calls: the flag does nothing today. Its file
-# would replace stderr rather than copy it, is named after host, user, time and pid rather than
-# the process index, and is written with `open`, so no object store. The flag keeps its name
-# (every absl program has it; a second one cannot be defined) and gets this meaning.
-
-LOG_FILE = "process_{index}.log"
-LOG_DIR_HELP = (
-    "Also write this process's whole log, INFO included, to DIR/process_N.log (N: its index in "
-    "a multi-process job; appended to when a run resumes). A local DIR gets each line at once, "
-    "an object store (gs://...) the whole file every 30 s and at exit."
-)
-REWRITE_SECONDS = 30.0  # how often a log on an object store, which cannot append, is rewritten
-
-
-class _LogFile(pylogging.Handler):
-    """`DIR/process_N.log`: every record that reaches the root logger, as absl formats it, plus
-    the `error:` line or traceback that ends the program. Lines logged before the process index
-    is known wait in memory until `open(index)`."""
-
-    def __init__(self, log_dir: str):
-        super().__init__()
-        self.setFormatter(logging.PythonFormatter())
-        self.remote = bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", log_dir))
-        self.directory = epath.Path(log_dir if self.remote else os.path.abspath(log_dir))
-        self.path: epath.Path | None = None
-        self.pending: list[str] | None = []  # lines before `open`
-        self.stream = None  # a local file, appended to
-        self.text: list[str] = []  # an object store's file, rewritten whole
-        self.written_at = 0.0
-
-    def open(self, index: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / LOG_FILE.format(index=index)
-        if self.remote:
-            self.text = [self.path.read_text()] if self.path.exists() else []
-        else:
-            self.stream = self.path.open("a")
-        pending, self.pending = self.pending, None
-        self.write("".join(pending))
-
-    def emit(self, record: pylogging.LogRecord) -> None:
-        try:
-            self.write(self.format(record).rstrip("\n") + "\n")
-        except Exception:  # logging's contract: a handler reports its own failure (handleError
-            self.handleError(record)  # prints it with the traceback) and never stops the run
-
-    def write(self, text: str) -> None:
-        with self.lock:
-            if self.pending is not None:
-                self.pending.append(text)
-            elif self.remote:
-                self.text.append(text)
-                if time.monotonic() - self.written_at >= REWRITE_SECONDS:
-                    self._rewrite()
-            else:
-                self.stream.write(text)
-                self.stream.flush()
-
-    def _rewrite(self) -> None:
-        self.path.write_text("".join(self.text))
-        self.written_at = time.monotonic()
-
-    def flush(self) -> None:
-        with self.lock:
-            if self.remote and self.path is not None:
-                self._rewrite()
-
-    def close(self) -> None:
-        self.flush()
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
-        super().close()
-
-
-@dataclasses.dataclass
-class _ProcessLogs:
-    """Where this process's log goes; the process index is known once the job is joined."""
-
-    index: int | None = None
-    prefix: str = ""  # `[process N] ` on the processes after the first
-    file: _LogFile | None = None
-
-
-_LOGS = _ProcessLogs()
-
-
-def _prefixed(text: str) -> str:
-    if not _LOGS.prefix:
-        return text
-    return "".join(_LOGS.prefix + line for line in text.splitlines(keepends=True))
-
-
-class _PrefixFormatter(pylogging.Formatter):
-    """absl's line format with `[process N] ` before every line of a record."""
-
-    def __init__(self, inner: pylogging.Formatter):
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: pylogging.LogRecord) -> str:
-        return _prefixed(self.inner.format(record))
-
-
-def _excepthook(kind, value, tb) -> None:
-    """An uncaught exception's traceback: into the log file too, and prefixed on stderr."""
-    text = "".join(traceback.format_exception(kind, value, tb))
-    if _LOGS.file is not None:
-        _LOGS.file.write(text)
-    sys.stderr.write(_prefixed(text))
-
-
-def _start_log_file(log_dir: str) -> None:
-    """`--log_dir`: every record from now on goes to the file too (held until the index is
-    known)."""
-    if not log_dir or _LOGS.file is not None:
-        return
-    _LOGS.file = _LogFile(log_dir)
-    pylogging.getLogger().addHandler(_LOGS.file)
-    sys.excepthook = _excepthook
-
-
-def start_process_logs(process_index: int) -> None:
-    """Routes this process's logs once its index in the job is known: on processes after the
-    first, stderr keeps only warnings and errors (Python warnings included), each line prefixed
-    `[process N] `; the `--log_dir` file opens as `process_N.log`. Only the first call counts."""
-    if _LOGS.index is not None:
-        return
-    _LOGS.index = process_index
-    if _LOGS.file is not None:
-        _LOGS.file.open(process_index)
-    if process_index == 0:
-        return
-    _LOGS.prefix = f"[process {process_index}] "
-    handler = logging.get_absl_handler()
-    handler.addFilter(lambda record: record.levelno >= pylogging.WARNING)
-    python_handler = handler.python_handler
-    python_handler.setFormatter(_PrefixFormatter(python_handler.formatter))
-    pylogging.captureWarnings(True)  # `warnings.warn` as WARNING records: prefixed, in the file
-    sys.excepthook = _excepthook
-
-
-class _QuietLibraries(pylogging.Filter):
-    """Orbax and TensorFlow narrate every save at INFO, and JAX every platform it did not find;
-    keep their warnings, drop the chatter."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        parts = ("orbax", "tensorflow", "etils", "xla_bridge")
-        noisy = any(part in record.pathname for part in parts)
-        return record.levelno >= pylogging.WARNING or not noisy
-
-
-class _QuietFailedWrites(pylogging.Filter):
-    """A failed asynchronous checkpoint write (a full disk) reaches the training loop, which
-    reports it in one line (`checkpoint.CheckpointWriteError`); orbax's threads and their
-    asyncio tasks also log it, each with its traceback, dozens of times. Drop those copies
-    (`CLIP_JAX_DEBUG=1` keeps them)."""
-
-    ORBAX = ("raised an exception", "Failed to run", "Save Finalize thread")
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "orbax" in record.pathname and any(m in message for m in self.ORBAX):
-            return False
-        if record.name == "asyncio" and "never retrieved" in message:
-            text = str(record.exc_info[1]) if record.exc_info else ""
-            return "orbax" not in f"{message} {text}" and "OCDBT" not in text
-        return True
-
-
-def _quiet_unraisable(previous):
-    """Once a failed write has stopped orbax's event loop, tensorstore's callbacks into it fail
-    with "Event loop is closed", each printed as an unraisable exception: the aftermath of the
-    one-line error, dropped."""
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    return hook
-
-
-def quiet_libraries() -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    if not os.environ.get("CLIP_JAX_DEBUG"):
-        quiet = _QuietFailedWrites()
-        logging.get_absl_handler().addFilter(quiet)
-        pylogging.getLogger("asyncio").addFilter(quiet)
-        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+        logs.start_process_logs(0)
 
 
 @contextlib.contextmanager
@@ -296,9 +97,9 @@ def exit_with_error(message: str, status: int) -> NoReturn:
     """Ends the program with `error: MESSAGE` on stderr (prefixed on processes after the first,
     and in the `--log_dir` file) and exit `status`."""
     line = f"error: {message}\n"
-    if _LOGS.file is not None:
-        _LOGS.file.write(line)
-    print(_prefixed(line), end="", file=sys.stderr, flush=True)
+    if logs.STATE.file is not None:
+        logs.STATE.file.write(line)
+    print(logs.prefixed(line), end="", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
@@ -348,20 +149,20 @@ def run(main: Callable[[list[str]], Any]) -> None:
     """`app.run(main)` with the rules above: help exits 0, a bad flag or config is one line;
     `--log_dir` and the logs of a multi-process job as the module docstring says."""
     log_dir = flags.FLAGS["log_dir"]
-    log_dir.help = LOG_DIR_HELP
+    log_dir.help = logs.LOG_DIR_HELP
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], log_dir)  # listed by --help
 
     def main_with_logs(argv: list[str]) -> Any:
-        _start_log_file(log_dir.value)
+        logs.start_log_file(log_dir.value)
         if _PROCESS_ID_FLAG is None:  # an entry point that never joins a job: process 0
-            start_process_logs(0)
+            logs.start_process_logs(0)
         elif _PROCESS_ID_FLAG.value is not None:  # known before the job is joined
-            start_process_logs(_PROCESS_ID_FLAG.value)
+            logs.start_process_logs(_PROCESS_ID_FLAG.value)
         try:
             return main(argv)
         finally:
-            if _LOGS.index is None:  # ended before joining the job it was launched in
-                start_process_logs(0)
+            if logs.STATE.index is None:  # ended before joining the job it was launched in
+                logs.start_process_logs(0)
 
     app.run(main_with_logs, flags_parser=_parse_flags)
 

@@ -152,3 +152,32 @@ class RunLock:
                 paths.write_text(self.path, json.dumps(self._lease()))
             except Exception as e:  # noqa: BLE001 - a passing store error: retry at the next turn
                 logging.warning("%s: could not renew the workdir's lease: %s", self.path, e)
+
+
+def lock_workdir(workdir: str) -> RunLock | None:
+    """Process 0 takes the workdir's lock; every process stops if it could not."""
+    import jax
+    import numpy as np
+
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(workdir).acquire()
+        except WorkdirLockedError as e:
+            error = e
+        except OSError as e:  # a file of that name, no permission, a read-only filesystem
+            where = paths.path(workdir)
+            error = UsageError(
+                f"--workdir={workdir} is a file, not a directory"
+                if where.exists() and not where.is_dir()
+                else f"cannot write the workdir {workdir}: {e.strerror or e}"
+            )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if failed and error is None:
+            error = UsageError(f"process 0 could not take the workdir {workdir} (its log says why)")
+    if error is not None:
+        raise error
+    return lock

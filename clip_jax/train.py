@@ -22,15 +22,7 @@ from clip_jax import state as state_lib
 from clip_jax.data import pipeline
 from clip_jax.errors import UsageError
 from clip_jax.evals import runner
-from clip_jax.metrics import (
-    METRICS_FILE,
-    MetricsWriter,
-    Progress,
-    duration,
-    format_flops,
-    last_evals,
-    summary,
-)
+from clip_jax.metrics import MetricsWriter, Progress, end_summary, format_flops, start_summary
 from clip_jax.train_step import TrainState, make_train_step
 
 
@@ -51,38 +43,12 @@ def run(
         batch size; without it that is a UsageError (the workdir holds another run).
     """
     validate.validate(config)
-    lock = _lock_workdir(workdir)  # one run per workdir, for the run's whole life
+    lock = runlock.lock_workdir(workdir)  # one run per workdir, for the run's whole life
     try:
         return _train(config, workdir, config_change_ok)
     finally:
         if lock is not None:
             lock.release()
-
-
-def _lock_workdir(workdir: str) -> runlock.RunLock | None:
-    """Process 0 takes the workdir's lock; every process stops if it could not."""
-    lock, error = None, None
-    if jax.process_index() == 0:
-        try:
-            lock = runlock.RunLock(workdir).acquire()
-        except runlock.WorkdirLockedError as e:
-            error = e
-        except OSError as e:  # a file of that name, no permission, a read-only filesystem
-            where = paths.path(workdir)
-            error = UsageError(
-                f"--workdir={workdir} is a file, not a directory"
-                if where.exists() and not where.is_dir()
-                else f"cannot write the workdir {workdir}: {e.strerror or e}"
-            )
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-        if failed and error is None:
-            error = UsageError(f"process 0 could not take the workdir {workdir} (its log says why)")
-    if error is not None:
-        raise error
-    return lock
 
 
 def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
@@ -123,7 +89,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             workdir, keep=config.get("keep_checkpoints", 3), keep_period=config.get("keep_period")
         )
         latest = ckpt.latest_step()
-        logging.info("%s", _start_summary(config, mesh, spec, workdir, latest, accum_steps))
+        logging.info("%s", start_summary(config, mesh, spec, workdir, latest, accum_steps))
         final = latest is not None and latest >= config.total_steps
         if final and runner.missing(evaluators, workdir, latest, config.total_steps):
             # Preempted during the final evals: finish them (or, when the final checkpoint is
@@ -202,7 +168,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     if is_main:
         if done:
             mark_done(workdir, step)
-        logging.info("%s", _end_summary(config, workdir, ckpt.directory, last, step, train_s))
+        logging.info("%s", end_summary(config, workdir, ckpt.directory, last, step, train_s))
     return last
 
 
@@ -270,64 +236,6 @@ def _flops(compiled: Any) -> float | None:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     flops = float(cost.get("flops", 0.0))
     return flops * jax.device_count() if flops > 0 else None  # XLA counts one device's program
-
-
-def _start_summary(config, mesh: Mesh, spec, workdir: str, latest, accum_steps: int) -> str:
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    per_device = config.batch_size // shards
-    micro = f", micro-batches of {per_device // accum_steps}" if accum_steps > 1 else ""
-    if latest is None:
-        where = "a fresh run"
-    elif latest >= config.total_steps:
-        where = f"finished at step {latest}"
-    else:
-        where = f"resuming at step {latest}"
-    return summary(
-        "run",
-        [
-            (
-                "devices",
-                f"{jax.device_count()} x {jax.devices()[0].device_kind} "
-                f"({jax.local_device_count()} per process), processes: {jax.process_count()}",
-            ),
-            ("mesh", " ".join(f"{axis}={n}" for axis, n in mesh.shape.items())),
-            ("batch", f"{config.batch_size:,} global, {per_device:,} per device{micro}"),
-            ("data", str(config.train_data.source)),
-            ("model", f"{n_params / 1e6:,.2f}M parameters"),
-            ("steps", f"{config.total_steps:,}"),
-            ("workdir", f"{workdir} ({where})"),
-        ],
-    )
-
-
-def _end_summary(config, workdir: str, checkpoints: str, last: dict, step: int, seconds) -> str:
-    rows = []
-    if "loss" in last:
-        rows.append(("final loss", f"{last['loss']:.4f}"))
-    for key, value in sorted(last_evals(workdir).items()):
-        rows.append((key, f"{value:.4f}" if isinstance(value, float) else str(value)))
-    rows.append(("checkpoint", str(paths.path(checkpoints) / str(step))))
-    rows.append(("metrics", f"{paths.path(workdir) / METRICS_FILE} (and TensorBoard)"))
-    curves = _plot(workdir) if last else ""
-    if curves:
-        rows.append(("curves", curves))
-    if step < config.total_steps:
-        title = f"stopped at step {step} of {config.total_steps}: rerun the command to resume"
-    else:
-        title = f"done: step {step} of {config.total_steps} in {duration(seconds)}"
-    return summary(title, rows)
-
-
-def _plot(workdir: str) -> str:
-    """The PNG of the run's curves (`plots.plot_run`), or "" when matplotlib is missing."""
-    try:
-        from clip_jax import plots
-
-        return plots.plot_run(workdir)
-    except ImportError as e:
-        logging.info("no curves PNG: %s (pip install matplotlib)", e)
-        return ""
 
 
 def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:

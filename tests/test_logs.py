@@ -11,7 +11,7 @@ import subprocess
 import sys
 import warnings
 
-from clip_jax import cli
+from clip_jax import cli, logs
 from clip_jax.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,8 +120,8 @@ def test_help_lists_log_dir():
 
 def test_a_log_on_an_object_store_is_rewritten_whole_at_most_every_30s(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
-    handler = cli._LogFile(str(tmp_path))
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    handler = logs.LogFile(str(tmp_path))
     handler.remote = True  # what a gs:// directory sets; the local backend stands in for it
     (tmp_path / "process_2.log").write_text("from before the resume\n")
 
