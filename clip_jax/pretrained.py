@@ -35,7 +35,7 @@ from collections.abc import Callable
 from email.message import Message
 from typing import Any, NamedTuple
 
-from clip_jax import paths
+from clip_jax import cache, paths
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from clip_jax.errors import UsageError
 
@@ -255,12 +255,7 @@ def download(model: str, tag: str, *, cache_dir: str | None = None, verify: bool
     for source in sources:
         if _is_cached(_target(folder, source), source.sha256, verify):
             return _target(folder, source)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UsageError(
-            f"cannot create the weights cache {folder} ({e}); set CLIP_JAX_CACHE or pass cache_dir="
-        ) from e
+    cache.make_dir(folder, "the weights cache", "set CLIP_JAX_CACHE or pass cache_dir=")
     failures = []
     for source in sources:
         try:

@@ -133,12 +133,7 @@ def _write_once(directory: str) -> None:
     """Writes the shards into a temporary folder renamed into place, under a file lock: readers
     never see a partial cache, and processes that ask at once write it once."""
     parent = os.path.dirname(os.path.abspath(directory))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise UsageError(
-            f"cannot create the cache folder {parent} ({e}); set {cache.ENV} to another folder"
-        ) from None
+    cache.make_dir(parent, "the cache folder")
     with open(os.path.abspath(directory) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if os.path.isdir(directory):  # written by another process while this one waited
