@@ -9,12 +9,14 @@ import pytest
 from clip_jax.convert import abstract_variables
 from clip_jax.models import CLIP, MODELS, model_config
 
-# Parameter counts of the published models (OpenCLIP's model table, in millions; BatchNorm
-# running statistics are buffers and not counted).
+# Parameter counts of the published models (OpenCLIP's model table, docs/model_profile.csv, in
+# millions; BatchNorm running statistics are buffers and not counted).
 PUBLISHED_M = {
     "RN50": 102.01,
     "RN101": 119.69,
     "RN50x4": 178.30,
+    "RN50x16": 290.98,
+    "RN50x64": 623.26,
     "ViT-B-32": 151.28,
     "ViT-B-16": 149.62,
     "ViT-L-14": 427.62,

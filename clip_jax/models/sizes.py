@@ -16,6 +16,8 @@ def _text(**overrides: Any) -> dict[str, Any]:
     return {**_OPENAI_TEXT, **overrides}
 
 
+# A ResNet's attention pool has 64-wide heads over its width * 32 features (heads = width // 2),
+# as in OpenAI's models; head counts are not stored in checkpoints, so they are fixed here.
 MODELS: dict[str, dict[str, Any]] = {
     "RN50": dict(
         embed_dim=1024,
@@ -31,6 +33,16 @@ MODELS: dict[str, dict[str, Any]] = {
         embed_dim=640,
         vision=dict(image_size=288, layers=(4, 6, 10, 6), width=80, heads=40),
         text=_text(width=640, heads=10),
+    ),
+    "RN50x16": dict(
+        embed_dim=768,
+        vision=dict(image_size=384, layers=(6, 8, 18, 8), width=96, heads=48),
+        text=_text(width=768, heads=12),
+    ),
+    "RN50x64": dict(
+        embed_dim=1024,
+        vision=dict(image_size=448, layers=(3, 15, 36, 10), width=128, heads=64),
+        text=_text(width=1024, heads=16),
     ),
     "ViT-B-32": dict(
         embed_dim=512,
