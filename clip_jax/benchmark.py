@@ -169,7 +169,7 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
     mesh = sharding.make_mesh(config.mesh)
     spec = state_lib.build(config, mesh)
     state = state_lib.init(spec, 0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         batch = _random_batch(config, batch_size, mesh)
         t0 = time.perf_counter()
         compiled, flops = train.compile_train_step(config, spec, batch_size)  # training's step
@@ -251,7 +251,8 @@ def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps:
     }
     batch = {k: extract.shard_rows(v, mesh) for k, v in batch.items()}
     images = extract.shard_rows(np.asarray(extract.normalize(pixels)), mesh)
-    zs_step = extract.make_step(zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES), mesh)
+    predict_fn = zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES)
+    zs_step = extract.make_step(predict_fn, mesh, spec.rules)
     tower = jax.jit(lambda v, x: model.apply(v, x, method="encode_image"))
     with jax.set_mesh(mesh):
         runs = {
@@ -278,16 +279,17 @@ def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps:
         "tower_examples_per_sec": round(tower_rate, 2),
         "zeroshot_examples_per_sec": round(zs_rate, 2),
         "zeroshot_over_tower": round(zs_rate / tower_rate, 4),
-        **_zeroshot_end_to_end(config, model, variables, mesh, classifier, batch_size, steps),
+        **_zeroshot_end_to_end(config, spec, variables, classifier, batch_size, steps),
     }
 
 
-def _zeroshot_end_to_end(config, model, variables, mesh, classifier, batch_size, steps) -> dict:
+def _zeroshot_end_to_end(config, spec, variables, classifier, batch_size, steps) -> dict:
     """Examples per second of `extract.run` with zero-shot over JPEG shards of labelled images."""
     from clip_jax import sharding
     from clip_jax.data.prepare import ShardWriter, make_example
     from clip_jax.evals import data, extract, zeroshot
 
+    model, mesh = spec.model, spec.mesh
     size = config.model.vision.image_size
     rng = np.random.default_rng(1)
     n = batch_size * steps
@@ -299,7 +301,8 @@ def _zeroshot_end_to_end(config, model, variables, mesh, classifier, batch_size,
                 writer.write(make_example(jpegs[i % DISTINCT_IMAGES], "x", f"{i}", label=label))
         source = data.open_source(f"tfrecord:{tmp}/eval-*.tfrecord")
         rows = sharding.local_rows(mesh, batch_size)
-        step = extract.make_step(zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES), mesh)
+        predict_fn = zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES)
+        step = extract.make_step(predict_fn, mesh, spec.rules)
 
         def make_batches(start):
             return data.batches(
@@ -338,7 +341,7 @@ def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, step
     blocked, write, alone, beside = [], [], [], []
     with (
         jax.set_mesh(mesh),
-        nn.logical_axis_rules(sharding.LOGICAL_RULES),
+        nn.logical_axis_rules(spec.rules),
         tempfile.TemporaryDirectory() as tmp,
     ):
         batch = _random_batch(config, batch_size, mesh)
@@ -352,7 +355,7 @@ def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, step
 
         for _ in range(WARMUP_BATCHES):
             state, _ = step(state)
-        ckpt = checkpoint.Checkpointer(tmp, keep=2)
+        ckpt = checkpoint.Checkpointer(tmp, keep=2, keep_period=None)
         for i in range(max(1, steps)):
             state, seconds = step(state)
             alone.append(seconds)

@@ -1,11 +1,14 @@
 """The device mesh, the logical-axis rules, and the shardings of parameters, state and batches.
 
 One mesh with axes ('data', 'fsdp', 'tensor'). Layers name their axes (`embed`, `mlp`, `heads`,
-...); the rules below map those names onto mesh axes: FSDP shards the model width, tensor
-parallelism the heads and the MLP hidden units, and the batch is split over ('data', 'fsdp').
-Switching between data parallel, FSDP and tensor parallel is a change of `config.mesh` alone.
+...); a table of rules (`config.mesh.rules`, `DEFAULT_RULES` unless a config says otherwise, as
+MaxText's `logical_axis_rules`) maps those names onto mesh axes: by default FSDP shards the model
+width, tensor parallelism the heads and the MLP hidden units, and the batch is split over
+('data', 'fsdp'). Switching between data parallel, FSDP and tensor parallel is a change of
+`config.mesh` alone. Every function that needs the mesh or the rules takes them as arguments.
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,8 +22,10 @@ from clip_jax.errors import UsageError
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+Rules = tuple[tuple[str, Any], ...]
+
 # Logical axis -> mesh axis (None: replicated). Parameter axes first, then activations.
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+DEFAULT_RULES: Rules = (
     ("embed", "fsdp"),
     ("conv_out", "fsdp"),
     ("mlp", "tensor"),
@@ -33,6 +38,36 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     *((name, None) for name in ("kv", "pos", "joint", "norm", "conv_in")),
     *((name, None) for name in ("act_seq", "act_embed", "act_kv")),
 )
+LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)  # the names the layers use
+
+
+def check_rules(rules: Any) -> Rules:
+    """A rule table as a config gives it (tuples, or lists once read back from JSON) -> tuples;
+    a UsageError names an entry that is not `(logical name, mesh axes)` and a logical axis of the
+    models that no rule maps. Mesh axes: None, one of AXES, or a sequence of them."""
+    out = []
+    for entry in rules:
+        name, axes = entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (0, 0)
+        axes = tuple(axes) if isinstance(axes, (tuple, list)) else axes
+        if not isinstance(name, str) or not all(a in AXES for a in _as_tuple(axes)):
+            raise UsageError(
+                f"mesh.rules: {entry!r} is not (logical axis, mesh axes) with mesh axes None, "
+                f"one of {AXES} or a tuple of them"
+            )
+        out.append((name, axes))
+    batch = [axes for name, axes in out if name == "act_batch"]
+    if batch and tuple(_as_tuple(batch[0])) != BATCH_AXES:
+        raise UsageError(
+            f"mesh.rules: act_batch must map to {BATCH_AXES}, where the input pipeline and the "
+            f"loss place the batch, not {batch[0]!r}"
+        )
+    missing = sorted(LOGICAL_AXES - {name for name, _ in out})
+    if missing:
+        raise UsageError(
+            f"mesh.rules maps no mesh axes to {', '.join(missing)}: give each a rule "
+            "(None for replicated)"
+        )
+    return tuple(out)
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -63,8 +98,9 @@ def _describe(sizes: Sequence[int]) -> str:
     return " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes, strict=True))
 
 
-def logical_to_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a tree of `nn.Partitioned` leaves (e.g. from `jax.eval_shape(init)`).
+def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a tree of `nn.Partitioned` leaves (e.g. from `jax.eval_shape(init)`),
+    their logical axes mapped to `mesh`'s axes by `rules`.
 
     A dimension that its mesh axes do not divide is replicated instead, so that odd sizes
     (a 3-wide conv input, a 1000-word vocabulary on 8 devices) never stop a run.
@@ -78,7 +114,7 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
     )
 
     def fit(spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> NamedSharding:
-        mesh_spec = nn.logical_to_mesh_axes(spec, LOGICAL_RULES)
+        mesh_spec = nn.logical_to_mesh_axes(spec, rules)
         axes = []
         for dim, axis in zip(
             shape.shape, tuple(mesh_spec) + (None,) * len(shape.shape), strict=False
@@ -125,9 +161,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def local_rows(mesh: Mesh, global_batch: int) -> slice:
-    """The rows of a global batch that this process's devices hold: one contiguous range."""
-    sharding = batch_sharding(mesh)
+@dataclasses.dataclass(frozen=True)
+class DataShard:
+    """What one process reads of each global batch.
+
+    rows: the global batch's rows that this process's devices hold, ascending (int64 [n]); on a
+      multi-host pod they may form several separate ranges, whatever order the mesh gives the
+      devices in.
+    index, count: this process's share of the data among `count` distinct shares: processes
+      whose devices hold the same rows (replicas over 'tensor' across hosts) read the same share.
+    """
+
+    rows: np.ndarray
+    index: int
+    count: int
+
+
+def data_shard(mesh: Mesh, global_batch: int) -> DataShard:
+    """This process's rows of a global batch and its share of the data (see `DataShard`)."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % shards:
         raise UsageError(
@@ -135,18 +186,27 @@ def local_rows(mesh: Mesh, global_batch: int) -> slice:
             f"mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of "
             f"{shards}"
         )
-    index_map = sharding.addressable_devices_indices_map((global_batch,))
-    spans = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values()})
-    start, stop = spans[0][0], spans[-1][1]
-    covered = sum(b - a for a, b in spans)
-    if covered != stop - start:
-        raise ValueError("this process's devices hold non-contiguous rows of the batch")
-    return slice(start, stop)
+    sharding = batch_sharding(mesh)
+    held: dict[int, np.ndarray] = {}  # process -> rows it holds, from the mesh alone
+    for device, index in sharding.devices_indices_map((global_batch,)).items():
+        rows = held.setdefault(device.process_index, np.zeros(global_batch, bool))
+        rows[index[0]] = True
+    shares = sorted({tuple(np.flatnonzero(r)) for r in held.values()})
+    if sum(len(share) for share in shares) != len(set().union(*shares)):
+        raise ValueError("processes hold rows of the batch that overlap without being equal")
+    mine = tuple(np.flatnonzero(held[jax.process_index()]))
+    return DataShard(np.asarray(mine, np.int64), shares.index(mine), len(shares))
+
+
+def local_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, ascending (int64 [n])."""
+    return data_shard(mesh, global_batch).rows
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, global_size: int) -> dict:
-    """Host-local rows (as `local_rows` gives them) -> global arrays sharded over the batch axes,
-    without gathering anything through one host."""
+    """This process's rows (those `local_rows` names, in its order) -> global arrays sharded over
+    the batch axes, without gathering anything through one host: each device gets its rows, where
+    ever they sit among the process's."""
     return {
         k: jax.make_array_from_process_local_data(
             batch_sharding(mesh, v.ndim), v, (global_size, *v.shape[1:])

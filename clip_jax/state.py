@@ -40,6 +40,7 @@ class StateSpec:
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # NamedShardings on `mesh`
     mesh: Mesh
+    rules: sharding.Rules  # logical axes -> `mesh`'s axes (config.mesh.rules)
 
     def abstract_with_shardings(self) -> TrainState:
         """ShapeDtypeStructs that carry their shardings: what a checkpoint restores into."""
@@ -73,10 +74,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
     model = CLIP(**cfg)
     optim_cfg = config.optim.to_dict() if hasattr(config.optim, "to_dict") else dict(config.optim)
     tx, lr_schedule = optim.make_optimizer(config.total_steps, **optim_cfg)
+    rules = sharding.check_rules(config.mesh.rules)
     images, tokens = example_inputs(cfg)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens))
-        params = sharding.logical_to_sharding(boxed["params"], mesh)
+        params = sharding.logical_to_sharding(boxed["params"], mesh, rules)
         abstract = jax.eval_shape(
             lambda: create_state(model, tx, jax.random.key(0), images, tokens)
         )
@@ -89,13 +91,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
         nonfinite_steps=replicated,
         first_nonfinite_step=replicated,
     )
-    return StateSpec(model, cfg, tx, lr_schedule, abstract, shardings, mesh)
+    return StateSpec(model, cfg, tx, lr_schedule, abstract, shardings, mesh, rules)
 
 
 def init(spec: StateSpec, seed: int) -> TrainState:
     """A fresh train state, each parameter created directly in its sharding."""
     images, tokens = example_inputs(spec.model_config)
-    with jax.set_mesh(spec.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(spec.mesh), nn.logical_axis_rules(spec.rules):
         return jax.jit(
             lambda rng: create_state(spec.model, spec.tx, rng, images, tokens),
             out_shardings=spec.shardings,

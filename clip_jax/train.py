@@ -58,8 +58,8 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
 
     # --- Mesh --------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
-    rows = sharding.local_rows(mesh, config.batch_size)
-    accum_steps = config.optim.get("accum_steps", 1)
+    shard = sharding.data_shard(mesh, config.batch_size)
+    accum_steps = config.optim.accum_steps
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % (shards * accum_steps):
         raise UsageError(
@@ -75,18 +75,18 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
         image_size=size,
         context_length=length,
         vocab_size=config.model.text.vocab_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=shard.index,
+        process_count=shard.count,
     )
 
     # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
     spec = state_lib.build(config, mesh)
     state_shardings = spec.shardings
-    evaluators = runner.make_evaluators(config, spec.model, mesh)
+    evaluators = runner.make_evaluators(config, spec.model, mesh, spec.rules)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         ckpt = checkpoint.Checkpointer(
-            workdir, keep=config.get("keep_checkpoints", 3), keep_period=config.get("keep_period")
+            workdir, keep=config.keep_checkpoints, keep_period=config.keep_period
         )
         latest = ckpt.latest_step()
         logging.info("%s", start_summary(config, mesh, spec, workdir, latest, accum_steps))
@@ -139,7 +139,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             logging.info("initialising the parameters ...")
             state = state_lib.init(spec, config.seed)
             data_state = None
-            if config.get("init_from"):
+            if config.init_from:
                 state = _init_from(state, state_shardings, config)
         if is_main:  # accepted: it restored (or started) the run
             state_lib.write_run_config(config, workdir)
@@ -147,7 +147,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
 
         # --- Loop ----------------------------------------------------------------------------
         batches = prefetch_to_devices(
-            source.batches(config.batch_size, rows, state=data_state), mesh, config.batch_size
+            source.batches(config.batch_size, shard.rows, state=data_state), mesh, config.batch_size
         )
         writer = MetricsWriter(workdir, enabled=is_main, start_step=latest or 0)
         watcher = checkpoint.PreemptionWatcher()
@@ -192,16 +192,17 @@ def compile_train_step(
     run this one step."""
     mesh = spec.mesh
     loss_fn = losses.make_loss_fn(
-        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.get("chunk_size", 0)
+        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
     )
     step_fn = make_train_step(
         spec.model,
         spec.tx,
         loss_fn,
         spec.lr_schedule,
-        accum_steps=config.optim.get("accum_steps", 1),
-        max_logit_scale=config.loss.get("max_logit_scale", 100.0),
-        freeze_image="visual" in config.optim.get("frozen", ()),
+        mesh,
+        accum_steps=config.optim.accum_steps,
+        max_logit_scale=config.loss.max_logit_scale,
+        freeze_image="visual" in config.optim.frozen,
     )
     batch_shardings = {
         "image": sharding.batch_sharding(mesh, 4),
@@ -216,7 +217,7 @@ def compile_train_step(
             (batch_size, length), np.int32, sharding=batch_shardings["text"]
         ),
     }
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         compiled = (
             jax.jit(
                 step_fn,
@@ -315,7 +316,7 @@ def _loop(
         # it moves to the first step after that one is done. The last step, a preemption and
         # the steps kept for good (keep_period) save at once, waiting if they must.
         wants = postponed or step % config.checkpoint_every_steps == 0
-        keep_period = config.get("keep_period") or 0
+        keep_period = config.keep_period
         must = step == config.total_steps or preempted or (keep_period and step % keep_period == 0)
         if must or (wants and not ckpt.busy()):
             guard.check(step, pending)  # never save a step that halts: a resume would halt too

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from clip_jax.errors import UsageError
 from clip_jax.models import l2_normalize
@@ -45,7 +46,7 @@ def create_state(
 
 
 def make_loss_and_grad(
-    model: nn.Module, loss_fn: LossFn, accum_steps: int = 1, freeze_image: bool = False
+    model: nn.Module, loss_fn: LossFn, mesh: Mesh, *, accum_steps: int, freeze_image: bool
 ) -> Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, Any, Any]]:
     """`loss_and_grad(params, batch_stats, batch) -> (loss, grads, new_batch_stats)`.
 
@@ -54,7 +55,7 @@ def make_loss_and_grad(
     without gradient, the loss over the whole batch gives the gradient w.r.t. every embedding, and
     each micro-batch is then re-embedded and back-propagated with its slice of that gradient.
     Every micro-batch so meets the negatives of the whole batch; activations of one micro-batch
-    are alive at a time.
+    are alive at a time. `mesh` is the mesh the batch is sharded over.
 
     `freeze_image` (LiT, Zhai et al. 2022) runs the image tower in evaluation mode (BatchNorm on
     its running statistics) without gradient.
@@ -87,7 +88,7 @@ def make_loss_and_grad(
         return loss, grads, new_stats
 
     def accumulated(params, batch_stats, batch):
-        micro = jax.tree.map(lambda x: split_micro_batches(x, accum_steps), batch)
+        micro = jax.tree.map(lambda x: split_micro_batches(x, accum_steps, mesh), batch)
 
         def forward(stats, mb):
             (zimg, ztxt), stats = embed(params, stats, mb["image"], mb["text"])
@@ -131,16 +132,22 @@ def make_train_step(
     tx: optax.GradientTransformation,
     loss_fn: LossFn,
     lr_schedule: optax.Schedule,
-    accum_steps: int = 1,
-    max_logit_scale: float = 100.0,
-    freeze_image: bool = False,
+    mesh: Mesh,
+    *,
+    accum_steps: int,
+    max_logit_scale: float,
+    freeze_image: bool,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch) -> (state, metrics)` for `batch = {"image", "text"}`.
 
     A step whose loss or gradient is not finite leaves parameters and optimizer state untouched
-    and is counted in `nonfinite_steps`; the loop decides whether to halt.
+    and is counted in `nonfinite_steps`; the loop decides whether to halt. The temperature is
+    clamped at `max_logit_scale` after each update; the other arguments are
+    `make_loss_and_grad`'s.
     """
-    loss_and_grad = make_loss_and_grad(model, loss_fn, accum_steps, freeze_image)
+    loss_and_grad = make_loss_and_grad(
+        model, loss_fn, mesh, accum_steps=accum_steps, freeze_image=freeze_image
+    )
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         loss, grads, new_stats = loss_and_grad(state.params, state.batch_stats, batch)
@@ -148,7 +155,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Clamp the temperature after the update, never inside the forward pass, so that its
-        # gradient is never cut (DESIGN.md).
+        # gradient is never cut.
         params = {
             **params,
             "logit_scale": jnp.minimum(params["logit_scale"], math.log(max_logit_scale)),
@@ -180,24 +187,16 @@ def make_train_step(
     return train_step
 
 
-def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
-    """[N, ...] -> [k, N/k, ...] where every micro-batch takes its share of each device's rows, so
-    that micro-batches stay spread over all devices and the split moves no data."""
+def split_micro_batches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
+    """[N, ...] -> [k, N/k, ...] where every micro-batch takes its share of each device's rows
+    on `mesh`, so that micro-batches stay spread over all devices and the split moves no data."""
     n = x.shape[0]
-    if n % k:
-        raise UsageError(f"batch of {n} does not split into {k} micro-batches")
-    # Rows are laid out shard-major; cutting each shard's rows into k keeps the split local.
-    shards = _batch_shards(n, k)
-    x = x.reshape(shards, k, n // shards // k, *x.shape[1:])
-    x = jnp.swapaxes(x, 0, 1).reshape(k, n // k, *x.shape[3:])
-    return nn.with_logical_constraint(x, (None, "act_batch", *([None] * (x.ndim - 2))))
-
-
-def _batch_shards(n: int, k: int) -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = 1 if mesh.empty else math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if n % (shards * k):
         raise UsageError(
             f"batch_size {n} must be divisible by accum_steps {k} x batch shards {shards}"
         )
-    return shards
+    # Rows are laid out shard-major; cutting each shard's rows into k keeps the split local.
+    x = x.reshape(shards, k, n // shards // k, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape(k, n // k, *x.shape[3:])
+    return nn.with_logical_constraint(x, (None, "act_batch", *([None] * (x.ndim - 2))))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from clip_jax import losses
+from clip_jax import losses, sharding
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries
 from clip_jax.models.layers import REMAT_POLICIES
@@ -96,6 +96,10 @@ RULES: dict[str, Rule] = {
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
+    "mesh.rules": Rule(
+        lambda v: _seq(v, lambda e: _seq(e, lambda _: True) and len(e) == 2),
+        "a list of (logical axis, mesh axes) pairs",
+    ),
     "model.embed_dim": POSITIVE_INT,
     "model.quick_gelu": BOOL,
     "model.dtype": FLOAT_DTYPE,
@@ -224,8 +228,10 @@ def _check_together(c: ml_collections.ConfigDict) -> None:
             c.batch_size,
             f"a multiple of optim.accum_steps={c.optim.accum_steps} (the micro-batches per step)",
         )
-    if list(c.mesh.values()).count(-1) > 1:
-        _refuse("mesh", c.mesh.to_dict(), "-1 on at most one axis (it takes the rest)")
+    sizes = [c.mesh[a] for a in sharding.AXES]
+    if sizes.count(-1) > 1:
+        _refuse("mesh", dict(zip(sharding.AXES, sizes, strict=True)), "-1 on at most one axis")
+    sharding.check_rules(c.mesh.rules)
     vision, text = c.model.vision, c.model.text
     if isinstance(vision.layers, int):  # a ViT
         if "patch_size" not in vision:

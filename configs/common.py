@@ -7,6 +7,7 @@ from `config.optim`, the mesh from `config.mesh`, the input pipeline from `confi
 
 import ml_collections
 
+from clip_jax import sharding
 from clip_jax.errors import UsageError
 from clip_jax.models.sizes import model_config
 
@@ -34,6 +35,8 @@ MEANINGS = {
     "mesh.data": "devices of the data-parallel mesh axis (-1: the remaining devices)",
     "mesh.fsdp": "devices of the FSDP axis: parameters sharded over the model width",
     "mesh.tensor": "devices of the tensor-parallel axis: heads and MLP units split",
+    "mesh.rules": "logical axis -> mesh axes, one (name, axes) pair per axis the layers name "
+    "(MaxText's logical_axis_rules); axes None (replicated), an axis or a tuple of axes",
     "model.embed_dim": "width of the joint image-text embedding space",
     "model.quick_gelu": "QuickGELU activations, as OpenAI trained with",
     "model.dtype": "compute dtype (parameters stay float32): bfloat16 or float32",
@@ -103,6 +106,7 @@ def base_config(
     c.init_from_allow_torchscript_code = False  # unsafe: torch.jit.load runs the file's code
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
+    c.mesh.rules = sharding.DEFAULT_RULES  # FSDP over the width, tensor over heads and MLP
 
     c.model = ml_collections.ConfigDict(model_config(model))
     c.model.dtype = "bfloat16"  # compute; parameters stay float32

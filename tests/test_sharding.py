@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -28,7 +29,7 @@ def tiny_param_shardings(mesh, name="tiny"):
     boxed = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 16), int))
     )
-    return sharding.logical_to_sharding(boxed["params"], mesh)
+    return sharding.logical_to_sharding(boxed["params"], mesh, sharding.DEFAULT_RULES)
 
 
 def test_rules_shard_width_over_fsdp_and_heads_over_tensor():
@@ -79,6 +80,6 @@ def test_optimizer_state_follows_params():
 
 def test_local_rows_single_process_is_everything():
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-    assert sharding.local_rows(mesh, 16) == slice(0, 16)
+    np.testing.assert_array_equal(sharding.local_rows(mesh, 16), np.arange(16))
     with pytest.raises(ValueError, match=r"does not divide over the 4 batch shards"):
         sharding.local_rows(mesh, 6)

@@ -2,7 +2,8 @@
 
 Every source has the same small interface:
 - `batches(global_batch, rows, state=None)` yields `(batch, state)` pairs: `batch` holds this
-  process's `rows` of each global batch as numpy arrays `{"image": [n, H, W, 3] float32,
+  process's `rows` of each global batch (ascending indices into the batch, as
+  `sharding.local_rows` gives them, or a slice) as numpy arrays `{"image": [n, H, W, 3] float32,
   "text": [n, L] int32}`; `state` is a small JSON-able dict, the position just after that batch,
   from which `batches(..., state=state)` resumes exactly; its `skipped_examples` counts the bad
   records skipped up to that batch (the loop reads it there: sources read ahead).
@@ -66,12 +67,13 @@ class SyntheticSource:
         return {"image": images, "text": texts}
 
     def batches(
-        self, global_batch: int, rows: slice, state: dict | None = None
+        self, global_batch: int, rows: np.ndarray | slice, state: dict | None = None
     ) -> Iterator[tuple[Batch, dict]]:
         """The `rows` of each global batch, from `state` (or the start) on."""
-        step = int((state or {}).get("step", 0))
+        rows = np.arange(global_batch)[rows]
+        step = int(state["step"]) if state else 0
         while True:
             base = step * global_batch
             step += 1
-            batch = self.examples(np.arange(base + rows.start, base + rows.stop))
+            batch = self.examples(base + rows)
             yield batch, {"step": step, "skipped_examples": 0}

@@ -269,7 +269,7 @@ def batches(
     *,
     image_size: int,
     global_batch: int,
-    rows: slice,
+    rows: np.ndarray | slice,
     tokenize_fn: Callable[[list[str]], np.ndarray] | None = None,
     max_captions: int = 0,
     start: int = 0,
@@ -277,21 +277,27 @@ def batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's `rows` of global batches `start, start+1, ...`, every one of them.
 
-    Yields numpy dicts of `n = rows.stop - rows.start` rows: `image` uint8 [n, S, S, 3] (OpenAI's
-    evaluation crop: shorter side to S, centre crop), `mask` bool [n] (real, decodable examples),
+    `rows` are this process's row indices within a global batch, ascending
+    (`sharding.local_rows`), or a slice of them. Yields numpy dicts of `n = len(rows)` rows:
+    `image` uint8 [n, S, S, 3] (OpenAI's evaluation crop: shorter side to S, centre crop),
+    `mask` bool [n] (real, decodable examples),
     `index` int32 [n] (global position), `label` int32 [n] (-1 when none) and, with `tokenize_fn`,
     `tokens` int32 [n, max_captions, L] and `num_captions` int32 [n] (captions past
     `max_captions` are dropped and counted in `stats["dropped_captions"]`). Undecodable images
     are counted in `stats["skipped"]`.
     """
-    n = rows.stop - rows.start
+    rows = np.arange(global_batch)[rows]
+    n = len(rows)
     total = num_batches(source.num_examples, global_batch)
+    held = np.zeros(global_batch, bool)
+    held[rows] = True
+    held_table = tf.constant(held)
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     stats.setdefault("dropped_captions", 0)
 
     def mine(i, _):
-        return (i % global_batch >= rows.start) & (i % global_batch < rows.stop)
+        return tf.gather(held_table, i % global_batch)
 
     def decode(i, x):
         out = {
@@ -317,12 +323,12 @@ def batches(
     pending: dict[str, np.ndarray] | None = None
 
     for k in range(start, total):
-        lo, hi = k * global_batch + rows.start, k * global_batch + rows.stop
-        present = max(0, min(hi, source.num_examples) - lo)
+        index = k * global_batch + rows  # ascending, as the records arrive
+        present = int((index < source.num_examples).sum())
         out = {
             "image": np.zeros((n, image_size, image_size, 3), np.uint8),
             "mask": np.zeros((n,), bool),
-            "index": np.arange(lo, hi, dtype=np.int32),
+            "index": index.astype(np.int32),
             "label": np.full((n,), -1, np.int32),
         }
         if source.has_image_ids:
@@ -333,10 +339,10 @@ def batches(
                 pending = next(stream, None)
                 if pending is None:
                     break
-            take = pending["index"] < hi
+            take = pending["index"] <= index[-1]
             if not take.any():
                 break
-            slots = pending["index"][take] - lo
+            slots = np.searchsorted(index, pending["index"][take])
             out["image"][slots] = pending["image"][take]
             out["label"][slots] = pending["label"][take]
             out["mask"][slots] = True

@@ -38,8 +38,11 @@ from clip_jax.models.clip import l2_normalize
 class Evaluator:
     """One eval over one model: its data opened, its compiled functions built on first use."""
 
-    def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, mesh: Mesh):
+    def __init__(
+        self, cfg: dict[str, Any], model: Any, tokenizer: Any, mesh: Mesh, rules: sharding.Rules
+    ):
         self.cfg, self.model, self.tokenizer, self.mesh = cfg, model, tokenizer, mesh
+        self.rules = rules
         self.name, self.kind = cfg["name"], cfg["type"]
         self.every_steps = int(cfg["every_steps"])
         self._steps: dict[str, Any] = {}
@@ -108,7 +111,9 @@ class Evaluator:
     def _step(self, what: str) -> Any:
         """This evaluator's jitted per-batch function, built and compiled once."""
         if what not in self._steps:
-            self._steps[what] = extract.make_step(PREDICT_FNS[what](self.model, self), self.mesh)
+            self._steps[what] = extract.make_step(
+                PREDICT_FNS[what](self.model, self), self.mesh, self.rules
+            )
         return self._steps[what]
 
     def _extract(

@@ -2,7 +2,7 @@
 per-example outputs back in dataset order, padding removed, optionally cached on disk so that a
 preempted job resumes at the batch where it stopped.
 
-    step = extract.make_step(predict_fn, mesh)   # compiled once, reused by every evaluation
+    step = extract.make_step(predict_fn, mesh, rules)   # compiled once, reused by every evaluation
     outputs = extract.run(step, variables, make_batches, mesh=mesh, global_batch=B, ...)
 
 `predict_fn(variables, batch, extra) -> {name: [B, ...]}` is jitted with the batch sharded over the
@@ -37,12 +37,14 @@ def normalize(images: jax.Array) -> jax.Array:
     return (images.astype(np.float32) - mean) / std
 
 
-def make_step(predict_fn: Callable[..., dict[str, jax.Array]], mesh: Mesh) -> Callable:
+def make_step(
+    predict_fn: Callable[..., dict[str, jax.Array]], mesh: Mesh, rules: sharding.Rules
+) -> Callable:
     """The jitted per-batch function `(variables, batch, extra)`: predictions and the
-    pass-through fields, replicated."""
+    pass-through fields, replicated; the model's activations laid out on `mesh` by `rules`."""
 
     def step(variables, batch, extra):
-        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        with nn.logical_axis_rules(rules):
             out = dict(predict_fn(variables, batch, extra))
         for key in PASSED_THROUGH:
             if key in batch:

@@ -26,6 +26,7 @@ class Subject:
 
     config: Any  # the run's or the given config (None for a weight file without --config)
     mesh: Any
+    rules: Any  # the config's mesh.rules (the default rules without a config)
     model: Any
     variables: Any  # on the mesh
     name: str  # shown in results: "DIR@STEP" or the file's name
@@ -46,14 +47,16 @@ def prepare(
         raise UsageError("give either --workdir (a training run) or --pretrained (a weight file)")
     if config is None and workdir:
         config = state.read_run_config(workdir)
-    mesh = sharding.make_mesh(
-        config.mesh if config is not None else dict(data=-1, fsdp=1, tensor=1)
-    )
+    if config is None:  # a weight file alone: every device data-parallel, the default layout
+        mesh, rules = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), sharding.DEFAULT_RULES
+    else:
+        mesh, rules = sharding.make_mesh(config.mesh), sharding.check_rules(config.mesh.rules)
     if workdir:
         model, variables, step = state.load_run(workdir, step, mesh=mesh)
         return Subject(
             config,
             mesh,
+            rules,
             model,
             variables,
             f"{workdir}@{step}",
@@ -66,6 +69,7 @@ def prepare(
     return Subject(
         config,
         mesh,
+        rules,
         model,
         extract.replicate(variables, mesh),
         paths.path(pretrained).name,
@@ -76,7 +80,11 @@ def prepare(
 
 def make_evaluator(subject: Subject, name: str, entry: Mapping[str, Any]) -> Any:
     return evaluator.Evaluator(
-        entries.entry_config(name, entry), subject.model, subject.tokenizer, subject.mesh
+        entries.entry_config(name, entry),
+        subject.model,
+        subject.tokenizer,
+        subject.mesh,
+        subject.rules,
     )
 
 

@@ -23,8 +23,12 @@ TASKS = {  # CLIP_benchmark's task names
 }
 
 
-def make_evaluators(config: Any, model: Any, mesh: Mesh, tokenizer: Any = None) -> list[Evaluator]:
-    """The evaluators of `config.evals` for `model` (each entry checked, its data opened)."""
+def make_evaluators(
+    config: Any, model: Any, mesh: Mesh, rules: Any, tokenizer: Any = None
+) -> list[Evaluator]:
+    """The evaluators of `config.evals` for `model` on `mesh` laid out by `rules` (each entry
+    checked, its data opened); `tokenizer` is the run's (`config.train_data.tokenizer`) unless
+    one is given."""
     if not config.evals:
         return []
     if tokenizer is None:
@@ -34,7 +38,7 @@ def make_evaluators(config: Any, model: Any, mesh: Mesh, tokenizer: Any = None) 
             config.train_data.tokenizer, config.model.text.context_length
         )
     return [
-        Evaluator(entry_config(name, entry), model, tokenizer, mesh)
+        Evaluator(entry_config(name, entry), model, tokenizer, mesh, rules)
         for name, entry in config.evals.items()
     ]
 
