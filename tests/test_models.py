@@ -1,4 +1,5 @@
-"""Shapes, parameter counts of every published size (without weights), dtypes and remat."""
+"""Shapes, parameter counts of every published size (without weights), dtypes, remat, and the
+image tower's init schemes (OpenAI's initialisation, checked by its statistics)."""
 
 import flax.linen as nn
 import jax
@@ -116,3 +117,124 @@ def test_unknown_model_name_is_clear():
 
 def test_every_size_is_listed():
     assert set(PUBLISHED_M) | {"tiny", "tiny-rn"} == set(MODELS)
+
+
+# --- init_scheme="openai": the image tower starts as OpenAI's code starts it --------------------
+
+
+def init_params(cfg):
+    model = CLIP(**cfg)
+    size, length = cfg["vision"]["image_size"], cfg["text"]["context_length"]
+    images, tokens = jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+    return nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens))["params"]
+
+
+def stack(params, prefix, *keys):
+    """The leaves at params[f"{prefix}{i}"][keys...] for every i, flattened into one array."""
+    parts = []
+    for name, sub in params.items():
+        if name.startswith(prefix):
+            for k in keys:
+                sub = sub[k]
+            parts.append(np.ravel(sub))
+    assert parts, prefix
+    return np.concatenate(parts)
+
+
+def assert_uniform(x, bound):
+    """x (a few thousand draws or more) looks like U(-bound, bound): within it, reaching it, and
+    with its standard deviation bound / sqrt(3)."""
+    x = np.ravel(np.asarray(x, np.float64))
+    assert np.abs(x).max() <= bound * (1 + 1e-6)
+    assert np.abs(x).max() >= 0.99 * bound
+    assert np.std(x) == pytest.approx(bound / np.sqrt(3), rel=0.04)
+    assert abs(np.mean(x)) < 0.05 * bound
+
+
+def assert_normal(x, std):
+    x = np.ravel(np.asarray(x, np.float64))
+    assert np.std(x) == pytest.approx(std, rel=0.04)
+    assert abs(np.mean(x)) < 0.05 * std
+
+
+def assert_const(x, value):
+    np.testing.assert_array_equal(np.asarray(x), value)
+
+
+OPENAI_VIT = dict(image_size=64, patch_size=16, width=256, layers=4, heads=4)
+
+
+def test_openai_vit_init_keeps_pytorch_defaults():
+    """OpenAI's ViT blocks keep PyTorch's defaults (clip/model.py re-initialises only the text
+    transformer): nn.Linear U(+-1/sqrt(fan_in)) weights and biases, nn.MultiheadAttention's
+    xavier_uniform in_proj [3D, D] with zero biases; the patch conv is an nn.Conv2d."""
+    cfg = model_config("tiny", embed_dim=256, vision={**OPENAI_VIT, "init_scheme": "openai"})
+    visual = init_params(cfg)["visual"]
+    blocks, d = visual["transformer"], OPENAI_VIT["width"]
+    assert_uniform(visual["conv1"]["kernel"], (3 * 16 * 16) ** -0.5)
+    assert_uniform(stack(blocks, "resblocks_", "attn", "qkv", "kernel"), (6 / (d + 3 * d)) ** 0.5)
+    assert_const(stack(blocks, "resblocks_", "attn", "qkv", "bias"), 0.0)
+    assert_uniform(stack(blocks, "resblocks_", "attn", "out", "kernel"), d**-0.5)
+    assert_const(stack(blocks, "resblocks_", "attn", "out", "bias"), 0.0)
+    for layer, fan_in in (("c_fc", d), ("c_proj", 4 * d)):
+        assert_uniform(stack(blocks, "resblocks_", "mlp", layer, "kernel"), fan_in**-0.5)
+        assert_uniform(stack(blocks, "resblocks_", "mlp", layer, "bias"), fan_in**-0.5)
+    for norm in ("ln_1", "ln_2"):
+        assert_const(stack(blocks, "resblocks_", norm, "scale"), 1.0)
+        assert_const(stack(blocks, "resblocks_", norm, "bias"), 0.0)
+    for norm in ("ln_pre", "ln_post"):
+        assert_const(visual[norm]["scale"], 1.0)
+        assert_const(visual[norm]["bias"], 0.0)
+    tokens = np.concatenate([visual["class_embedding"][None], visual["positional_embedding"]])
+    assert_normal(tokens, d**-0.5)  # scale * randn, scale = width^-0.5
+    assert_normal(visual["proj"], d**-0.5)
+
+
+def test_init_scheme_changes_only_the_image_tower():
+    vision = model_config("tiny")["vision"]
+    default = init_params(model_config("tiny"))
+    named = init_params(model_config("tiny", vision={**vision, "init_scheme": "default"}))
+    openai = init_params(model_config("tiny", vision={**vision, "init_scheme": "openai"}))
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(named), strict=True):
+        np.testing.assert_array_equal(a, b)  # "default" is what a config without the key gets
+    for key in ("text_tower", "logit_scale"):
+        for a, b in zip(jax.tree.leaves(default[key]), jax.tree.leaves(openai[key]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    conv1 = [p["visual"]["conv1"]["kernel"] for p in (default, openai)]
+    assert not np.allclose(*conv1)
+
+
+def test_openai_resnet_init():
+    """OpenAI's ResNet: attention-pool weights normal(C^-0.5), each bottleneck's bn3 scale zero
+    (initialize_parameters), and PyTorch's defaults elsewhere: nn.Conv2d U(+-1/sqrt(fan_in)),
+    nn.Linear's biases in the pool, BatchNorm ones and zeros."""
+    vision = dict(image_size=64, layers=(1, 1, 1, 1), width=32, heads=16, init_scheme="openai")
+    visual = init_params(model_config("tiny-rn", vision=vision))["visual"]
+    scaled = []  # each conv kernel over its bound: U(-1, 1) together
+    for path, kernel in jax.tree_util.tree_flatten_with_path(visual)[0]:
+        if jax.tree_util.keystr(path).endswith("['conv']['kernel']"):
+            kh, kw, cin, _ = kernel.shape
+            bound = (kh * kw * cin) ** -0.5
+            assert np.abs(kernel).max() <= bound * (1 + 1e-6), path
+            scaled.append(np.ravel(kernel) / bound)
+    assert len(scaled) == 3 + 4 * 4  # the stem, then conv1-3 and a downsample per block
+    assert_uniform(np.concatenate(scaled), 1.0)
+    for path, value in jax.tree_util.tree_flatten_with_path(visual)[0]:
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['bn']['scale']"):
+            assert_const(value, 0.0 if "['conv3']" in name else 1.0)
+        if name.endswith("['bn']['bias']"):
+            assert_const(value, 0.0)
+    pool, c = visual["attnpool"], 32 * 32
+    for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
+        assert_normal(pool[proj]["kernel"], c**-0.5)
+    biases = [np.ravel(pool[p]["bias"]) for p in ("q_proj", "k_proj", "v_proj", "c_proj")]
+    assert_uniform(np.concatenate(biases), c**-0.5)
+    assert_normal(pool["positional_embedding"], c**-0.5)
+
+
+def test_unknown_init_scheme_is_clear():
+    for name in ("tiny", "tiny-rn"):
+        vision = {**model_config(name)["vision"], "init_scheme": "xavier"}
+        with pytest.raises(ValueError, match="unknown init_scheme 'xavier'"):
+            init_params(model_config(name, vision=vision))

@@ -30,7 +30,8 @@ class CLIP(nn.Module):
     """The two towers and the temperature; config keys mirror these fields.
 
     `vision` holds either ViT fields (`image_size, patch_size, width, layers, heads`) or
-    ResNet fields (`image_size, width, layers=(n1, n2, n3, n4), heads`); `text` holds
+    ResNet fields (`image_size, width, layers=(n1, n2, n3, n4), heads`), either optionally with
+    `init_scheme` ("default" or "openai": see `VisionTransformer`, `ModifiedResNet`); `text` holds
     `context_length, vocab_size, width, layers, heads` and optionally `pool_type, eot_token_id`.
     The temperature is stored as `logit_scale = log(1/tau)`; `init_logit_bias` adds the learned
     bias of the sigmoid (SigLIP) loss.

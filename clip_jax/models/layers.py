@@ -6,7 +6,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) 
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -56,6 +56,82 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+class DenseInit(NamedTuple):
+    """The initializers of a dense layer's kernel and bias, without axis names (the layer adds
+    them)."""
+
+    kernel: Callable
+    bias: Callable
+
+
+def symmetric_uniform(bound: float) -> Callable:
+    """An initializer drawing from U(-bound, bound)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def pytorch_linear_init(fan_in: int) -> DenseInit:
+    """PyTorch's nn.Linear default: kaiming_uniform(a=sqrt(5)) weights, which is
+    U(+-1/sqrt(fan_in)), and biases from the same range."""
+    bound = fan_in**-0.5
+    return DenseInit(symmetric_uniform(bound), symmetric_uniform(bound))
+
+
+def normal_init(std: float) -> DenseInit:
+    """Normal weights of standard deviation `std`, zero biases."""
+    return DenseInit(nn.initializers.normal(std), nn.initializers.zeros)
+
+
+# How an image tower's weights start: "default" is this package's own choice, "openai" what
+# OpenAI's code gives (see VisionTransformer and ModifiedResNet for the differences).
+INIT_SCHEMES = ("default", "openai")
+
+
+def check_init_scheme(init_scheme: str) -> None:
+    if init_scheme not in INIT_SCHEMES:
+        raise UsageError(f"unknown init_scheme {init_scheme!r}; choose one of {INIT_SCHEMES}")
+
+
+# How a residual block's dense layers start: "scaled_normal" as OpenAI initialised their text
+# transformer (clip/model.py, initialize_parameters); "pytorch_default" as PyTorch's modules
+# start, which OpenAI's vision transformer keeps (its blocks are not re-initialised there).
+BLOCK_INITS = ("scaled_normal", "pytorch_default")
+
+
+def block_inits(kind: str, width: int, mlp_dim: int, layers: int) -> dict[str, DenseInit]:
+    """The initializers of a residual block's `qkv`, `out`, `c_fc` and `c_proj` layers.
+
+    Args:
+      kind: one of `BLOCK_INITS`.
+      width: the block's width D; mlp_dim: its MLP's hidden size; layers: the tower's depth.
+    Returns:
+      {"qkv", "out", "c_fc", "c_proj"} -> DenseInit.
+    """
+    if kind == "scaled_normal":
+        # Normal weights, zero biases; the residual outputs shrink with depth, as in GPT-2.
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        return {
+            "qkv": normal_init(width**-0.5),
+            "out": normal_init(proj_std),
+            "c_fc": normal_init((2 * width) ** -0.5),
+            "c_proj": normal_init(proj_std),
+        }
+    if kind == "pytorch_default":
+        # nn.MultiheadAttention: xavier_uniform over its in_proj_weight [3D, D] (fan_in D,
+        # fan_out 3D), zero in_proj_bias; its out_proj is an nn.Linear whose bias it zeroes.
+        xavier = symmetric_uniform((6 / (width + 3 * width)) ** 0.5)
+        return {
+            "qkv": DenseInit(xavier, nn.initializers.zeros),
+            "out": DenseInit(symmetric_uniform(width**-0.5), nn.initializers.zeros),
+            "c_fc": pytorch_linear_init(width),
+            "c_proj": pytorch_linear_init(mlp_dim),
+        }
+    raise UsageError(f"unknown block init {kind!r}; choose one of {BLOCK_INITS}")
+
+
 class DenseGeneral(nn.Module):
     """A dense layer over the last `in_axes` axes into `features`, e.g. [D] -> [3, heads, head_dim].
 
@@ -67,8 +143,8 @@ class DenseGeneral(nn.Module):
     features: tuple[int, ...]
     kernel_axes: tuple[str | None, ...]
     bias_axes: tuple[str | None, ...]
+    init: DenseInit
     in_axes: int = 1
-    std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -77,13 +153,13 @@ class DenseGeneral(nn.Module):
         in_shape = x.shape[x.ndim - self.in_axes :]
         kernel = self.param(
             "kernel",
-            partitioned(nn.initializers.normal(self.std), self.kernel_axes),
+            partitioned(self.init.kernel, self.kernel_axes),
             (*in_shape, *self.features),
             self.param_dtype,
         )
         bias = self.param(
             "bias",
-            partitioned(nn.initializers.zeros, self.bias_axes),
+            partitioned(self.init.bias, self.bias_axes),
             self.features,
             self.param_dtype,
         )
@@ -96,9 +172,9 @@ class MLP(nn.Module):
     """Two-layer MLP `c_fc -> act -> c_proj`, hidden size `mlp_dim`."""
 
     mlp_dim: int
+    fc_init: DenseInit
+    proj_init: DenseInit
     quick_gelu: bool = False
-    fc_std: float = 0.02
-    proj_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -109,8 +185,8 @@ class MLP(nn.Module):
             self.mlp_dim,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(self.fc_std), ("embed", "mlp")),
-            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            kernel_init=partitioned(self.fc_init.kernel, ("embed", "mlp")),
+            bias_init=partitioned(self.fc_init.bias, ("mlp",)),
             name="c_fc",
         )(x)
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
@@ -119,8 +195,8 @@ class MLP(nn.Module):
             width,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(nn.initializers.normal(self.proj_std), ("mlp", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            kernel_init=partitioned(self.proj_init.kernel, ("mlp", "embed")),
+            bias_init=partitioned(self.proj_init.bias, ("embed",)),
             name="c_proj",
         )(h)
 
@@ -133,9 +209,9 @@ class MultiHeadAttention(nn.Module):
     """
 
     heads: int
+    qkv_init: DenseInit
+    out_init: DenseInit
     causal: bool = False
-    qkv_std: float = 0.02
-    out_std: float = 0.02
     attn_impl: str | None = None  # None lets JAX choose; "cudnn" for flash attention on GPU.
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -150,7 +226,7 @@ class MultiHeadAttention(nn.Module):
             (3, self.heads, head_dim),
             kernel_axes=("embed", None, "heads", "kv"),
             bias_axes=(None, "heads", "kv"),
-            std=self.qkv_std,
+            init=self.qkv_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="qkv",
@@ -166,8 +242,8 @@ class MultiHeadAttention(nn.Module):
             (width,),
             kernel_axes=("heads", "kv", "embed"),
             bias_axes=("embed",),
+            init=self.out_init,
             in_axes=2,
-            std=self.out_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="out",
@@ -182,6 +258,7 @@ class ResidualAttentionBlock(nn.Module):
     causal: bool = False
     quick_gelu: bool = False
     layers: int = 12  # depth of the tower, for the output-projection init scale
+    block_init: str = "scaled_normal"  # one of BLOCK_INITS
     attn_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -189,26 +266,24 @@ class ResidualAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         width = x.shape[-1]
-        # The initialisation of OpenAI's text transformer, used for both towers here.
-        attn_std = width**-0.5
-        proj_std = width**-0.5 * (2 * self.layers) ** -0.5
-        fc_std = (2 * width) ** -0.5
+        mlp_dim = int(width * self.mlp_ratio)
+        inits = block_inits(self.block_init, width, mlp_dim, self.layers)
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = x + MultiHeadAttention(
             self.heads,
+            qkv_init=inits["qkv"],
+            out_init=inits["out"],
             causal=self.causal,
-            qkv_std=attn_std,
-            out_std=proj_std,
             attn_impl=self.attn_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attn",
         )(layer_norm("ln_1", self.dtype, self.param_dtype)(x))
         x = x + MLP(
-            int(width * self.mlp_ratio),
+            mlp_dim,
+            fc_init=inits["c_fc"],
+            proj_init=inits["c_proj"],
             quick_gelu=self.quick_gelu,
-            fc_std=fc_std,
-            proj_std=proj_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="mlp",
@@ -225,6 +300,7 @@ class Transformer(nn.Module):
     causal: bool = False
     quick_gelu: bool = False
     remat_policy: str = "none"
+    block_init: str = "scaled_normal"  # one of BLOCK_INITS
     attn_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -246,6 +322,7 @@ class Transformer(nn.Module):
                 causal=self.causal,
                 quick_gelu=self.quick_gelu,
                 layers=self.layers,
+                block_init=self.block_init,
                 attn_impl=self.attn_impl,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,

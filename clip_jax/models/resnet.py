@@ -5,13 +5,27 @@ instead of one 7x7 and a max pool; anti-aliased strided blocks (an average pool 
 path and in the shortcut, convolutions at stride 1); and attention pooling over the final feature
 map, queried by its mean, in place of global average pooling. BatchNorm keeps running statistics in
 the `batch_stats` collection, used when `train=False`.
+
+`init_scheme` chooses how the weights start. Both schemes give the attention pool's projections
+normal weights of std C^-0.5 (C = width * 32, the pooled features) and start each bottleneck's last
+BatchNorm scale at zero, as OpenAI's `initialize_parameters` does. They differ where OpenAI kept
+PyTorch's defaults: "default" draws the convolutions as torchvision's ResNet does (He normal over
+fan-out) and zeroes the attention pool's biases; "openai" keeps PyTorch's nn.Conv2d and nn.Linear
+defaults there, U(+-1/sqrt(fan_in)) for the convolution kernels and the pool's biases.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import DenseGeneral, Dtype, partitioned
+from clip_jax.models.layers import (
+    DenseGeneral,
+    DenseInit,
+    Dtype,
+    check_init_scheme,
+    partitioned,
+    symmetric_uniform,
+)
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1, in Flax's convention
@@ -31,12 +45,17 @@ class ConvBN(nn.Module):
     zero_scale: bool = (
         False  # last BN of a bottleneck starts at zero: each block starts as identity
     )
+    init_scheme: str = "default"  # one of layers.INIT_SCHEMES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         pad = self.kernel // 2
+        if self.init_scheme == "openai":  # nn.Conv2d's kaiming_uniform(a=sqrt(5))
+            kernel_init = symmetric_uniform((self.kernel**2 * x.shape[-1]) ** -0.5)
+        else:
+            kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         x = nn.Conv(
             self.features,
             (self.kernel, self.kernel),
@@ -45,10 +64,7 @@ class ConvBN(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(
-                nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                (None, None, "conv_in", "conv_out"),
-            ),
+            kernel_init=partitioned(kernel_init, (None, None, "conv_in", "conv_out")),
             name="conv",
         )(x)
         scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
@@ -70,12 +86,13 @@ class Bottleneck(nn.Module):
 
     planes: int
     stride: int = 1
+    init_scheme: str = "default"  # one of layers.INIT_SCHEMES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(init_scheme=self.init_scheme, dtype=self.dtype, param_dtype=self.param_dtype)
         out = ConvBN(self.planes, 1, name="conv1", **kw)(x, train)
         out = ConvBN(self.planes, 3, name="conv2", **kw)(out, train)
         out = _pool(out, self.stride)
@@ -94,6 +111,7 @@ class AttentionPool2d(nn.Module):
 
     heads: int
     output_dim: int
+    init_scheme: str = "default"  # one of layers.INIT_SCHEMES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -112,13 +130,19 @@ class AttentionPool2d(nn.Module):
         )
         x = x + pos.astype(x.dtype)
         head_dim = c // self.heads
+        # Every projection reads the C pooled features: fan_in C for the weights and biases.
+        if self.init_scheme == "openai":  # nn.Linear's default bias
+            bias_init = symmetric_uniform(c**-0.5)
+        else:
+            bias_init = nn.initializers.zeros
+        init = DenseInit(nn.initializers.normal(c**-0.5), bias_init)
 
         def proj(name: str) -> DenseGeneral:
             return DenseGeneral(
                 (self.heads, head_dim),
                 kernel_axes=("embed", "heads", "kv"),
                 bias_axes=("heads", "kv"),
-                std=c**-0.5,
+                init=init,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
@@ -132,8 +156,8 @@ class AttentionPool2d(nn.Module):
             (self.output_dim,),
             kernel_axes=("heads", "kv", "joint"),
             bias_axes=("joint",),
+            init=init,
             in_axes=2,
-            std=c**-0.5,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="c_proj",
@@ -149,6 +173,7 @@ class ModifiedResNet(nn.Module):
     heads: int
     output_dim: int
     image_size: int = 224
+    init_scheme: str = "default"  # one of layers.INIT_SCHEMES; see the module docstring
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -159,7 +184,8 @@ class ModifiedResNet(nn.Module):
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
                 f"{self.image_size}x{self.image_size}"
             )
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        check_init_scheme(self.init_scheme)
+        kw = dict(init_scheme=self.init_scheme, dtype=self.dtype, param_dtype=self.param_dtype)
         x = images.astype(self.dtype)
         x = ConvBN(self.width // 2, 3, stride=2, name="stem1", **kw)(x, train)
         x = ConvBN(self.width // 2, 3, name="stem2", **kw)(x, train)

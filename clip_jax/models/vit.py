@@ -4,13 +4,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, Transformer, constrain, layer_norm, partitioned
+from clip_jax.models.layers import (
+    Dtype,
+    Transformer,
+    check_init_scheme,
+    constrain,
+    layer_norm,
+    partitioned,
+    symmetric_uniform,
+)
 
 
 class VisionTransformer(nn.Module):
     """ViT with a bias-free patch conv, class token, ln_pre, ln_post on the class token, projection.
 
     Input images are NHWC float, already normalised; the output is [B, output_dim].
+
+    `init_scheme` chooses how the weights start. In both, the class token, the positions and the
+    projection are normal of std width^-0.5 and the LayerNorms ones and zeros, as in OpenAI's code.
+    "default" draws the patch conv LeCun-normal and gives the blocks the scaled normal
+    initialisation that OpenAI used for their text transformer only. "openai" is what OpenAI's
+    vision transformer gets, whose blocks `initialize_parameters` leaves alone: PyTorch's defaults,
+    U(+-1/sqrt(fan_in)) for the patch conv (nn.Conv2d) and the MLP's weights and biases
+    (nn.Linear), nn.MultiheadAttention's Xavier-uniform qkv with zero biases and an nn.Linear
+    output projection with its bias zeroed.
     """
 
     image_size: int
@@ -21,6 +38,7 @@ class VisionTransformer(nn.Module):
     output_dim: int
     mlp_ratio: float = 4.0
     quick_gelu: bool = False
+    init_scheme: str = "default"  # one of layers.INIT_SCHEMES; see the class docstring
     remat_policy: str = "none"
     attn_impl: str | None = None
     dtype: Dtype = jnp.float32
@@ -36,6 +54,11 @@ class VisionTransformer(nn.Module):
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
                 f"{self.image_size}x{self.image_size}"
             )
+        check_init_scheme(self.init_scheme)
+        if self.init_scheme == "openai":  # nn.Conv2d's kaiming_uniform(a=sqrt(5))
+            conv_init = symmetric_uniform((self.patch_size**2 * images.shape[-1]) ** -0.5)
+        else:
+            conv_init = nn.initializers.lecun_normal()
         scale = self.width**-0.5
         x = nn.Conv(
             self.width,
@@ -45,9 +68,7 @@ class VisionTransformer(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(
-                nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")
-            ),
+            kernel_init=partitioned(conv_init, (None, None, "conv_in", "embed")),
             name="conv1",
         )(images.astype(self.dtype))  # [B, g, g, D]
         b = x.shape[0]
@@ -75,6 +96,7 @@ class VisionTransformer(nn.Module):
             mlp_ratio=self.mlp_ratio,
             quick_gelu=self.quick_gelu,
             remat_policy=self.remat_policy,
+            block_init="pytorch_default" if self.init_scheme == "openai" else "scaled_normal",
             attn_impl=self.attn_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
