@@ -1,11 +1,16 @@
 """Image preprocessing without TensorFlow: equal to open_clip's and OpenAI's torchvision transforms
-(bit for bit), on images of awkward sizes and modes."""
+(bit for bit), on images of awkward sizes and modes. And the training crops of the input pipeline
+(TensorFlow ops): the CLIP paper's random square crop, and the default random resized crop."""
+
+import io
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import clip_jax
+from clip_jax.data import image_ops
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD, preprocess
 from clip_jax.errors import UsageError
 
@@ -141,3 +146,110 @@ def test_bad_inputs_are_usage_errors():
         preprocess(np.zeros((8, 8, 5), np.uint8), 8)
     with pytest.raises(UsageError, match="no images"):
         preprocess([], 8)
+
+
+# --- Training crops (clip_jax.data.image_ops) --------------------------------------------------
+
+
+def png(image: Image.Image) -> tf.Tensor:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return tf.constant(out.getvalue())
+
+
+def shorter_side_resized(data: tf.Tensor, size: int) -> np.ndarray:
+    """What the square crop cuts from: the decoded image, shorter side resized to `size`."""
+    return image_ops.to_uint8(image_ops.resize_shorter(image_ops.decode_rgb(data), size)).numpy()
+
+
+def square_crop(data: tf.Tensor, size: int, seed: int) -> np.ndarray:
+    seed = tf.constant([seed, 3], tf.int64)
+    return image_ops.augment(
+        data,
+        size,
+        seed,
+        augmentation="random_square_crop",
+        crop_scale=image_ops.DEFAULT_CROP_SCALE,
+        max_pixels=image_ops.MAX_IMAGE_PIXELS,
+    ).numpy()
+
+
+def window_offsets(crop: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
+    """Every (top, left) at which `crop` is a window of `image`, pixel for pixel."""
+    s = crop.shape[0]
+    return [
+        (top, left)
+        for top in range(image.shape[0] - s + 1)
+        for left in range(image.shape[1] - s + 1)
+        if np.array_equal(image[top : top + s, left : left + s], crop)
+    ]
+
+
+# Landscape, portrait, smaller than S (upsampled), exactly S on its shorter side, square, 3:1.
+CROP_SIZES = [(300, 200), (150, 401), (40, 30), (96, 64), (64, 64), (192, 64)]
+
+
+@pytest.mark.parametrize("width,height", CROP_SIZES)
+def test_square_crop_is_a_window_of_the_shorter_side_resized_image(width, height):
+    data = png(noise_image(width, height, seed=width))
+    resized = shorter_side_resized(data, 64)
+    assert min(resized.shape[:2]) == 64
+    for seed in range(3):
+        crop = square_crop(data, 64, seed)
+        assert crop.shape == (64, 64, 3) and crop.dtype == np.uint8
+        assert len(window_offsets(crop, resized)) == 1, (seed, resized.shape)
+
+
+def test_square_crop_varies_with_the_seed_and_is_a_function_of_it():
+    data = png(noise_image(192, 64))  # already S on the shorter side: 129 places along the width
+    resized = shorter_side_resized(data, 64)
+    offsets = [window_offsets(square_crop(data, 64, seed), resized)[0] for seed in range(12)]
+    assert {top for top, _ in offsets} == {0}
+    assert len({left for _, left in offsets}) >= 8
+    np.testing.assert_array_equal(square_crop(data, 64, 5), square_crop(data, 64, 5))
+
+
+def test_square_crop_keeps_the_whole_shorter_side():
+    """Unlike the resized crop, nothing is resampled after the crop: a portrait's rows are cut,
+    never its width, so every column of the resized image is in every crop."""
+    data = png(noise_image(64, 200))
+    resized = shorter_side_resized(data, 64)
+    assert resized.shape[1] == 64
+    for seed in range(4):
+        ((_, left),) = window_offsets(square_crop(data, 64, seed), resized)
+        assert left == 0
+
+
+def test_random_resized_crop_is_still_train_crop():
+    """augmentation="random_resized_crop" is the crop training always had, bit for bit."""
+    data = png(smooth_image(300, 200))
+    for seed in range(3):
+        key = tf.constant([seed, 7], tf.int64)
+        for scale in ((0.9, 1.0), (0.3, 0.6)):
+            got = image_ops.augment(
+                data,
+                48,
+                key,
+                augmentation="random_resized_crop",
+                crop_scale=scale,
+                max_pixels=image_ops.MAX_IMAGE_PIXELS,
+            )
+            np.testing.assert_array_equal(got, image_ops.train_crop(data, 48, key, scale))
+
+
+def test_eval_crop_is_the_center_of_the_shorter_side_resized_image():
+    data = png(noise_image(300, 200))
+    resized = shorter_side_resized(data, 64)  # [64, 96]: margins of 16 on either side
+    np.testing.assert_array_equal(image_ops.eval_crop(data, 64), resized[:, 16:80])
+
+
+def test_unknown_augmentation_is_refused():
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
+        image_ops.augment(
+            png(noise_image(40, 40)),
+            32,
+            tf.constant([0, 0], tf.int64),
+            augmentation="mixup",
+            crop_scale=image_ops.DEFAULT_CROP_SCALE,
+            max_pixels=image_ops.MAX_IMAGE_PIXELS,
+        )

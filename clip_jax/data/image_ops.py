@@ -1,11 +1,14 @@
 """Image preprocessing as TensorFlow ops, so that it runs inside the tf.data graph.
 
-Training images get the random square crop of the CLIP paper in open_clip's form (a random
-resized crop covering `scale` of the area, aspect ratio in [3/4, 4/3], resized to the model's
-resolution); evaluation images get OpenAI's transform (resize the shorter side, center crop).
-Crops are rounded to uint8, as PIL's are in the reference transforms, and then get CLIP's
-mean/std normalisation; the input pipeline normalises whole batches at once (cheaper per
-example than one image at a time).
+Training images get one of two augmentations (`AUGMENTATIONS`): "random_resized_crop", open_clip's
+form of the CLIP paper's crop (a random crop covering `scale` of the area, aspect ratio in
+[3/4, 4/3], resized to the model's resolution), or "random_square_crop", the paper's words taken
+literally ("A random square crop from resized images is the only data augmentation used during
+training", section 2.3): the shorter side resized to the model's resolution, then a square of that
+size at a random place. Evaluation images get OpenAI's transform (resize the shorter side, center
+crop). Crops are rounded to uint8, as PIL's are in the reference transforms, and then get CLIP's
+mean/std normalisation; the input pipeline normalises whole batches at once (cheaper per example
+than one image at a time).
 
 Decoding handles whatever `tf.io.decode_image` reads: JPEG, PNG, GIF (first frame), BMP and, in
 the TensorFlow versions we support, WebP. Undecodable or truncated bytes raise an error inside
@@ -22,6 +25,7 @@ import tensorflow as tf
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 
 DEFAULT_CROP_SCALE = (0.9, 1.0)  # open_clip's default for CLIP training
+AUGMENTATIONS = ("random_resized_crop", "random_square_crop")
 CROP_RATIO = (3 / 4, 4 / 3)
 # Downscaling by more than this gets an antialiasing filter, as PIL's resize (which OpenAI and
 # open_clip use) always applies; below it, the filter changes little and costs 3-4x the time.
@@ -96,6 +100,15 @@ def resize(image: tf.Tensor, height: tf.Tensor | int, width: tf.Tensor | int) ->
     )
 
 
+def resize_shorter(image: tf.Tensor, size: int) -> tf.Tensor:
+    """[H, W, 3] -> float32 [H', W', 3] with min(H', W') = `size`: torchvision's Resize(int),
+    bicubic (see `resize`), the longer side truncated."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    short = tf.minimum(shape[0], shape[1])
+    new = tf.maximum(tf.cast(shape * size / short, tf.int32), size)
+    return resize(image, new[0], new[1])
+
+
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
     """Float pixels (a resize's output may overshoot [0, 255]) -> rounded, clipped uint8."""
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
@@ -159,17 +172,60 @@ def train_crop(
     return to_uint8(resize(image[top : top + h, left : left + w], size, size))
 
 
+def _uniform_offset(u: tf.Tensor, extent: tf.Tensor, size: int) -> tf.Tensor:
+    """One of the `extent - size + 1` offsets of a window along an axis, from u in [0, 1)."""
+    offset = tf.cast(u * tf.cast(extent - size + 1, tf.float32), tf.int32)
+    return tf.minimum(offset, extent - size)  # u * n can round up to n in float32
+
+
+def random_square_crop(data: tf.Tensor, size: int, seed: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    """Encoded bytes -> the CLIP paper's augmentation: shorter side resized to `size` (bicubic),
+    then a `size` x `size` square at a uniformly random place: uint8 [size, size, 3].
+
+    Args:
+      data: scalar tf.string, encoded image bytes.
+      size: output resolution.
+      seed: int [2] stateless seed (the crop is a pure function of the bytes and the seed).
+      max_pixels: larger images (by their header) raise instead of being decoded.
+    """
+    resized = resize_shorter(decode_rgb(data, max_pixels), size)
+    shape = tf.shape(resized)
+    u = tf.random.stateless_uniform([2], seed=seed)
+    top, left = _uniform_offset(u[0], shape[0], size), _uniform_offset(u[1], shape[1], size)
+    return to_uint8(resized[top : top + size, left : left + size])
+
+
+def augment(
+    data: tf.Tensor,
+    size: int,
+    seed: tf.Tensor,
+    *,
+    augmentation: str,
+    crop_scale: tuple[float, float],
+    max_pixels: int,
+) -> tf.Tensor:
+    """Encoded bytes -> a training crop: uint8 [size, size, 3].
+
+    Args:
+      data, size, seed, max_pixels: as for `train_crop`.
+      augmentation: one of `AUGMENTATIONS`: "random_resized_crop" (`train_crop`) or
+        "random_square_crop" (`random_square_crop`).
+      crop_scale: the random resized crop's range of the kept area (unused by the square crop).
+    """
+    if augmentation == "random_resized_crop":
+        return train_crop(data, size, seed, crop_scale, max_pixels)
+    if augmentation == "random_square_crop":
+        return random_square_crop(data, size, seed, max_pixels)
+    raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
+
+
 def eval_crop(data: tf.Tensor, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
     """Encoded bytes -> OpenAI's evaluation transform: shorter side resized to `size` (bicubic),
     center crop `size` x `size`: uint8 [size, size, 3]; raises above `max_pixels` (undecoded)."""
-    image = decode_rgb(data, max_pixels)
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    short = tf.minimum(shape[0], shape[1])
-    # torchvision's Resize(int): the shorter side becomes `size`, the longer one is truncated.
-    new = tf.maximum(tf.cast(shape * size / short, tf.int32), size)
-    resized = resize(image, new[0], new[1])
-    top = tf.cast(tf.round(tf.cast(new[0] - size, tf.float32) / 2), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new[1] - size, tf.float32) / 2), tf.int32)
+    resized = resize_shorter(decode_rgb(data, max_pixels), size)
+    shape = tf.shape(resized)
+    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2), tf.int32)
     return to_uint8(resized[top : top + size, left : left + size])
 
 
