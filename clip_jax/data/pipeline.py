@@ -154,6 +154,7 @@ def make_source(
         seed=seed,
         image_size=image_size,
         context_length=context_length,
+        augmentation="random_resized_crop",
         weights=[w for _, w in parts],
         crop_scale=cfg.get("crop_scale"),
         process_index=process_index,

@@ -123,6 +123,9 @@ def _decoded(reader, image_fn: Callable, key: int, image_size: int, ds: tf.data.
 class TFDataSource:
     """Batches from one or more readers mixed with `weights`; see the module docstring.
 
+    Training images are cropped by `augmentation`, one of `image_ops.AUGMENTATIONS`
+    ("random_resized_crop" covering `crop_scale` of the area, or "random_square_crop").
+
     State: `{"sources": [{"epoch", "offset", "skipped"} per reader], "examples": n}`, where
     `examples` counts the examples this process has drawn (it seeds the mixture's draws).
     """
@@ -135,6 +138,7 @@ class TFDataSource:
         seed: int,
         image_size: int,
         context_length: int,
+        augmentation: str = "random_resized_crop",
         weights: Sequence[float] | None = None,
         crop_scale: tuple[float, float] | None = None,
         process_index: int = 0,
@@ -146,18 +150,28 @@ class TFDataSource:
         lo, hi = crop_scale or image_ops.DEFAULT_CROP_SCALE
         if not 0 < lo <= hi <= 1:
             raise UsageError(f"train_data.crop_scale {crop_scale} must satisfy 0 < lo <= hi <= 1")
+        if augmentation not in image_ops.AUGMENTATIONS:
+            raise UsageError(
+                f"train_data.augmentation {augmentation!r}: use one of {image_ops.AUGMENTATIONS}"
+            )
         self.readers, self.weights = list(readers), [w / sum(weights) for w in weights]
         self.tokenize_fn, self.seed = tokenize_fn, seed
         self.image_size, self.context_length = image_size, context_length
         self.crop_scale, self.process_index = (float(lo), float(hi)), process_index
+        self.augmentation = augmentation
         if max_image_pixels < 1:
             raise UsageError(f"max_image_pixels={max_image_pixels} must be at least 1")
         self.max_image_pixels = int(max_image_pixels)
         self.skipped_examples = 0
 
     def _image_fn(self, data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        return image_ops.train_crop(
-            data, self.image_size, seed, self.crop_scale, self.max_image_pixels
+        return image_ops.augment(
+            data,
+            self.image_size,
+            seed,
+            augmentation=self.augmentation,
+            crop_scale=self.crop_scale,
+            max_pixels=self.max_image_pixels,
         )
 
     def _tokenize(self, captions: np.ndarray) -> np.ndarray:
