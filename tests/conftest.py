@@ -1,13 +1,19 @@
-"""Test set-up: 8 CPU devices (for the sharded paths), quiet TensorFlow, no GPU probing."""
+"""Test set-up: 8 CPU devices (for the sharded paths), quiet TensorFlow, no GPU probing; and the
+helpers that more than one test module uses."""
 
 import contextlib
+import importlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import numpy as np
+
+DEVICES = 8
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -28,12 +34,28 @@ with contextlib.suppress(ImportError):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and f not in ("common.py", "__init__.py")
+)  # the shipped experiment configs, by module name
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_env(devices: int = DEVICES) -> dict[str, str]:
+    """The environment of a child process: this checkout importable, `devices` CPU devices."""
+    return {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
 
 
 def run_python(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -52,12 +74,7 @@ def run_processes(module: str, args: list[str], num_processes: int = 2, devices:
     """Runs `python -m module args` as `num_processes` processes of `devices` CPU devices each,
     joined by jax.distributed on 127.0.0.1; returns their (returncode, output) pairs."""
     port = free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": ROOT,
-    }
+    env = cpu_env(devices)
     procs = [
         subprocess.Popen(
             [
@@ -79,3 +96,68 @@ def run_processes(module: str, args: list[str], num_processes: int = 2, devices:
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+# --- Configs ---------------------------------------------------------------------------------
+
+
+def load_config(name: str, arg: str | None = None):
+    """`configs/NAME.py`'s get_config(ARG)."""
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def with_overrides(config, **overrides):
+    """CONFIG with each dotted key (`"optim.learning_rate"`) set to its value, in place."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def tiny_config(**overrides):
+    """The tiny config for 6 steps, each logged, with OVERRIDES (dotted keys) applied."""
+    short = {"total_steps": 6, "log_every_steps": 1}
+    return with_overrides(load_config("tiny"), **{**short, **overrides})
+
+
+# --- A run's outputs -------------------------------------------------------------------------
+
+
+def read_rows(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_losses(workdir) -> dict[int, float]:
+    """{step: loss} of a run's metrics; a resumed run's rows come last and win."""
+    return {r["step"]: r["loss"] for r in read_rows(workdir)}
+
+
+def worst_rel_err(ours, ref) -> float:
+    """max over rows of ||ours - ref||_inf / ||ref||_inf."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)))
+
+
+# --- Data ------------------------------------------------------------------------------------
+
+
+def write_shard_with_bad_records(directory, good=64, image_size=32):
+    """One shard: 3 undecodable images first (truncated JPEG, non-image bytes, empty), then
+    `good` real handwritten digits; read in file order (shuffle_buffer=0)."""
+    from clip_jax.data import digits
+    from clip_jax.data.prepare import ShardWriter, make_example
+
+    os.makedirs(directory, exist_ok=True)
+    images, labels = digits.load_digits()
+    jpegs = [digits.render(images[i], image_size) for i in range(good)]
+    bad = [jpegs[0][: len(jpegs[0]) // 2], b"not an image at all", b""]
+    with ShardWriter(str(directory), "mixed", 1000) as writer:
+        for i, data in enumerate(bad):
+            writer.write(make_example(data, "a broken picture", f"bad{i}"))
+        for i, data in enumerate(jpegs):
+            writer.write(make_example(data, f"the digit {labels[i]}", f"{i:04d}"))
+    return f"tfrecord:{directory}/mixed-*.tfrecord", len(bad)

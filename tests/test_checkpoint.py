@@ -15,33 +15,28 @@ import pytest
 import clip_jax
 from clip_jax import checkpoint, sharding, train
 from clip_jax import state as state_lib
-from tests.conftest import free_port, run_python
-from tests.test_train import tiny_config, write_shard_with_bad_records
+from tests.conftest import (
+    ROOT,
+    cpu_env,
+    free_port,
+    read_losses,
+    run_python,
+    tiny_config,
+    write_shard_with_bad_records,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 20
+CHECKPOINTED = {"total_steps": TOTAL, "checkpoint_every_steps": 7}  # the runs these tests stop
 
 
 def config_overrides(total=TOTAL, source="synthetic"):
-    return [
-        f"--config.total_steps={total}",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=7",
-        f"--config.train_data.source={source}",
-    ]
+    """make_config's run, total steps and training data as command-line flags."""
+    keys = {**CHECKPOINTED, "log_every_steps": 1, "total_steps": total, "train_data.source": source}
+    return [f"--config.{key}={value}" for key, value in keys.items()]
 
 
-def make_config(total=TOTAL, **overrides):
-    return tiny_config(**{"total_steps": total, "checkpoint_every_steps": 7, **overrides})
-
-
-def read_losses(workdir):
-    losses = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            losses[row["step"]] = row["loss"]  # a resumed run's rows come last
-    return losses
+def make_config(**overrides):
+    return tiny_config(**{**CHECKPOINTED, **overrides})
 
 
 def saved_steps(workdir):
@@ -50,12 +45,6 @@ def saved_steps(workdir):
 
 
 def cli(workdir, *args, devices=8, process=None):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": ROOT,
-    }
     cmd = [
         sys.executable,
         "-m",
@@ -73,7 +62,7 @@ def cli(workdir, *args, devices=8, process=None):
     return subprocess.Popen(
         cmd + list(args),
         cwd=ROOT,
-        env=env,
+        env=cpu_env(devices),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -124,7 +113,7 @@ TOTAL_MP = 8
 @pytest.fixture(scope="module")
 def reference_mp(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference_mp"))
-    train.run(make_config(total=TOTAL_MP), workdir)
+    train.run(make_config(total_steps=TOTAL_MP), workdir)
     return read_losses(workdir)
 
 
@@ -185,9 +174,9 @@ def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
 
 
 KILL_DURING_SAVE = """
-import os, signal, sys
+import json, os, signal, sys
 from clip_jax import checkpoint, train
-from tests.test_checkpoint import make_config
+from tests.conftest import tiny_config
 
 save = checkpoint.Checkpointer.save
 steps = []
@@ -200,18 +189,16 @@ def save_then_die(self, step, state, data_state, **kwargs):
     return blocked
 
 checkpoint.Checkpointer.save = save_then_die
-train.run(make_config(), sys.argv[1])
+train.run(tiny_config(**json.loads(sys.argv[2])), sys.argv[1])
 """
 
 
 def test_sigkill_during_async_save_keeps_the_previous_checkpoint(tmp_path, reference):
     workdir = str(tmp_path)
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     result = subprocess.run(
-        [sys.executable, "-c", KILL_DURING_SAVE, workdir],
+        [sys.executable, "-c", KILL_DURING_SAVE, workdir, json.dumps(CHECKPOINTED)],
         cwd=ROOT,
-        env=env,
+        env=cpu_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -266,7 +253,7 @@ def restore_params(workdir, mesh, config):
 
 
 def test_restore_onto_another_mesh_and_device_count_is_bit_exact(tmp_path):
-    config = make_config(total=2, **{"mesh.data": 2, "mesh.fsdp": 4})
+    config = make_config(total_steps=2, **{"mesh.data": 2, "mesh.fsdp": 4})
     train.run(config, str(tmp_path))
     saved_on = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
     four = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), devices=jax.devices()[:4])
@@ -279,7 +266,7 @@ def test_restore_onto_another_mesh_and_device_count_is_bit_exact(tmp_path):
 
 
 def test_finished_run_says_so_and_exits_zero(tmp_path):
-    train.run(make_config(total=2), str(tmp_path))
+    train.run(make_config(total_steps=2), str(tmp_path))
     proc = cli(str(tmp_path), *config_overrides(total=2))
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
@@ -288,19 +275,19 @@ def test_finished_run_says_so_and_exits_zero(tmp_path):
 
 def test_export_init_from_and_lit(tmp_path):
     base = str(tmp_path / "base")
-    train.run(make_config(total=2), base)
+    train.run(make_config(total_steps=2), base)
     exported = str(tmp_path / "base.safetensors")
     assert checkpoint.main(["export", "--workdir", base, "--out", exported]) == 0
     _, variables = clip_jax.load_pretrained(exported)
     restored = restore_params(
-        base, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), make_config(total=2)
+        base, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), make_config(total_steps=2)
     )
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # LiT: start from those weights with the image tower frozen.
     lit = str(tmp_path / "lit")
-    train.run(make_config(total=3, init_from=exported, **{"optim.frozen": ("visual",)}), lit)
+    train.run(make_config(total_steps=3, init_from=exported, **{"optim.frozen": ("visual",)}), lit)
     lit_file = str(tmp_path / "lit.safetensors")
     checkpoint.export_params(lit, lit_file)
     _, after = clip_jax.load_pretrained(lit_file)

@@ -1,8 +1,6 @@
 """The command line as a user meets it: `--help` everywhere, one error line with exit status 2 for
 each kind of mistake, the default workdir, and the summaries that start and end a run."""
 
-import importlib
-import json
 import os
 import subprocess
 import sys
@@ -14,32 +12,14 @@ from clip_jax import cli, metrics, state
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries
 from configs import common, tiny
-from tests.test_train import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(
-    f[:-3]
-    for f in os.listdir(os.path.join(ROOT, "configs"))
-    if f.endswith(".py") and f != "common.py"
-)
-CONFIGS.remove("__init__")
-
-
-def env(devices: int = 8) -> dict:
-    return {
-        **os.environ,
-        "PYTHONPATH": ROOT,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "CLIP_JAX_DEBUG": "",
-    }
+from tests.conftest import CONFIGS, ROOT, cpu_env, load_config, read_rows, tiny_config
 
 
 def start(module: str, *args: str, cwd: str = ROOT, devices: int = 8) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=env(devices),
+        env={**cpu_env(devices), "CLIP_JAX_DEBUG": ""},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -131,9 +111,9 @@ def test_paper_configs_refuse_to_train_on_synthetic_data_silently(tmp_path):
     assert line.startswith("error: train_data.source is empty: give the data to train on, e.g. ")
     assert "--config.train_data.source=tfrecord:gs://" in line and "synthetic" in line
     for name in CONFIGS:
-        source = importlib.import_module(f"configs.{name}").get_config().train_data.source
+        source = load_config(name).train_data.source
         assert source != "synthetic" or name == "tiny", name
-        assert importlib.import_module(f"configs.{name}").get_config("smoke")
+        assert load_config(name, "smoke")
 
 
 def test_unknown_key_in_an_override(tmp_path):
@@ -225,7 +205,7 @@ def test_config_files_are_locked_but_evals_take_entries():
 def test_every_config_key_has_a_meaning():
     meanings = {**common.MEANINGS, **{f"evals.*.{k}": v for k, v in entries.MEANINGS.items()}}
     for name in CONFIGS:
-        config = importlib.import_module(f"configs.{name}").get_config()
+        config = load_config(name)
         lines = cli.describe_config(config, meanings).splitlines()
         assert len(lines) == len(cli.config_keys(config))
         for line in lines:
@@ -275,7 +255,7 @@ def test_a_run_starts_and_ends_with_a_summary_and_resumes_by_the_same_command(tm
     assert "step 1/3 (33.3%) loss " in err  # the first line comes at once, not at step 100
     assert "done: step 3 of 3 in " in err and "final loss  " in err
     assert os.path.join(tmp_path, workdir, "checkpoints", "3") in err
-    rows = [json.loads(r) for r in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(tmp_path / workdir)
     assert [r["step"] for r in rows] == [3]  # progress lines are not metric rows
 
     code, _, err = finish(start("clip_jax.main", *command, cwd=str(tmp_path), devices=2))

@@ -1,13 +1,12 @@
 """Every config builds its model (shapes only, no weights) with the published size and recipe."""
 
-import importlib
-
 import jax
 import numpy as np
 import pytest
 
 from clip_jax.convert import abstract_variables
 from clip_jax.models import CLIP
+from tests.conftest import load_config
 
 PUBLISHED_M = {
     "rn50": 102.01,
@@ -20,13 +19,9 @@ PUBLISHED_M = {
 }
 
 
-def load(name, arg=None):
-    return importlib.import_module(f"configs.{name}").get_config(arg)
-
-
 @pytest.mark.parametrize("name", sorted(PUBLISHED_M))
 def test_config_builds_published_model(name):
-    c = load(name)
+    c = load_config(name)
     variables = abstract_variables(c.model.to_dict())
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
     assert count / 1e6 == pytest.approx(PUBLISHED_M[name], abs=0.01)
@@ -40,11 +35,11 @@ def test_config_builds_published_model(name):
 
 @pytest.mark.parametrize("name", [*sorted(PUBLISHED_M), "tiny"])
 def test_smoke_argument_shrinks_the_run(name):
-    c = load(name, "smoke")
+    c = load_config(name, "smoke")
     assert c.batch_size <= 8 and c.total_steps <= 3
-    assert c.model.to_dict() == {**load(name).model.to_dict(), "dtype": "float32"}
+    assert c.model.to_dict() == {**load_config(name).model.to_dict(), "dtype": "float32"}
 
 
 def test_unknown_argument_is_clear():
     with pytest.raises(ValueError, match="unknown config argument 'huge'"):
-        load("b16", "huge")
+        load_config("b16", "huge")

@@ -16,9 +16,7 @@ from clip_jax import cache, plots
 from clip_jax.data import digits
 from clip_jax.errors import UsageError
 from clip_jax.evals import prompts
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from tests.conftest import PNG_SIGNATURE, ROOT
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ directory, the batch jobs, and identical results on 1 device, 8 devices and 2 pr
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,10 +14,8 @@ import clip_jax
 from clip_jax import metrics, sharding, state, train
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries, jobs, runner
-from tests.conftest import run_processes
-from tests.test_train import read_losses, tiny_config
+from tests.conftest import read_losses, read_rows, run_processes, run_python, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 4, 2
 
 
@@ -70,11 +66,6 @@ def run_dir(tmp_path_factory, digits_dir):
     workdir = str(tmp_path_factory.mktemp("run"))
     train.run(config_with_evals(digits_dir), workdir)
     return workdir
-
-
-def read_rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def training_losses(workdir):
@@ -169,7 +160,7 @@ def one_device_results(run_dir):
     model, variables, _ = state.load_run(run_dir, mesh=mesh)
     config = state.read_run_config(run_dir)
     results = {}
-    for e in runner.make_evaluators(config, model, mesh):
+    for e in runner.make_evaluators(config, model, mesh, sharding.DEFAULT_RULES):
         results.update(e.run(variables))
     return results
 
@@ -240,14 +231,7 @@ def test_linear_probe_job_resumes_from_its_feature_cache(tmp_path, run_dir, digi
 )
 def test_evaluate_user_errors_are_one_line(run_dir, args, message):
     args = [a.replace("RUN", run_dir) for a in args]
-    result = subprocess.run(
-        [sys.executable, "-m", "clip_jax.evaluate", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    result = run_python(["-m", "clip_jax.evaluate", *args], timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert message in result.stderr
@@ -271,7 +255,7 @@ def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir
     }
     mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
     model, variables, _ = state.load_run(run_dir, mesh=mesh)
-    got = runner.make_evaluators(config, model, mesh)[0].run(variables)
+    got = runner.make_evaluators(config, model, mesh, sharding.DEFAULT_RULES)[0].run(variables)
     source = data.open_source(f"tfrecord:{digits_dir}/test-*.tfrecord")
     records = list(source.records().as_numpy_iterator())
     images = np.stack([eval_image(r["image"], 32).numpy() for r in records])

@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 
 import clip_jax
+from tests.conftest import worst_rel_err
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 # Head counts cannot be read off tensor shapes; these small models use 32-wide heads.
 OVERRIDES = {"vit": dict(vision=dict(heads=2), text=dict(heads=2)), "rn": dict(text=dict(heads=2))}
-
-
-def worst_rel_err(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)))
 
 
 @pytest.mark.parametrize("name", ["vit", "rn"])

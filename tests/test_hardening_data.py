@@ -1,4 +1,4 @@
-"""Hardening of the data path (issue 11): decompression bombs are skipped and counted without
+"""Hardening of the data path: decompression bombs are skipped and counted without
 being decoded; data preparation keeps to the CSV's folder."""
 
 import io
@@ -59,7 +59,7 @@ def bomb() -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 5: decompression bombs
+# Decompression bombs
 
 
 @pytest.mark.parametrize(
@@ -165,7 +165,7 @@ def test_the_pixel_limit_is_an_argument(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 13: data preparation keeps to the CSV's folder
+# Data preparation keeps to the CSV's folder
 
 
 @pytest.fixture

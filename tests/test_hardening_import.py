@@ -1,4 +1,4 @@
-"""Hardening of weight import (issue 11): tensors whose shape is wrong but whose size is right are
+"""Hardening of weight import: tensors whose shape is wrong but whose size is right are
 refused, not scrambled; PyTorch files are read without running their code; broken files are one
 clear error line."""
 
@@ -21,7 +21,7 @@ def tiny_state_dict(name="tiny"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 9: shapes, not element counts
+# Shapes, not element counts
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_the_expected_shapes_are_what_export_writes_and_size_one_axes_may_differ
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 1: PyTorch files are read without running their code
+# PyTorch files are read without running their code
 
 EVIL_SOURCE = '''
 import torch
@@ -253,7 +253,7 @@ def test_tensors_must_lie_within_their_storage():
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 10: broken files are one line naming the file and the cause
+# Broken files are one line naming the file and the cause
 
 
 @pytest.mark.parametrize("keep", [0, 5, 40, 0.5, -1])

@@ -16,13 +16,7 @@ from absl import logging
 
 from clip_jax import checkpoint, runlock, state, train
 from clip_jax.errors import UsageError
-from tests.conftest import ROOT, run_python
-from tests.test_train import tiny_config
-
-
-def rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from tests.conftest import ROOT, read_rows, run_python, tiny_config
 
 
 def test_halting_step_is_not_saved_and_a_resume_with_a_lower_rate_goes_on(tmp_path):
@@ -36,7 +30,7 @@ def test_halting_step_is_not_saved_and_a_resume_with_a_lower_rate_goes_on(tmp_pa
     # What the message advises: a lower learning rate, and the run goes on from step 4.
     last = train.run(tiny_config(total_steps=8, **base), workdir)
     assert last["nonfinite_steps"] == 0
-    assert sorted(r["step"] for r in rows(workdir) if "loss" in r) == list(range(1, 9))
+    assert sorted(r["step"] for r in read_rows(workdir) if "loss" in r) == list(range(1, 9))
 
 
 def test_dead_run_under_skip_halts_and_each_skip_is_logged(tmp_path, monkeypatch):
@@ -77,7 +71,7 @@ def test_metrics_show_each_step_once_after_a_resume(tmp_path):
     ckpt._manager.delete(6)
     ckpt.close()
     train.run(config, workdir)
-    steps = [r["step"] for r in rows(workdir) if "loss" in r]
+    steps = [r["step"] for r in read_rows(workdir) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -130,7 +124,7 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     damage(tmp_path / "checkpoints" / "4")
     config.total_steps = 6
     last = train.run(config, workdir)
-    assert sorted(r["step"] for r in rows(workdir) if "loss" in r) == list(range(1, 7))
+    assert sorted(r["step"] for r in read_rows(workdir) if "loss" in r) == list(range(1, 7))
     assert (tmp_path / "checkpoints_unreadable" / "4").is_dir()
     assert checkpoint.Checkpointer(workdir, create=False).all_steps()[-1] == 6
     assert last["loss"] > 0
@@ -280,7 +274,7 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path):
         f.write('{"step": 5, "loss": 2.3')  # killed in the middle of a line
     config.total_steps = 6
     train.run(config, workdir)
-    assert [r["step"] for r in rows(workdir) if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in read_rows(workdir) if "loss" in r] == list(range(1, 7))
 
 
 def test_a_garbage_config_json_is_one_line(tmp_path):

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
 # Flags a user passes on: a glob with a space, quotes of both kinds.
 USER_FLAGS = [

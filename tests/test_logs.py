@@ -14,7 +14,6 @@ import warnings
 from clip_jax import cli, logs
 from clip_jax.errors import UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r"^[IWEF]\d{4} ")  # absl's line prefix: level letter, month and day
 
 
@@ -38,6 +37,8 @@ def _program(argv: list[str], join, end: str) -> None:
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
     """One process of the program above, without a job to join."""
+    from tests.conftest import ROOT  # here: conftest imports open_clip, the program not
+
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     env.pop("CLIP_JAX_DEBUG", None)
     command = [sys.executable, "-m", "tests.test_logs", *args]

@@ -11,13 +11,12 @@ import sys
 import pytest
 
 from clip_jax.data import digits
+from tests.conftest import PNG_SIGNATURE, ROOT, cpu_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "clip_jax_colab.ipynb")
 STEPS = 12  # instead of the demo's own: compile, a few steps, the evals, a checkpoint
 SHOWN = 6  # held-out digits printed and drawn with their predictions
 DEVICES = 2  # "all the runtime's cores": the batch is split over two CPU devices
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _notebook() -> dict:
@@ -89,12 +88,9 @@ def test_notebook_runs_on_cpu(tmp_path):
     script = tmp_path / "notebook.py"
     script.write_text(_script(_code_cells(_notebook()), str(workdir)))
     env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
+        **cpu_env(DEVICES),
         "CLIP_JAX_CACHE": str(tmp_path / "cache"),  # the digits are written afresh
         "MPLBACKEND": "Agg",
-        "PYTHONPATH": ROOT,
     }
     done = subprocess.run(
         [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clip_jax import convert
+from tests.conftest import worst_rel_err
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
@@ -29,12 +30,6 @@ def perturbed_openclip(name, seed=0):
             else:
                 t.add_(torch.randn_like(t) * 0.02)
     return model
-
-
-def worst_rel_err(ours, ref):
-    """max over rows of ||ours - ref||_inf / ||ref||_inf."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(ours - ref).max(-1) / np.abs(ref).max(-1)))
 
 
 @pytest.mark.parametrize("name", ["RN50-quickgelu", "ViT-B-32-quickgelu", "ViT-B-32"])

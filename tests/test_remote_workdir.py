@@ -29,8 +29,7 @@ pytest.importorskip("gcsfs")
 import clip_jax  # noqa: E402
 from clip_jax import checkpoint, paths, state, train  # noqa: E402
 from clip_jax.evals import jobs  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
-from tests.test_train import tiny_config  # noqa: E402
+from tests.conftest import free_port, tiny_config  # noqa: E402
 
 BUCKET = "clip-jax-test"
 

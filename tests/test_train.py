@@ -1,10 +1,7 @@
 """The training core on 8 CPU devices: exact accumulation, identical losses whatever the mesh or
 the process count, the non-finite guard, a tiny model that learns, and the CLI's errors."""
 
-import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -16,28 +13,14 @@ from clip_jax import losses, sharding, train
 from clip_jax.models import CLIP, model_config
 from clip_jax.train_step import make_loss_and_grad
 from configs import tiny
-from tests.conftest import run_processes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**overrides):
-    c = tiny.get_config()
-    c.total_steps = 6
-    c.log_every_steps = 1
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def read_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows}
+from tests.conftest import (
+    read_losses,
+    read_rows,
+    run_processes,
+    run_python,
+    tiny_config,
+    write_shard_with_bad_records,
+)
 
 
 def test_accumulation_gives_the_large_batch_gradient():
@@ -46,15 +29,16 @@ def test_accumulation_gives_the_large_batch_gradient():
     images = jax.random.normal(jax.random.key(1), (64, 32, 32, 3))
     tokens = jax.random.randint(jax.random.key(2), (64, 16), 1, 49407)
     batch = {"image": images, "text": tokens}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1]))["params"]
         batch = jax.device_put(
             batch,
             {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)},
         )
         loss_fn = losses.make_loss_fn("softmax", mesh, sharding.BATCH_AXES)
-        whole = jax.jit(make_loss_and_grad(model, loss_fn, 1))(params, {}, batch)
-        accum = jax.jit(make_loss_and_grad(model, loss_fn, 4))(params, {}, batch)
+        whole = make_loss_and_grad(model, loss_fn, mesh, accum_steps=1, freeze_image=False)
+        accum = make_loss_and_grad(model, loss_fn, mesh, accum_steps=4, freeze_image=False)
+        whole, accum = jax.jit(whole)(params, {}, batch), jax.jit(accum)(params, {}, batch)
     np.testing.assert_allclose(accum[0], whole[0], rtol=1e-6)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(whole[1]))
     for a, b in zip(jax.tree.leaves(accum[1]), jax.tree.leaves(whole[1]), strict=True):
@@ -97,8 +81,7 @@ def test_tiny_config_learns(tmp_path):
     got = read_losses(str(tmp_path))
     assert sorted(got) == [10, 20, 30, 40, 50]
     assert got[50] < 0.6 * got[10], got
-    with open(tmp_path / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_rows(str(tmp_path))
     for key in (
         "step",
         "loss",
@@ -130,42 +113,11 @@ def test_nonfinite_loss_skipped_when_asked(tmp_path):
 
 
 def test_cli_bad_mesh_is_one_clear_line(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clip_jax.main",
-            "--config=configs/tiny.py",
-            f"--workdir={tmp_path}",
-            "--config.mesh.data=3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
+    args = ["-m", "clip_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}"]
+    result = run_python([*args, "--config.mesh.data=3"], timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: mesh data=3" in result.stderr
-
-
-def write_shard_with_bad_records(directory, good=64, image_size=32):
-    """One shard: 3 undecodable images first (truncated JPEG, non-image bytes, empty), then
-    `good` real handwritten digits; read in file order (shuffle_buffer=0)."""
-    from clip_jax.data import digits
-    from clip_jax.data.prepare import ShardWriter, make_example
-
-    os.makedirs(directory, exist_ok=True)
-    images, labels = digits.load_digits()
-    jpegs = [digits.render(images[i], image_size) for i in range(good)]
-    bad = [jpegs[0][: len(jpegs[0]) // 2], b"not an image at all", b""]
-    with ShardWriter(str(directory), "mixed", 1000) as writer:
-        for i, data in enumerate(bad):
-            writer.write(make_example(data, "a broken picture", f"bad{i}"))
-        for i, data in enumerate(jpegs):
-            writer.write(make_example(data, f"the digit {labels[i]}", f"{i:04d}"))
-    return f"tfrecord:{directory}/mixed-*.tfrecord", len(bad)
 
 
 @pytest.mark.parametrize("steps,passes", [(2, 1), (4, 2)])

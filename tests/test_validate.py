@@ -1,7 +1,6 @@
 """Config validation at start-up: every shipped config passes; each bad value is one UsageError
 line naming the key, the value and what is allowed, in-process and through the command line."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -13,33 +12,17 @@ from clip_jax.convert import abstract_variables
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries
 from configs import common, tiny
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(
-    f[:-3]
-    for f in os.listdir(os.path.join(ROOT, "configs"))
-    if f.endswith(".py") and f not in ("common.py", "__init__.py")
-)
-
-
-def load(name: str, arg: str | None = None):
-    return importlib.import_module(f"configs.{name}").get_config(arg)
+from tests.conftest import CONFIGS, ROOT, load_config, with_overrides
 
 
 def with_value(name: str, key: str, value):
-    c = load(name)
-    *parents, leaf = key.split(".")
-    node = c
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    return c
+    return with_overrides(load_config(name), **{key: value})
 
 
 @pytest.mark.parametrize("arg", [None, "smoke"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_validates(name, arg):
-    validate.validate(load(name, arg))
+    validate.validate(load_config(name, arg))
 
 
 def test_every_key_of_a_training_config_has_a_rule():
@@ -49,11 +32,11 @@ def test_every_key_of_a_training_config_has_a_rule():
 
 
 def test_the_frozen_groups_are_the_models_top_level_parameters():
-    model = {**load("tiny").model.to_dict(), "init_logit_bias": -10.0}
+    model = {**load_config("tiny").model.to_dict(), "init_logit_bias": -10.0}
     assert set(abstract_variables(model)["params"]) == set(validate.FROZEN_GROUPS)
 
 
-# The issue's list first (hardening item 8), then the other keys' bounds.
+# Each bad value and the line it gives: the common mistakes first, then the other keys' bounds.
 BAD = [
     ("optim.learning_rate", -1e-3, "optim.learning_rate=-0.001: use a positive number"),
     ("batch_size", 0, "batch_size=0: use a positive integer"),
@@ -124,7 +107,7 @@ BAD_EVALS = [
 
 @pytest.mark.parametrize("key,value,message", BAD_EVALS, ids=[k for k, _, _ in BAD_EVALS])
 def test_a_bad_eval_entry_is_one_line_naming_the_entry_and_key(key, value, message):
-    c = load("demo")
+    c = load_config("demo")
     c.evals.digits[key] = value
     with pytest.raises(UsageError) as e:
         validate.validate(c)
@@ -132,11 +115,11 @@ def test_a_bad_eval_entry_is_one_line_naming_the_entry_and_key(key, value, messa
 
 
 def test_eval_keys_of_every_type_are_checked():
-    c = load("demo")
+    c = load_config("demo")
     c.evals.probe.val_fraction = 1.0
     with pytest.raises(UsageError, match=r"^evals.probe.val_fraction=1.0: use a number in \(0, "):
         validate.validate(c)
-    c = load("demo")
+    c = load_config("demo")
     with c.evals.unlocked():
         c.evals.r = dict(type="retrieval", source="tfds:coco_captions:test", ks=(1, 0))
         c.evals.f = dict(type="fewshot", source="digits:test", train_source="digits:train")
@@ -149,7 +132,7 @@ def test_eval_keys_of_every_type_are_checked():
 
 
 def test_the_model_keys_that_configs_may_add_are_checked():
-    c = load("tiny")
+    c = load_config("tiny")
     with c.unlocked():
         c.model.text.pool_type = "eot"
     with pytest.raises(UsageError, match="^model.text.pool_type='eot' needs model.text.eot"):
@@ -163,7 +146,7 @@ def test_the_model_keys_that_configs_may_add_are_checked():
         c.model.attn_impl = "flash"
     with pytest.raises(UsageError, match="^model.attn_impl='flash': use one of None, 'xla'"):
         validate.validate(c)
-    c = load("rn50")
+    c = load_config("rn50")
     c.model.vision.layers = (3, 4, 6)
     with pytest.raises(UsageError, match=r"^model.vision.layers=\(3, 4, 6\): use a positive"):
         validate.validate(c)
