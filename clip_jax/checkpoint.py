@@ -22,10 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import logging
 from jax.experimental import multihost_utils
 
-from clip_jax import cli, convert, paths
+from clip_jax import paths
 from clip_jax.errors import UsageError
 
 
@@ -272,51 +272,3 @@ class PreemptionWatcher:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
-
-
-def export_params(workdir: str, out_path: str, step: int | None = None) -> int:
-    """Writes the parameters (and BatchNorm statistics) of a run's checkpoint as an OpenCLIP-layout
-    `.safetensors` / `.npz` file that `clip_jax.load_pretrained` and open_clip read.
-
-    Returns the exported step (the latest unless `step` is given).
-    """
-    from clip_jax import state
-
-    _, variables, step = state.load_run(workdir, step)
-    model_cfg = state.model_config(state.read_run_config(workdir, step).model)
-    convert.save_pretrained(out_path, jax.device_get(variables), model_cfg)
-    return step
-
-
-USAGE = """Export a training run's parameters for `clip_jax.load_pretrained` and open_clip:
-
-    python -m clip_jax.checkpoint export --workdir=DIR --out=FILE.safetensors [--step=N]
-"""
-
-
-def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("workdir", None, "The training run's directory.", flag_values=fv)
-    flags.DEFINE_string("out", None, "The file to write: .safetensors or .npz.", flag_values=fv)
-    flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).", flag_values=fv)
-    flags.mark_flag_as_required("workdir", flag_values=fv)
-    flags.mark_flag_as_required("out", flag_values=fv)
-
-
-def run(fv: flags.FlagValues, args: list[str]) -> int:
-    if args != ["export"]:
-        raise UsageError(
-            f"the command is export, not {' '.join(args) or 'nothing'}: "
-            "python -m clip_jax.checkpoint export --workdir=DIR --out=FILE"
-        )
-    step = export_params(fv.workdir, fv.out, fv.step)
-    print(f"wrote step {step} of {fv.workdir} to {fv.out}")
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    """`python -m clip_jax.checkpoint export --workdir DIR --out FILE [--step N]` -> status."""
-    return cli.run_tool(argv, define_flags, run, USAGE)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -9,7 +9,7 @@ and keeps its traceback.
     cli.run(main)                                  main, evaluate, linear_probe, benchmark: absl's
                                                    app.run with these rules
     cli.run_tool(argv, define_flags, body, doc)    small tools (prepare, digits, tokenizers,
-                                                   checkpoint export), callable in-process
+                                                   convert export), callable in-process
 
 Logs (which process prints what, `--log_dir`, the libraries' chatter) are `clip_jax.logs`.
 """

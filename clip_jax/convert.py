@@ -9,12 +9,18 @@ or reshape, so import followed by export reproduces the tensors bit for bit.
 Readers: `.safetensors` and `.npz` need no torch; `.pt` / `.bin` files are read without running
 code they carry (`clip_jax.torch_files`): plain state dicts and OpenCLIP training checkpoints by
 `torch.load(weights_only=True)`, OpenAI's TorchScript archives as data, with no torch at all.
+
+Writer: `save_pretrained`, an OpenCLIP-layout file with our model config in its metadata; a
+training run's checkpoint becomes one with `export_run`, or from the shell:
+
+    python -m clip_jax.convert export --workdir=DIR --out=FILE.safetensors [--step=N]
 """
 
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -25,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read it)
 import numpy as np
+from absl import flags
 from flax import traverse_util
 
-from clip_jax import paths, torch_files
+from clip_jax import cli, paths, torch_files
 from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, is_resnet
 from clip_jax.pretrained import resolve
@@ -407,6 +414,25 @@ def save_pretrained(path: str, variables: Variables, cfg: Mapping[str, Any]) -> 
     os.replace(tmp, path)  # never leave a half-written file under the final name
 
 
+def export_run(workdir: str, out_path: str, step: int | None = None) -> int:
+    """Writes a training run's checkpoint as a file `save_pretrained` writes, which
+    `load_pretrained` and open_clip read.
+
+    Args:
+      workdir: the run's directory (the `--workdir` of `clip_jax.main`), local or gs://.
+      out_path: the file to write, `.safetensors` or `.npz`.
+      step: the checkpoint to export; None for the run's latest.
+    Returns:
+      the exported step.
+    """
+    from clip_jax import state  # state builds on this module: import it only when called
+
+    _, variables, step = state.load_run(workdir, step)
+    model_cfg = state.model_config(state.read_run_config(workdir, step).model)
+    save_pretrained(out_path, jax.device_get(variables), model_cfg)
+    return step
+
+
 def _jsonable(cfg: Any) -> Any:
     if isinstance(cfg, Mapping):
         return {k: _jsonable(v) for k, v in cfg.items()}
@@ -415,3 +441,37 @@ def _jsonable(cfg: Any) -> Any:
     if isinstance(cfg, np.dtype) or hasattr(cfg, "dtype") and not isinstance(cfg, (int, float)):
         return str(np.dtype(cfg))
     return cfg
+
+
+USAGE = """Export a training run's parameters for `clip_jax.load_pretrained` and open_clip:
+
+    python -m clip_jax.convert export --workdir=DIR --out=FILE.safetensors [--step=N]
+"""
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "The training run's directory.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The file to write: .safetensors or .npz.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args != ["export"]:
+        raise UsageError(
+            f"the command is export, not {' '.join(args) or 'nothing'}: "
+            "python -m clip_jax.convert export --workdir=DIR --out=FILE"
+        )
+    step = export_run(fv.workdir, fv.out, fv.step)
+    print(f"wrote step {step} of {fv.workdir} to {fv.out}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m clip_jax.convert export --workdir DIR --out FILE [--step N]` -> status."""
+    return cli.run_tool(argv, define_flags, run, USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

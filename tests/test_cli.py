@@ -48,7 +48,7 @@ def test_help_exits_0_on_every_entry_point():
         ("clip_jax.evaluate",),
         ("clip_jax.linear_probe",),
         ("clip_jax.benchmark",),
-        ("clip_jax.checkpoint", "export"),
+        ("clip_jax.convert", "export"),
         ("clip_jax.data.prepare",),
         ("clip_jax.data.digits",),
         ("clip_jax.data.tokenizers",),
@@ -79,6 +79,18 @@ def test_batch_that_does_not_divide_over_the_data_devices(tmp_path):
         "error: batch_size 30 does not divide over the 8 batch shards of the mesh "
         "(data=8 x fsdp=1); use a multiple of 8"
     )
+
+
+def test_export_of_a_missing_workdir_is_one_line(tmp_path):
+    missing = tmp_path / "no_run"
+    code, out, err = finish(
+        start("clip_jax.convert", "export", f"--workdir={missing}", f"--out={tmp_path}/x.npz")
+    )
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == [
+        f"error: {missing}/config.json is missing: is {missing} a clip_jax run directory?"
+    ]
+    assert not out and not os.path.exists(tmp_path / "x.npz")
 
 
 def test_mesh_that_does_not_match_the_devices(tmp_path):

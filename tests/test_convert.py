@@ -119,6 +119,16 @@ def test_openai_layout_without_metadata_defaults_to_quick_gelu(tmp_path):
     assert not model.quick_gelu
 
 
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert convert.main(["export", "--workdir", str(tmp_path), "--out", "x.safetensors"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert convert.main(["--workdir", str(tmp_path), "--out", "x.safetensors"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: the command is export, not nothing: "
+        "python -m clip_jax.convert export --workdir=DIR --out=FILE"
+    )
+
+
 def test_metadata_is_json_config(tmp_path):
     from safetensors import safe_open
 

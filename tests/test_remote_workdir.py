@@ -27,7 +27,7 @@ pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
 import clip_jax  # noqa: E402
-from clip_jax import checkpoint, paths, state, train  # noqa: E402
+from clip_jax import checkpoint, convert, paths, state, train  # noqa: E402
 from clip_jax.evals import jobs  # noqa: E402
 from tests.conftest import free_port, tiny_config  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_tiny_life_cycle_on_gs(fake_gcs, no_local_calls_on_gs, tmp_path, monkeyp
 
     # Export, and evaluate the run as a batch job writing its results to gs:// too.
     out = f"{workdir}/export/tiny.safetensors"
-    assert checkpoint.export_params(workdir, out) == 6
+    assert convert.export_run(workdir, out) == 6
     assert paths.path(out).stat().length > 0
     records = jobs.evaluate(None, workdir=workdir, output=f"{workdir}/eval/results.json")
     top1 = {r["dataset"]: r["metrics"]["top1"] for r in records}
