@@ -1,5 +1,7 @@
 """The mesh from config, logical rules -> shardings, batch rows per process."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import sharding
+from clip_jax import sharding, state, train
+from clip_jax.errors import UsageError
 from clip_jax.models import CLIP, model_config
+from tests.conftest import read_losses, run_processes, run_python, tiny_config
 
 
 def test_mesh_takes_the_rest_and_rejects_mismatches():
@@ -83,3 +87,66 @@ def test_local_rows_single_process_is_everything():
     np.testing.assert_array_equal(sharding.local_rows(mesh, 16), np.arange(16))
     with pytest.raises(ValueError, match=r"does not divide over the 4 batch shards"):
         sharding.local_rows(mesh, 6)
+
+
+def _shuffled_results(outputs) -> list[dict]:
+    results = []
+    for code, out in outputs:
+        assert code == 0, out[-3000:]
+        line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process_shuffled():
+    out = run_python(["-m", "tests.shuffled_devices"], timeout=600)
+    return _shuffled_results([(out.returncode, out.stdout + out.stderr)])[0]
+
+
+def test_a_shuffled_device_order_trains_the_same_on_8_devices(one_process_shuffled):
+    got = one_process_shuffled
+    assert got["shuffled"]["batch_in_place"] and got["ordered"]["batch_in_place"]
+    np.testing.assert_allclose(got["shuffled"]["losses"], got["ordered"]["losses"], atol=1e-6)
+
+
+def test_a_shuffled_device_order_trains_the_same_on_2_processes(one_process_shuffled):
+    results = _shuffled_results(run_processes("tests.shuffled_devices", ["--orders=shuffled"]))
+    for got in results:
+        assert not got["shuffled"]["rows_contiguous"]  # the layout that used to be refused
+        assert got["shuffled"]["batch_in_place"]
+        np.testing.assert_allclose(
+            got["shuffled"]["losses"], one_process_shuffled["ordered"]["losses"], atol=1e-6
+        )
+
+
+def test_rules_come_from_the_config_and_are_checked():
+    rules = dict(sharding.check_rules([list(r) for r in sharding.DEFAULT_RULES]))  # JSON's lists
+    assert rules["act_batch"] == ("data", "fsdp") and rules["embed"] == "fsdp"
+    with pytest.raises(UsageError, match="maps no mesh axes to act_mlp, mlp"):
+        sharding.check_rules([r for r in sharding.DEFAULT_RULES if r[0] not in ("mlp", "act_mlp")])
+    with pytest.raises(UsageError, match="is not \\(logical axis, mesh axes\\)"):
+        sharding.check_rules([*sharding.DEFAULT_RULES, ("embed", "model")])
+    with pytest.raises(UsageError, match="act_batch must map to"):
+        sharding.check_rules([*sharding.DEFAULT_RULES[:5], ("act_batch", "data")])
+
+
+# Tensor parallelism over the width instead of the heads and MLP units, FSDP over the MLP units.
+OTHER = {"embed": "tensor", "mlp": "fsdp", "heads": None, "act_mlp": "fsdp", "act_heads": None}
+OTHER_RULES = tuple((name, OTHER.get(name, axes)) for name, axes in sharding.DEFAULT_RULES)
+
+
+def test_the_tiny_model_trains_the_same_under_two_rule_sets(tmp_path):
+    losses, layouts = [], []
+    for k, rules in enumerate((sharding.DEFAULT_RULES, OTHER_RULES)):
+        config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+        config.mesh.rules = rules
+        train.run(config, str(tmp_path / str(k)))
+        losses.append(read_losses(str(tmp_path / str(k))))
+        spec = state.build(config, sharding.make_mesh(config.mesh))
+        fc = spec.shardings.params["text_tower"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]
+        layouts.append(fc["kernel"].spec)
+    assert layouts == [P("fsdp", "tensor"), P("tensor", "fsdp")]
+    assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, 7))
+    for step, loss in losses[0].items():
+        assert abs(losses[1][step] - loss) <= 1e-5, (step, losses[1][step], loss)

@@ -23,6 +23,7 @@ example between them (a whole epoch of bad records, or no records) ends the stre
 """
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -134,20 +135,20 @@ class TFDataSource:
         self,
         readers: Sequence,
         *,
-        tokenize_fn: Callable[[list[str]], np.ndarray],
+        tokenizer: Any,
         seed: int,
         image_size: int,
         context_length: int,
-        augmentation: str = "random_resized_crop",
-        weights: Sequence[float] | None = None,
-        crop_scale: tuple[float, float] | None = None,
-        process_index: int = 0,
-        max_image_pixels: int = image_ops.MAX_IMAGE_PIXELS,
+        augmentation: str,
+        weights: Sequence[float],
+        crop_scale: tuple[float, float],
+        process_index: int,
+        max_image_pixels: int,
     ):
-        weights = list(weights) if weights is not None else [1.0] * len(readers)
+        weights = list(weights)
         if len(weights) != len(readers) or min(weights) <= 0:
             raise ValueError(f"mixture weights {weights} must be positive, one per source")
-        lo, hi = crop_scale or image_ops.DEFAULT_CROP_SCALE
+        lo, hi = crop_scale
         if not 0 < lo <= hi <= 1:
             raise UsageError(f"train_data.crop_scale {crop_scale} must satisfy 0 < lo <= hi <= 1")
         if augmentation not in image_ops.AUGMENTATIONS:
@@ -155,7 +156,7 @@ class TFDataSource:
                 f"train_data.augmentation {augmentation!r}: use one of {image_ops.AUGMENTATIONS}"
             )
         self.readers, self.weights = list(readers), [w / sum(weights) for w in weights]
-        self.tokenize_fn, self.seed = tokenize_fn, seed
+        self.tokenizer, self.seed = tokenizer, seed  # a `tokenizers.Tokenizer`
         self.image_size, self.context_length = image_size, context_length
         self.crop_scale, self.process_index = (float(lo), float(hi)), process_index
         self.augmentation = augmentation
@@ -175,7 +176,7 @@ class TFDataSource:
         )
 
     def _tokenize(self, captions: np.ndarray) -> np.ndarray:
-        tokens = self.tokenize_fn([c.decode("utf-8") for c in captions])  # [n, L]
+        tokens = self.tokenizer.tokenize([c.decode("utf-8") for c in captions])  # [n, L]
         return np.asarray(tokens, np.int32)
 
     def dataset(self, per_process: int, state: dict) -> tf.data.Dataset:
@@ -217,10 +218,10 @@ class TFDataSource:
         return {"sources": [dict(start) for _ in self.readers], "examples": 0}
 
     def batches(
-        self, global_batch: int, rows: slice, state: dict | None = None
+        self, global_batch: int, rows: np.ndarray | slice, state: dict | None = None
     ) -> Iterator[tuple[Batch, dict]]:
         """This process's `rows` of each global batch, from `state` (or the start) on."""
-        n = rows.stop - rows.start
+        n = len(np.arange(global_batch)[rows])
         if not 0 < n <= global_batch:
             raise ValueError(f"rows {rows} do not fit a global batch of {global_batch}")
         state = state or self.initial_state()

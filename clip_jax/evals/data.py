@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from clip_jax.data import image_ops
+from clip_jax.data import image_ops, prepare
 from clip_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -74,12 +74,17 @@ def open_source(
         return _imagefolder(rest)
     if kind == "tfrecord" and rest:
         return _tfrecord(
-            rest, image_key or "jpg", label_key or "label", text_key or "txt", image_id_key or "key"
+            rest,
+            image_key or prepare.IMAGE_KEY,
+            label_key or prepare.LABEL_KEY,
+            text_key or prepare.TEXT_KEY,
+            image_id_key or prepare.ID_KEY,
         )
     if kind == "digits":
         from clip_jax.data import digits
 
-        source = _tfrecord(digits.cached_shards(rest), "jpg", "label", "txt", "key")
+        keys = (prepare.IMAGE_KEY, prepare.LABEL_KEY, prepare.TEXT_KEY, prepare.ID_KEY)
+        source = _tfrecord(digits.cached_shards(rest), *keys)
         return dataclasses.replace(source, name=spec.strip(), classnames=list(digits.CLASS_NAMES))
     name, _, split = rest.partition(":")
     if kind == "tfds" and name and split:
