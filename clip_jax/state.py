@@ -67,6 +67,14 @@ def example_inputs(model_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
 
 
+def check_text_pooling(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
+    """A UsageError, naming the settings that fix it, unless `config`'s text tower pools at the
+    token where `tokenizer` (the run's, `train_data.tokenizer`) ends each caption."""
+    from clip_jax.data import tokenizers
+
+    tokenizers.check_pooling(tokenizer, config.model.text, repr(config.train_data.tokenizer))
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
     """The model, optimizer, abstract train state and its shardings for `config` on `mesh`,
     computed without allocating any parameter."""
@@ -161,11 +169,32 @@ def read_run_config(workdir: str, step: int | None = None) -> ml_collections.Con
         finally:
             ckpt.close()
         if saved is not None:
-            return ml_collections.ConfigDict(saved)
+            return _saved_config(saved)
     path = paths.path(workdir) / CONFIG_FILE
     if not path.exists():
         raise UsageError(f"{path} is missing: is {workdir} a clip_jax run directory?")
-    return ml_collections.ConfigDict(_read_config_file(path))
+    return _saved_config(_read_config_file(path))
+
+
+# Keys that a run's saved config lacks when it was written before they existed, with what such
+# runs did (the rules only lay parameters out: a run restores the same under today's).
+ADDED_KEYS = {
+    "mesh.rules": sharding.DEFAULT_RULES,
+    "model.text.pool_type": "argmax",
+    "model.text.eot_token_id": None,
+}
+
+
+def _saved_config(saved: dict) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(saved)
+    for key, value in ADDED_KEYS.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            node[leaf] = value
+    return config
 
 
 def _read_config_file(path) -> dict:
@@ -215,7 +244,7 @@ def load_run(
                 f"no checkpoint at step {step} in {ckpt.directory}; there are {sorted(available)}"
             )
         saved = ckpt.config(step)  # the config that wrote this step, whatever came later
-        config = ml_collections.ConfigDict(saved) if saved else read_run_config(workdir)
+        config = _saved_config(saved) if saved else read_run_config(workdir)
         spec = build(config, mesh)
         restored, _ = ckpt.restore(step, spec.abstract_with_shardings())
     finally:

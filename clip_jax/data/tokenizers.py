@@ -16,8 +16,8 @@ import html
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from absl import flags
@@ -38,6 +38,34 @@ class Tokenizer(Protocol):
     pool_type: str  # how the text tower finds the end token: "argmax" or "eot"
 
     def tokenize(self, texts: Sequence[str] | str) -> np.ndarray: ...
+
+
+def text_pooling(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The text tower's `pool_type` and `eot_token_id` that find where `tokenizer` ends each
+    caption: the highest id for the CLIP BPE (OpenAI's argmax), else the first end token."""
+    if tokenizer.pool_type == "argmax":
+        return {"pool_type": "argmax", "eot_token_id": None}
+    return {"pool_type": "eot", "eot_token_id": int(tokenizer.eot_token_id)}
+
+
+def check_pooling(tokenizer: Tokenizer, text: Mapping[str, Any], tokenizer_name: str) -> None:
+    """A UsageError unless a text tower configured by `text` (`model.text`: `pool_type`,
+    `eot_token_id`) pools at the token that ends `tokenizer`'s captions."""
+    eot, pool, pool_eot = tokenizer.eot_token_id, text["pool_type"], text["eot_token_id"]
+    if pool == "argmax":
+        ok = eot == tokenizer.vocab_size - 1  # the end token outranks every other id
+        pools_at = "the highest token id of each caption"
+    else:
+        ok = pool_eot == eot
+        pools_at = f"the first token {pool_eot}"
+    if not ok:
+        want = text_pooling(tokenizer)
+        raise UsageError(
+            f"tokenizer {tokenizer_name} ends each caption with token {eot} (of "
+            f"{tokenizer.vocab_size}), but the text tower pools at {pools_at}: set "
+            f"model.text.pool_type={want['pool_type']!r} and model.text.eot_token_id="
+            f"{want['eot_token_id']!r}, or use the tokenizer the model was trained with"
+        )
 
 
 def pack(rows: Sequence[Sequence[int]], context_length: int, eot: int, pad: int = 0) -> np.ndarray:
