@@ -98,6 +98,8 @@ def bench_input(config: ml_collections.ConfigDict, *, batch_size: int, steps: in
             image_size=size,
             context_length=config.model.text.context_length,
             vocab_size=config.model.text.vocab_size,
+            process_index=0,  # this host's input pipeline alone
+            process_count=1,
         )
         batches = source.batches(batch_size, slice(0, batch_size))
         for _ in range(WARMUP_BATCHES):

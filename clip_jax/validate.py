@@ -17,9 +17,10 @@ import ml_collections
 from absl import logging
 
 from clip_jax import losses, sharding
+from clip_jax.data.preprocess import AUGMENTATIONS
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries
-from clip_jax.models.layers import REMAT_POLICIES
+from clip_jax.models.layers import INIT_SCHEMES, REMAT_POLICIES
 from clip_jax.models.text import POOL_TYPES
 
 NONFINITE_POLICIES = ("halt", "skip")
@@ -117,6 +118,7 @@ RULES: dict[str, Rule] = {
     ),
     "model.vision.heads": POSITIVE_INT,
     "model.vision.mlp_ratio": POSITIVE,
+    "model.vision.init_scheme": _one_of(INIT_SCHEMES),
     "model.text.context_length": POSITIVE_INT,
     "model.text.vocab_size": POSITIVE_INT,
     "model.text.width": POSITIVE_INT,
@@ -152,6 +154,11 @@ RULES: dict[str, Rule] = {
         "(low, high) with 0 < low <= high <= 1: the kept area fraction",
     ),
     "train_data.data_dir": STRING,
+    "train_data.augmentation": _one_of(AUGMENTATIONS),
+    "train_data.templates": Rule(
+        lambda v: _seq(v, lambda t: isinstance(t, str) and t.count("{}") == 1) and len(v) > 0,
+        "a non-empty list of strings, each holding {} once",
+    ),
     "train_data.max_image_pixels": POSITIVE_INT,
 }
 

@@ -8,6 +8,8 @@ from `config.optim`, the mesh from `config.mesh`, the input pipeline from `confi
 import ml_collections
 
 from clip_jax import sharding
+from clip_jax.data import captions
+from clip_jax.data.preprocess import MAX_IMAGE_PIXELS
 from clip_jax.errors import UsageError
 from clip_jax.models.sizes import model_config
 
@@ -51,14 +53,19 @@ MEANINGS = {
     "model.vision.layers": "image tower depth (ResNet: blocks per stage, 4 numbers)",
     "model.vision.heads": "attention heads of the image tower (ResNet: of its attention pool)",
     "model.vision.mlp_ratio": "ViT MLP hidden units per unit of width",
+    "model.vision.init_scheme": "how the image tower's weights start: default, or openai "
+    "(OpenAI's code: PyTorch's own initialisers where it keeps them)",
     "model.text.context_length": "tokens per caption (longer captions are truncated)",
     "model.text.vocab_size": "text tower vocabulary (must hold the tokenizer's)",
     "model.text.width": "text tower width",
     "model.text.layers": "text tower depth",
     "model.text.heads": "attention heads of the text tower",
     "model.text.mlp_ratio": "text MLP hidden units per unit of width",
-    "model.text.pool_type": "which token's features embed a caption: argmax (OpenAI) or eot",
-    "model.text.eot_token_id": "the end-of-text id that pool_type=eot looks for",
+    "model.text.pool_type": "which token's features embed a caption: argmax (the highest id: the "
+    "CLIP BPE's end token) or eot (the first eot_token_id); must be where the tokenizer ends "
+    "captions",
+    "model.text.eot_token_id": "the end-of-text id that pool_type=eot looks for (the "
+    "sentencepiece model's eos id)",
     "loss.name": "softmax (CLIP) or sigmoid (SigLIP)",
     "loss.chunk_size": "stream the loss over column blocks of this size (0: not chunked)",
     "loss.max_logit_scale": "the temperature's clamp: logit scale at most this (100 in CLIP)",
@@ -78,7 +85,11 @@ MEANINGS = {
     "train_data.tokenizer": "clip_bpe or the path of a sentencepiece .model",
     "train_data.shuffle_buffer": "records shuffled at once (0 or 1: no shuffling)",
     "train_data.crop_scale": "random resized crop: range of the kept area fraction",
+    "train_data.augmentation": "random_resized_crop (open_clip's, crop_scale of the area) or "
+    "random_square_crop (the CLIP paper's: shorter side resized, a random square)",
     "train_data.data_dir": "tfds data_dir ('': tfds's default)",
+    "train_data.templates": "captions of a label-only tfds dataset: one drawn per example, the "
+    "class name at its {}",
     "train_data.max_image_pixels": "images whose header declares more pixels are skipped and "
     "counted, never decoded (decompression bombs)",
     "evals": "evals during training: evals.NAME = dict(type=..., source=..., every_steps=...)",
@@ -111,6 +122,11 @@ def base_config(
     c.model = ml_collections.ConfigDict(model_config(model))
     c.model.dtype = "bfloat16"  # compute; parameters stay float32
     c.model.remat_policy = "none"
+    c.model.vision.init_scheme = "default"  # or OpenAI's: "openai"
+    # Where train_data.tokenizer ends a caption: the CLIP BPE's end token is its highest id; a
+    # sentencepiece model needs pool_type="eot" and its end id (training says which if not).
+    c.model.text.pool_type = "argmax"
+    c.model.text.eot_token_id = None
 
     c.loss = ml_collections.ConfigDict(dict(name="softmax", chunk_size=0, max_logit_scale=100.0))
 
@@ -134,7 +150,9 @@ def base_config(
     c.train_data.shuffle_buffer = 10_000  # records; 0 or 1: no shuffling
     c.train_data.crop_scale = (0.9, 1.0)  # random resized crop's area range
     c.train_data.data_dir = ""  # tfds data_dir ("": tfds's default)
-    c.train_data.max_image_pixels = 89_478_485  # PIL's limit: larger ones are never decoded
+    c.train_data.templates = captions.CAPTION_TEMPLATES  # captions of label-only datasets
+    c.train_data.max_image_pixels = MAX_IMAGE_PIXELS  # PIL's limit: larger ones never decoded
+    c.train_data.augmentation = "random_resized_crop"  # or the paper's "random_square_crop"
 
     c.evals = ml_collections.ConfigDict()
     # A key that a config file or an override misspells is an error, not a silent new key; evals

@@ -123,6 +123,11 @@ def tiny_config(**overrides):
     return with_overrides(load_config("tiny"), **{**short, **overrides})
 
 
+def train_data_config(**overrides):
+    """A whole `train_data` config (every key, as the input pipeline reads them), OVERRIDES set."""
+    return with_overrides(load_config("tiny").train_data, **overrides)
+
+
 # --- A run's outputs -------------------------------------------------------------------------
 
 

@@ -4,13 +4,13 @@ resume, tfds label captions, mixtures, image ops and every start-up error."""
 import io
 import re
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from clip_jax.data import image_ops, pipeline, tokenizers
+from tests.conftest import train_data_config, with_overrides
 
 SIZE, LENGTH, VOCAB = 16, 16, 49408
 GOOD, BAD, FILES = 40, 6, 3
@@ -94,9 +94,9 @@ def shards(tmp_path_factory):
 
 
 def make(source: str, tokenizer, *, seed=0, process_index=0, process_count=1, **keys):
-    cfg = dict(source=source, image_key="jpg", text_key="txt", shuffle_buffer=16)
+    cfg = train_data_config(source=source, image_key="jpg", text_key="txt", shuffle_buffer=16)
     return pipeline.make_source(
-        ml_collections.ConfigDict({**cfg, **keys}),
+        with_overrides(cfg, **keys),
         seed=seed,
         image_size=SIZE,
         context_length=LENGTH,
@@ -354,8 +354,16 @@ def test_start_up_errors_name_the_problem(tmp_path, shards, tokenizer):
 
 
 def test_synthetic_needs_no_tokenizer():
-    cfg = ml_collections.ConfigDict(dict(source="synthetic"))
-    source = pipeline.make_source(cfg, seed=0, image_size=8, context_length=8, vocab_size=100)
+    cfg = train_data_config(source="synthetic")
+    source = pipeline.make_source(
+        cfg,
+        seed=0,
+        image_size=8,
+        context_length=8,
+        vocab_size=100,
+        process_index=0,
+        process_count=1,
+    )
     batch, state = next(source.batches(4, slice(0, 4)))
     assert batch["image"].shape == (4, 8, 8, 3) and state == {"step": 1, "skipped_examples": 0}
 
@@ -367,12 +375,13 @@ def test_image_ops_crop_resize_and_normalise():
     colour = np.zeros((30, 50, 3), np.uint8) + np.array([200, 100, 50], np.uint8)
     data = tf.constant(encode(colour, "PNG"))
     want = (np.array([200, 100, 50]) / 255 - image_ops.CLIP_MEAN) / image_ops.CLIP_STD
-    train = image_ops.train_image(data, 20, tf.constant([1, 2], tf.int64)).numpy()
+    seed, scale, limit = tf.constant([1, 2], tf.int64), (0.9, 1.0), image_ops.MAX_IMAGE_PIXELS
+    train = image_ops.train_image(data, 20, seed, scale, limit).numpy()
     evaluation = image_ops.eval_image(data, 20).numpy()
     for image in (train, evaluation):
         assert image.shape == (20, 20, 3) and image.dtype == np.float32
         np.testing.assert_allclose(image, np.broadcast_to(want, image.shape), atol=1e-4)
-    again = image_ops.train_image(data, 20, tf.constant([1, 2], tf.int64)).numpy()
+    again = image_ops.train_image(data, 20, seed, scale, limit).numpy()
     np.testing.assert_array_equal(train, again)
 
 

@@ -14,6 +14,8 @@ from PIL import Image
 
 from clip_jax.data import image_ops, prepare, readers, tfdata, tokenizers
 
+MAX_PIXELS = image_ops.MAX_IMAGE_PIXELS
+
 
 def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
     """A valid 8-bit greyscale PNG of zeros: ~390 KB that decode to width x height x 3 bytes.
@@ -93,7 +95,9 @@ def test_header_pixels_of_extended_webp_and_unknown_bytes():
 def test_a_decompression_bomb_raises_before_it_is_decoded(bomb):
     start = time.perf_counter()
     for crop in (
-        lambda: image_ops.train_crop(tf.constant(bomb), 16, tf.constant([1, 2], tf.int64)),
+        lambda: image_ops.train_crop(
+            tf.constant(bomb), 16, tf.constant([1, 2], tf.int64), (0.9, 1.0), MAX_PIXELS
+        ),
         lambda: image_ops.eval_crop(tf.constant(bomb), 16),
     ):
         with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=89478485"):
@@ -132,15 +136,27 @@ def write_shards(path, images: list[bytes]) -> str:
     return str(path / "part-*.tfrecord")
 
 
-def make_source(pattern: str, **kw) -> tfdata.TFDataSource:
-    reader = readers.TFRecordReader(pattern, shuffle_buffer=1)
+def make_source(pattern: str, max_image_pixels: int = MAX_PIXELS) -> tfdata.TFDataSource:
+    reader = readers.TFRecordReader(
+        pattern,
+        image_key="jpg",
+        text_key="txt",
+        seed=0,
+        shuffle_buffer=1,
+        process_index=0,
+        process_count=1,
+    )
     return tfdata.TFDataSource(
         [reader],
-        tokenize_fn=tokenizers.get_tokenizer("clip_bpe", 8).tokenize,
+        tokenizer=tokenizers.get_tokenizer("clip_bpe", 8),
         seed=0,
         image_size=8,
         context_length=8,
-        **kw,
+        augmentation="random_resized_crop",
+        weights=[1.0],
+        crop_scale=(0.9, 1.0),
+        process_index=0,
+        max_image_pixels=max_image_pixels,
     )
 
 

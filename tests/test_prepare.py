@@ -5,13 +5,13 @@ import io
 import json
 import re
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from clip_jax.data import digits, pipeline, prepare, tokenizers
+from tests.conftest import train_data_config
 
 
 def image_bytes(fmt: str, seed: int = 0, mode: str = "RGB") -> bytes:
@@ -76,13 +76,15 @@ def test_a_folder_becomes_shards_the_tfrecord_source_reads(folder, tmp_path, cap
         assert image.shape[:2] == (20, 30)
     assert records[0]["jpg"] == (folder / "a.jpg").read_bytes()  # JPEGs are kept as they are
 
-    cfg = ml_collections.ConfigDict(dict(source=f"tfrecord:{out}/part-*.tfrecord"))
+    cfg = train_data_config(source=f"tfrecord:{out}/part-*.tfrecord")
     source = pipeline.make_source(
         cfg,
         seed=0,
         image_size=8,
         context_length=8,
         vocab_size=49408,
+        process_index=0,
+        process_count=1,
         tokenizer=tokenizers.get_tokenizer("clip_bpe", 8),
     )
     batch, state = next(source.batches(3, slice(0, 3)))

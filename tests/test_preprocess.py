@@ -169,7 +169,7 @@ def square_crop(data: tf.Tensor, size: int, seed: int) -> np.ndarray:
         size,
         seed,
         augmentation="random_square_crop",
-        crop_scale=image_ops.DEFAULT_CROP_SCALE,
+        crop_scale=(0.9, 1.0),
         max_pixels=image_ops.MAX_IMAGE_PIXELS,
     ).numpy()
 
@@ -234,7 +234,8 @@ def test_random_resized_crop_is_still_train_crop():
                 crop_scale=scale,
                 max_pixels=image_ops.MAX_IMAGE_PIXELS,
             )
-            np.testing.assert_array_equal(got, image_ops.train_crop(data, 48, key, scale))
+            want = image_ops.train_crop(data, 48, key, scale, image_ops.MAX_IMAGE_PIXELS)
+            np.testing.assert_array_equal(got, want)
 
 
 def test_eval_crop_is_the_center_of_the_shorter_side_resized_image():
@@ -250,6 +251,6 @@ def test_unknown_augmentation_is_refused():
             32,
             tf.constant([0, 0], tf.int64),
             augmentation="mixup",
-            crop_scale=image_ops.DEFAULT_CROP_SCALE,
+            crop_scale=(0.9, 1.0),
             max_pixels=image_ops.MAX_IMAGE_PIXELS,
         )

@@ -22,17 +22,12 @@ import math
 
 import tensorflow as tf
 
-from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from clip_jax.data.preprocess import AUGMENTATIONS, CLIP_MEAN, CLIP_STD, MAX_IMAGE_PIXELS
 
-DEFAULT_CROP_SCALE = (0.9, 1.0)  # open_clip's default for CLIP training
-AUGMENTATIONS = ("random_resized_crop", "random_square_crop")
 CROP_RATIO = (3 / 4, 4 / 3)
 # Downscaling by more than this gets an antialiasing filter, as PIL's resize (which OpenAI and
 # open_clip use) always applies; below it, the filter changes little and costs 3-4x the time.
 ANTIALIAS_ABOVE = 1.25
-# Images declaring more pixels than this are not decoded: PIL's Image.MAX_IMAGE_PIXELS, the
-# limit past which PIL (which open_clip's loaders use) warns of a decompression bomb.
-MAX_IMAGE_PIXELS = 89_478_485
 _HEADER_BYTES = 32
 
 
@@ -125,7 +120,7 @@ def random_crop_window(
     height: tf.Tensor,
     width: tf.Tensor,
     seed: tf.Tensor,
-    scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    scale: tuple[float, float],
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """A random window (top, left, h, w) of `scale` of the area and aspect `ratio` (w / h).
@@ -154,8 +149,8 @@ def train_crop(
     data: tf.Tensor,
     size: int,
     seed: tf.Tensor,
-    scale: tuple[float, float] = DEFAULT_CROP_SCALE,
-    max_pixels: int = MAX_IMAGE_PIXELS,
+    scale: tuple[float, float],
+    max_pixels: int,
 ) -> tf.Tensor:
     """Encoded bytes -> a random resized crop: uint8 [size, size, 3].
 
@@ -229,9 +224,11 @@ def eval_crop(data: tf.Tensor, size: int, max_pixels: int = MAX_IMAGE_PIXELS) ->
     return to_uint8(resized[top : top + size, left : left + size])
 
 
-def train_image(data: tf.Tensor, size: int, seed: tf.Tensor, scale=DEFAULT_CROP_SCALE) -> tf.Tensor:
+def train_image(
+    data: tf.Tensor, size: int, seed: tf.Tensor, scale: tuple[float, float], max_pixels: int
+) -> tf.Tensor:
     """`train_crop`, normalised: float32 [size, size, 3]."""
-    return normalize(train_crop(data, size, seed, scale))
+    return normalize(train_crop(data, size, seed, scale, max_pixels))
 
 
 def eval_image(data: tf.Tensor, size: int) -> tf.Tensor:

@@ -10,9 +10,8 @@
 
 e.g. `--config.train_data.source='tfrecord:gs://b/laion/*.tfrecord@0.7,tfds:coco_captions:train@0.3'`.
 
-Keys of `train_data` read here, with their defaults: `image_key` ("jpg"), `text_key` ("txt"),
-`tokenizer` ("clip_bpe"), `data_dir` (None: tfds's default), `shuffle_buffer` (10000 records),
-`crop_scale` ((0.9, 1.0)), `templates` (None: `captions.CAPTION_TEMPLATES`).
+`cfg` is the whole `train_data` config: every key of it is read (their defaults and meanings
+are `configs/common.py`'s).
 """
 
 from typing import Any
@@ -62,31 +61,33 @@ def make_reader(
 
     common = dict(
         seed=seed,
-        shuffle_buffer=int(cfg.get("shuffle_buffer", 10_000)),
+        shuffle_buffer=cfg.shuffle_buffer,
         process_index=process_index,
         process_count=process_count,
     )
     kind, _, rest = spec.partition(":")
     if kind == "tfrecord" and rest:
         return readers.TFRecordReader(
-            rest,
-            image_key=cfg.get("image_key", "jpg"),
-            text_key=cfg.get("text_key", "txt"),
-            **common,
+            rest, image_key=cfg.image_key, text_key=cfg.text_key, **common
         )
     if kind == "digits":
-        from clip_jax.data import digits
+        from clip_jax.data import digits, prepare
 
-        return readers.TFRecordReader(digits.cached_shards(rest), **common)
+        return readers.TFRecordReader(
+            digits.cached_shards(rest),
+            image_key=prepare.IMAGE_KEY,  # the shards are written by `prepare`, whatever the config
+            text_key=prepare.TEXT_KEY,
+            **common,
+        )
     name, _, split = rest.partition(":")
     if kind == "tfds" and name and split:
         return readers.TFDSReader(
             name,
             split,
-            data_dir=cfg.get("data_dir") or None,
-            image_key=cfg.get("image_key", "jpg"),
-            text_key=cfg.get("text_key", "txt"),
-            templates=cfg.get("templates"),
+            data_dir=cfg.data_dir or None,  # "": tfds's own
+            image_key=cfg.image_key,
+            text_key=cfg.text_key,
+            templates=tuple(cfg.templates),
             **common,
         )
     if spec == "synthetic":
@@ -101,8 +102,8 @@ def make_source(
     image_size: int,
     context_length: int,
     vocab_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    process_index: int,
+    process_count: int,
     tokenizer: Any = None,
 ) -> Any:
     """The source named by `cfg.source`, reading this process's share of the data.
@@ -112,8 +113,10 @@ def make_source(
       seed: the run's seed; the same seed gives the same batches.
       image_size, context_length, vocab_size: what the model takes.
       process_index, process_count: this process among those reading (jax.process_*).
-      tokenizer: an object with `tokenize(list[str]) -> int32 [B, context_length]`; by default
-        `tokenizers.get_tokenizer(cfg.tokenizer, context_length)`. Unused by `synthetic`.
+      tokenizer: a `tokenizers.Tokenizer` to use instead of `cfg.tokenizer` (tests). Unused by
+        `synthetic`, whose captions end in the highest id.
+    Returns:
+      the source; its `tokenizer` is what tokenizes its captions (`synthetic`: itself).
     """
     spec = str(cfg["source"]).strip()
     if not spec:
@@ -138,25 +141,24 @@ def make_source(
     if tokenizer is None:
         from clip_jax.data import tokenizers
 
-        tokenizer = tokenizers.get_tokenizer(cfg.get("tokenizer", "clip_bpe"), context_length)
+        tokenizer = tokenizers.get_tokenizer(cfg.tokenizer, context_length)
     if tokenizer.context_length != context_length or tokenizer.vocab_size > vocab_size:
         raise UsageError(
-            f"tokenizer {cfg.get('tokenizer', 'clip_bpe')!r} (context {tokenizer.context_length}, "
+            f"tokenizer {cfg.tokenizer!r} (context {tokenizer.context_length}, "
             f"vocabulary {tokenizer.vocab_size}) does not fit the model (context "
             f"{context_length}, vocabulary {vocab_size}); change model.text or train_data.tokenizer"
         )
-    from clip_jax.data import image_ops
     from clip_jax.data.tfdata import TFDataSource
 
     return TFDataSource(
         readers,
-        tokenize_fn=tokenizer.tokenize,
+        tokenizer=tokenizer,
         seed=seed,
         image_size=image_size,
         context_length=context_length,
-        augmentation="random_resized_crop",
+        augmentation=cfg.augmentation,
         weights=[w for _, w in parts],
-        crop_scale=cfg.get("crop_scale"),
+        crop_scale=tuple(cfg.crop_scale),
         process_index=process_index,
-        max_image_pixels=cfg.get("max_image_pixels", image_ops.MAX_IMAGE_PIXELS),
+        max_image_pixels=cfg.max_image_pixels,
     )

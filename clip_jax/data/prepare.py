@@ -42,6 +42,8 @@ PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "
 CAPTION_COLUMNS = ("caption", "text", "txt", "title", "label")
 JPEG_QUALITY = 95
 CHUNK = 256  # items in flight at once
+# The features of the records written here, as img2dataset names them.
+IMAGE_KEY, TEXT_KEY, ID_KEY, LABEL_KEY = "jpg", "txt", "key", "label"
 OUTSIDE = "outside the table's folder"
 
 
@@ -53,12 +55,12 @@ def make_example(image: bytes, caption: str, key: str, label: int | None = None)
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
     features = {
-        "jpg": as_bytes(image),
-        "txt": as_bytes(caption.encode()),
-        "key": as_bytes(key.encode()),
+        IMAGE_KEY: as_bytes(image),
+        TEXT_KEY: as_bytes(caption.encode()),
+        ID_KEY: as_bytes(key.encode()),
     }
     if label is not None:
-        features["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+        features[LABEL_KEY] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 

@@ -14,6 +14,10 @@ from clip_jax.errors import UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB, of pixels in [0, 1]
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Images declaring more pixels than this are not decoded: PIL's Image.MAX_IMAGE_PIXELS, the
+# limit past which PIL (which open_clip's loaders use) warns of a decompression bomb.
+MAX_IMAGE_PIXELS = 89_478_485
+AUGMENTATIONS = ("random_resized_crop", "random_square_crop")  # `image_ops.augment`'s
 
 
 def preprocess(

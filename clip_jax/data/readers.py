@@ -67,12 +67,12 @@ class TFRecordReader:
         self,
         pattern: str,
         *,
-        image_key: str = "jpg",
-        text_key: str = "txt",
-        seed: int = 0,
-        shuffle_buffer: int = 10_000,
-        process_index: int = 0,
-        process_count: int = 1,
+        image_key: str,
+        text_key: str,
+        seed: int,
+        shuffle_buffer: int,
+        process_index: int,
+        process_count: int,
     ):
         files = list_files(pattern)
         check_keys(files[0], image_key, text_key)
@@ -149,14 +149,14 @@ class TFDSReader:
         name: str,
         split: str,
         *,
-        data_dir: str | None = None,
-        image_key: str = "image",
-        text_key: str = "caption",
-        templates: tuple[str, ...] | None = None,
-        seed: int = 0,
-        shuffle_buffer: int = 10_000,
-        process_index: int = 0,
-        process_count: int = 1,
+        data_dir: str | None,
+        image_key: str,
+        text_key: str,
+        templates: tuple[str, ...],
+        seed: int,
+        shuffle_buffer: int,
+        process_index: int,
+        process_count: int,
     ):
         import tensorflow_datasets as tfds
 
@@ -186,9 +186,7 @@ class TFDSReader:
             else:
                 self._label = _only(features, tfds.features.ClassLabel, "label", name)
             self._names = [n.replace("_", " ") for n in _find_feature(features, self._label).names]
-            self._prefixes, self._suffixes = captions.split_templates(
-                templates or captions.CAPTION_TEMPLATES
-            )
+            self._prefixes, self._suffixes = captions.split_templates(templates)
         try:
             self._base = builder.as_dataset(
                 split=tfds.even_splits(split, n=process_count)[process_index],
