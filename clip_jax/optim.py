@@ -20,7 +20,7 @@ _NO_DECAY = frozenset({"bias", "scale", "class_embedding", "logit_scale", "logit
 
 
 def make_schedule(
-    learning_rate: float, warmup_steps: int, total_steps: int, schedule: str = "cosine"
+    learning_rate: float, warmup_steps: int, total_steps: int, schedule: str
 ) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0 at
     `total_steps` (or constant)."""
@@ -52,21 +52,22 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(
     total_steps: int,
+    *,
     learning_rate: float,
-    warmup_steps: int = 2000,
-    schedule: str = "cosine",
-    b1: float = 0.9,
-    b2: float = 0.98,
-    eps: float = 1e-6,
-    weight_decay: float = 0.2,
-    grad_clip_norm: float = 0.0,
-    accum_steps: int = 1,
-    frozen: Sequence[str] = (),
+    warmup_steps: int,
+    schedule: str,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip_norm: float,
+    accum_steps: int,
+    frozen: Sequence[str],
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its learning-rate schedule, from `config.optim` as keyword arguments.
 
-    `frozen` names top-level parameter groups that are not trained (`("visual",)` for LiT); they
-    get no update and no optimizer state. `accum_steps` is accepted so that
+    `frozen` names top-level parameter groups that are not trained (`train_step` embeds them
+    without gradient); they get no update and no optimizer state. `accum_steps` is accepted so that
     `make_optimizer(total, **config.optim)` works; the train step uses it (module docstring).
     """
     del accum_steps

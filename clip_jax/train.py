@@ -203,7 +203,7 @@ def compile_train_step(
         mesh,
         accum_steps=config.optim.accum_steps,
         max_logit_scale=config.loss.max_logit_scale,
-        freeze_image="visual" in config.optim.frozen,
+        frozen=config.optim.frozen,
     )
     batch_shardings = {
         "image": sharding.batch_sharding(mesh, 4),

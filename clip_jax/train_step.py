@@ -2,7 +2,7 @@
 temperature clamp, exact gradient accumulation and the non-finite guard, as pure functions."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -46,7 +46,7 @@ def create_state(
 
 
 def make_loss_and_grad(
-    model: nn.Module, loss_fn: LossFn, mesh: Mesh, *, accum_steps: int, freeze_image: bool
+    model: nn.Module, loss_fn: LossFn, mesh: Mesh, *, accum_steps: int, frozen: Sequence[str]
 ) -> Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, Any, Any]]:
     """`loss_and_grad(params, batch_stats, batch) -> (loss, grads, new_batch_stats)`.
 
@@ -57,9 +57,12 @@ def make_loss_and_grad(
     Every micro-batch so meets the negatives of the whole batch; activations of one micro-batch
     are alive at a time. `mesh` is the mesh the batch is sharded over.
 
-    `freeze_image` (LiT, Zhai et al. 2022) runs the image tower in evaluation mode (BatchNorm on
-    its running statistics) without gradient.
+    `frozen` names the top-level parameter groups that are not trained (`optim.frozen`; the
+    optimizer gives them no update): a frozen tower is embedded without gradient, and a frozen
+    image tower runs in evaluation mode, BatchNorm on its running statistics (LiT, Zhai et al.
+    2022: `("visual",)`).
     """
+    freeze_image, freeze_text = "visual" in frozen, "text_tower" in frozen
 
     def embed(params, batch_stats, images, tokens):
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -73,6 +76,8 @@ def make_loss_and_grad(
         if freeze_image:
             zimg = jax.lax.stop_gradient(zimg)
         ztxt = model.apply(variables, tokens, train=True, method="encode_text")
+        if freeze_text:
+            ztxt = jax.lax.stop_gradient(ztxt)
         new_stats = updates.get("batch_stats", batch_stats)
         return (l2_normalize(zimg), l2_normalize(ztxt)), new_stats
 
@@ -136,7 +141,7 @@ def make_train_step(
     *,
     accum_steps: int,
     max_logit_scale: float,
-    freeze_image: bool,
+    frozen: Sequence[str],
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch) -> (state, metrics)` for `batch = {"image", "text"}`.
 
@@ -145,9 +150,7 @@ def make_train_step(
     clamped at `max_logit_scale` after each update; the other arguments are
     `make_loss_and_grad`'s.
     """
-    loss_and_grad = make_loss_and_grad(
-        model, loss_fn, mesh, accum_steps=accum_steps, freeze_image=freeze_image
-    )
+    loss_and_grad = make_loss_and_grad(model, loss_fn, mesh, accum_steps=accum_steps, frozen=frozen)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         loss, grads, new_stats = loss_and_grad(state.params, state.batch_stats, batch)

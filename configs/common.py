@@ -140,7 +140,7 @@ def base_config(
     c.optim.weight_decay = 0.2
     c.optim.grad_clip_norm = 0.0  # 0 disables; the paper does not clip
     c.optim.accum_steps = 1  # micro-batches per step; the gradient stays exact (train_step.py)
-    c.optim.frozen = ()  # top-level parameter groups not trained: ("visual",) for LiT
+    c.optim.frozen = ()
 
     c.train_data = ml_collections.ConfigDict()
     c.train_data.source = ""  # required: tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT or synthetic

@@ -8,10 +8,16 @@ import pytest
 from clip_jax import optim
 from clip_jax.convert import abstract_variables
 from clip_jax.models import model_config
+from tests.conftest import load_config, with_overrides
+
+
+def optim_config(**overrides) -> dict:
+    """The tiny config's `optim` keys (every argument of `make_optimizer`), no warmup."""
+    return with_overrides(load_config("tiny").optim, warmup_steps=0, **overrides).to_dict()
 
 
 def test_warmup_then_cosine_to_zero():
-    lr = optim.make_schedule(1e-3, warmup_steps=10, total_steps=110)
+    lr = optim.make_schedule(1e-3, warmup_steps=10, total_steps=110, schedule="cosine")
     assert float(lr(0)) == 0.0
     assert float(lr(5)) == pytest.approx(5e-4)
     assert float(lr(10)) == pytest.approx(1e-3)
@@ -42,9 +48,7 @@ def test_decay_mask_follows_the_paper(name):
 
 
 def test_adamw_decays_only_masked_leaves():
-    tx, _ = optim.make_optimizer(
-        100, learning_rate=0.1, warmup_steps=0, weight_decay=0.5, b2=0.98, eps=1e-6
-    )
+    tx, _ = optim.make_optimizer(100, **optim_config(learning_rate=0.1, weight_decay=0.5))
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
@@ -54,7 +58,7 @@ def test_adamw_decays_only_masked_leaves():
 
 def test_clipping_bounds_the_update():
     tx, _ = optim.make_optimizer(
-        100, learning_rate=1.0, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1.0
+        100, **optim_config(learning_rate=1.0, weight_decay=0.0, grad_clip_norm=1.0)
     )
     params = {"w": jnp.zeros((4,))}
     grads = {"w": jnp.full((4,), 100.0)}

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from clip_jax import losses, sharding, train
@@ -36,13 +37,31 @@ def test_accumulation_gives_the_large_batch_gradient():
             {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)},
         )
         loss_fn = losses.make_loss_fn("softmax", mesh, sharding.BATCH_AXES)
-        whole = make_loss_and_grad(model, loss_fn, mesh, accum_steps=1, freeze_image=False)
-        accum = make_loss_and_grad(model, loss_fn, mesh, accum_steps=4, freeze_image=False)
+        whole = make_loss_and_grad(model, loss_fn, mesh, accum_steps=1, frozen=())
+        accum = make_loss_and_grad(model, loss_fn, mesh, accum_steps=4, frozen=())
         whole, accum = jax.jit(whole)(params, {}, batch), jax.jit(accum)(params, {}, batch)
     np.testing.assert_allclose(accum[0], whole[0], rtol=1e-6)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(whole[1]))
     for a, b in zip(jax.tree.leaves(accum[1]), jax.tree.leaves(whole[1]), strict=True):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+@pytest.mark.parametrize("frozen", [("visual",), ("text_tower",)])
+def test_a_frozen_tower_gets_no_gradient(frozen, accum_steps):
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+    model = CLIP(**model_config("tiny"))
+    images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+    tokens = jax.random.randint(jax.random.key(2), (16, 16), 1, 49407)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1]))["params"]
+        loss_fn = losses.make_loss_fn("softmax", mesh, sharding.BATCH_AXES)
+        fn = make_loss_and_grad(model, loss_fn, mesh, accum_steps=accum_steps, frozen=frozen)
+        _, grads, _ = jax.jit(fn)(params, {}, {"image": images, "text": tokens})
+    for group in ("visual", "text_tower"):
+        norm = float(optax.tree.norm(grads[group]))
+        assert (norm == 0) == (group in frozen), (group, norm)
+    assert float(grads["logit_scale"]) != 0  # the temperature trains on
 
 
 @pytest.fixture(scope="module")
