@@ -6,9 +6,7 @@ maps each to a leaf of our Flax variables by its path, with one of three transfo
 reshapes (biases, fused-QKV biases, everything already in place). Every transform is a transpose
 or reshape, so import followed by export reproduces the tensors bit for bit.
 
-Readers: `.safetensors` and `.npz` need no torch; `.pt` / `.bin` files are read without running
-code they carry (`clip_jax.torch_files`): plain state dicts and OpenCLIP training checkpoints by
-`torch.load(weights_only=True)`, OpenAI's TorchScript archives as data, with no torch at all.
+The files themselves (`.safetensors`, `.npz`, `.pt`, `.bin`) are `clip_jax.weight_files`'s.
 
 Writer: `save_pretrained`, an OpenCLIP-layout file with our model config in its metadata; a
 training run's checkpoint becomes one with `export_run`, or from the shell:
@@ -22,24 +20,22 @@ import re
 import shutil
 import sys
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read it)
 import numpy as np
 from absl import flags
 from flax import traverse_util
 
-from clip_jax import cli, paths, torch_files
+from clip_jax import cli, paths, weight_files
 from clip_jax.errors import UsageError
-from clip_jax.models.clip import CLIP, is_resnet
+from clip_jax.models.clip import CLIP, complete_config, is_resnet
 from clip_jax.pretrained import resolve
+from clip_jax.weight_files import read_state_dict
 
-CONFIG_KEY = "clip_jax_model"  # safetensors metadata / npz entry holding our model config as JSON
 # Entries of PyTorch state dicts that carry no weight: OpenAI's TorchScript extras, attention-mask
 # buffers, BatchNorm's step counters.
 _IGNORED = re.compile(
@@ -136,7 +132,8 @@ def _flat_leaves(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
 
 def infer_config(sd: StateDict) -> dict[str, Any]:
     """The `CLIP` keyword arguments of an OpenAI-layout state dict, from its tensor shapes alone
-    (as OpenAI's build_model does): tower widths, depths, patch size, resolution, vocabulary."""
+    (as OpenAI's build_model does): tower widths, depths, patch size, resolution, vocabulary;
+    every other field at its module's default."""
     required = (
         "text_projection",
         "token_embedding.weight",
@@ -185,7 +182,7 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
     cfg = dict(embed_dim=sd["text_projection"].shape[1], vision=vision, text=text)
     if "logit_bias" in sd:
         cfg["init_logit_bias"] = float(np.asarray(sd["logit_bias"]).reshape(()))
-    return cfg
+    return complete_config(cfg)  # what the shapes do not say: the modules' defaults
 
 
 def _count(sd: StateDict, pattern: str) -> int:
@@ -253,76 +250,9 @@ def to_state_dict(variables: Variables, cfg: Mapping[str, Any]) -> StateDict:
     return sd
 
 
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def read_state_dict(
-    path: str, *, allow_torchscript_code: bool = False
-) -> tuple[StateDict, dict[str, Any] | None]:
-    """Reads a checkpoint file -> (state dict of numpy arrays, our stored model config or None).
-
-    `allow_torchscript_code=True` reads TorchScript archives with `torch.jit.load`, which runs
-    the code inside them: unsafe, for files you trust as programs. By default they are read as
-    data (`clip_jax.torch_files`), as OpenAI's released models need. A file on an object store
-    (`gs://...`) is copied to a local temporary file first.
-    """
-    if paths.is_remote(path):
-        if not paths.path(path).exists():
-            raise UsageError(f"no checkpoint at {path}")
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, paths.path(path).name)
-            with paths.path(path).open("rb") as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
-            return read_state_dict(local, allow_torchscript_code=allow_torchscript_code)
-    if not os.path.exists(path):
-        raise UsageError(f"no checkpoint at {path}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        sd, meta = _read_safetensors(path)
-        cfg = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
-    elif ext == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                sd = {k: f[k] for k in f.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise UsageError(
-                f"{path}: not a readable .npz file ({type(e).__name__}: {e}); it may be "
-                "truncated: write or download it again"
-            ) from None
-        cfg = json.loads(str(sd.pop(CONFIG_KEY))) if CONFIG_KEY in sd else None
-    elif ext in (".pt", ".pth", ".bin"):
-        sd, cfg = torch_files.read(path, allow_torchscript_code=allow_torchscript_code), None
-    else:
-        raise UsageError(
-            f"unknown checkpoint format {ext!r} of {path}: use .safetensors, .npz, .pt or .bin"
-        )
-    return _strip_prefix(sd), cfg
-
-
-def _read_safetensors(path: str) -> tuple[StateDict, dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except SafetensorError as e:
-        raise UsageError(
-            f"{path}: not a readable safetensors file ({e}); it may be truncated: download or "
-            "export it again"
-        ) from None
-    return sd, meta
-
-
-def _strip_prefix(sd: StateDict) -> StateDict:
-    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
 def merge_config(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level overrides replace fields; `vision=` / `text=` dicts update the tower fields."""
+    """Top-level overrides replace fields; `vision=` / `text=` dicts update the tower fields; the
+    result names every field (`models.complete_config`)."""
     known = set(CLIP.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -330,7 +260,7 @@ def merge_config(cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[s
     out = dict(cfg)
     for key, value in overrides.items():
         out[key] = {**out[key], **value} if key in ("vision", "text") else value
-    return out
+    return complete_config(out)
 
 
 def load_pretrained(
@@ -401,17 +331,7 @@ def save_pretrained(path: str, variables: Variables, cfg: Mapping[str, Any]) -> 
             with open(local, "rb") as src, paths.path(path).open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 24)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        save_file(sd, tmp, metadata={CONFIG_KEY: meta, "format": "pt"})
-    elif path.endswith(".npz"):
-        with open(tmp, "wb") as f:
-            np.savez(f, **sd, **{CONFIG_KEY: np.asarray(meta)})
-    else:
-        raise UsageError(f"export path must end in .safetensors or .npz, got {path}")
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    weight_files.write_state_dict(path, sd, meta)
 
 
 def export_run(workdir: str, out_path: str, step: int | None = None) -> int:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clip_jax import optim, paths, sharding
 from clip_jax.errors import UsageError
-from clip_jax.models.clip import CLIP, is_resnet
+from clip_jax.models.clip import CLIP, complete_config, is_resnet
 from clip_jax.train_step import TrainState, create_state
 
 CONFIG_FILE = "config.json"  # what train.run writes into the workdir
@@ -58,7 +58,7 @@ def model_config(model: Mapping[str, Any]) -> dict[str, Any]:
     cfg["vision"], cfg["text"] = dict(cfg["vision"]), dict(cfg["text"])
     if is_resnet(cfg["vision"]):
         cfg["vision"]["layers"] = tuple(cfg["vision"]["layers"])
-    return cfg
+    return complete_config(cfg)
 
 
 def example_inputs(model_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
@@ -178,11 +178,7 @@ def read_run_config(workdir: str, step: int | None = None) -> ml_collections.Con
 
 # Keys that a run's saved config lacks when it was written before they existed, with what such
 # runs did (the rules only lay parameters out: a run restores the same under today's).
-ADDED_KEYS = {
-    "mesh.rules": sharding.DEFAULT_RULES,
-    "model.text.pool_type": "argmax",
-    "model.text.eot_token_id": None,
-}
+ADDED_KEYS = {"mesh.rules": sharding.DEFAULT_RULES}  # a model's keys: `complete_config`
 
 
 def _saved_config(saved: dict) -> ml_collections.ConfigDict:

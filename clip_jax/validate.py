@@ -79,8 +79,10 @@ NAMES = Rule(
 )
 MESH_AXIS = Rule(lambda v: _int(v) and (v > 0 or v == -1), "a positive integer, or -1 (the rest)")
 
-# One rule per key of a training config (`configs/common.py`'s base_config, with the model's
-# optional keys); `evals` entries have theirs below. A key the config lacks is not checked.
+VIT_KEYS = ("model.vision.patch_size", "model.vision.mlp_ratio")  # a ResNet has neither
+
+# One rule per key of a training config (`configs/common.py`'s base_config); `evals` entries have
+# theirs below. A config must have every key but a ResNet's missing ViT ones.
 RULES: dict[str, Rule] = {
     "seed": INT,
     "batch_size": POSITIVE_INT,
@@ -200,10 +202,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     for key, rule in RULES.items():
         found, value = _lookup(config, key)
+        if not found and key not in VIT_KEYS:
+            raise UsageError(
+                f"the config has no {key}: derive it from configs/common.py's base_config, "
+                "which defines every key"
+            )
         if found and not rule.ok(value):
             _refuse(key, value, rule.allowed)
     _check_together(config)
-    for name, entry in config.get("evals", {}).items():
+    for name, entry in config.evals.items():
         _check_eval(name, entry)
 
 
@@ -253,15 +260,15 @@ def _check_together(c: ml_collections.ConfigDict) -> None:
     else:  # a ResNet: the attention pool sees width x 32 channels
         _check_heads("model.vision", vision.width * 32, vision.heads, "width x 32")
     _check_heads("model.text", text.width, text.heads)
-    if text.get("pool_type") == "eot" and text.get("eot_token_id") is None:
+    if text.pool_type == "eot" and text.eot_token_id is None:
         raise UsageError("model.text.pool_type='eot' needs model.text.eot_token_id")
-    if text.get("eot_token_id") is not None and text.eot_token_id >= text.vocab_size:
+    if text.eot_token_id is not None and text.eot_token_id >= text.vocab_size:
         _refuse(
             "model.text.eot_token_id",
             text.eot_token_id,
             f"an id below model.text.vocab_size={text.vocab_size}",
         )
-    if c.loss.name == "sigmoid" and c.model.get("init_logit_bias") is None:
+    if c.loss.name == "sigmoid" and c.model.init_logit_bias is None:
         raise UsageError(
             "loss.name='sigmoid' needs a learned bias: set model.init_logit_bias (SigLIP: -10)"
         )

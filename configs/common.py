@@ -11,7 +11,7 @@ from clip_jax import sharding
 from clip_jax.data import captions
 from clip_jax.data.preprocess import MAX_IMAGE_PIXELS
 from clip_jax.errors import UsageError
-from clip_jax.models.sizes import model_config
+from clip_jax.models import model_config
 
 # Paper: 32 epochs of 400M pairs at batch 32,768.
 PAPER_BATCH = 32768
@@ -121,12 +121,10 @@ def base_config(
 
     c.model = ml_collections.ConfigDict(model_config(model))
     c.model.dtype = "bfloat16"  # compute; parameters stay float32
-    c.model.remat_policy = "none"
-    c.model.vision.init_scheme = "default"  # or OpenAI's: "openai"
-    # Where train_data.tokenizer ends a caption: the CLIP BPE's end token is its highest id; a
-    # sentencepiece model needs pool_type="eot" and its end id (training says which if not).
-    c.model.text.pool_type = "argmax"
-    c.model.text.eot_token_id = None
+    # The model's other keys are its modules' defaults. The text tower pools at the highest
+    # id, where the CLIP BPE ends a caption; a sentencepiece tokenizer needs
+    # model.text.pool_type="eot" and its end id in model.text.eot_token_id (training refuses to
+    # start otherwise, naming both).
 
     c.loss = ml_collections.ConfigDict(dict(name="softmax", chunk_size=0, max_logit_scale=100.0))
 

@@ -31,6 +31,23 @@ def test_every_key_of_a_training_config_has_a_rule():
     assert set(entries.MEANINGS) <= set(validate.EVAL_RULES)
 
 
+def test_a_config_has_every_key_its_rules_name():
+    """Defaults live in the config: every key is there (a ResNet has no ViT keys), the model's
+    included, and a config that lacks one is refused naming it, never filled in by the code."""
+    for name in ("tiny", "rn50"):
+        c = load_config(name)
+        for key in validate.RULES:
+            node = c
+            for part in key.split("."):
+                assert part in node or key in validate.VIT_KEYS, (name, key)
+                node = node.get(part, {})
+    c = load_config("tiny")
+    with c.unlocked():
+        del c.train_data["shuffle_buffer"]
+    with pytest.raises(UsageError, match="^the config has no train_data.shuffle_buffer: derive"):
+        validate.validate(c)
+
+
 def test_the_frozen_groups_are_the_models_top_level_parameters():
     model = {**load_config("tiny").model.to_dict(), "init_logit_bias": -10.0}
     assert set(abstract_variables(model)["params"]) == set(validate.FROZEN_GROUPS)

@@ -53,7 +53,8 @@ class Evaluator:
                 f"{shards} batch shards of the mesh"
             )
         self.source = self._open(cfg["source"])
-        self.train_source = self._open(cfg["train_source"]) if cfg.get("train_source") else None
+        # Keys of the probe types alone (`entries.DEFAULTS`); "" is no val_source.
+        self.train_source = self._open(cfg["train_source"]) if "train_source" in cfg else None
         self.val_source = self._open(cfg["val_source"]) if cfg.get("val_source") else None
         self._dropped_captions = 0
         if self.kind == "zeroshot":
@@ -136,7 +137,9 @@ class Evaluator:
                 stats=stats,
                 tokenize_fn=self.tokenizer.tokenize if with_text else None,
                 # Shards of one caption per record (grouped by image id) need one row each.
-                max_captions=1 if source.has_image_ids else self.cfg.get("max_captions", 0),
+                max_captions=(1 if source.has_image_ids else self.cfg["max_captions"])
+                if with_text
+                else 0,
             )
 
         total = data.num_batches(source.num_examples, batch)

@@ -1,5 +1,6 @@
 """CLIP: an image tower and a text tower projected into one space, with a learned temperature."""
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -8,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models import sizes
 from clip_jax.models.layers import Dtype
 from clip_jax.models.resnet import ModifiedResNet
-from clip_jax.models.sizes import model_config
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
 
@@ -122,3 +123,43 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 def create_model(name: str, **overrides: Any) -> CLIP:
     """A `CLIP` of a named size (`sizes.MODELS`): `create_model("ViT-B-16", dtype="bfloat16")`."""
     return CLIP(**model_config(name, **overrides))
+
+
+def model_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """Every keyword argument of `CLIP` for a named size (`sizes.model_config`), its towers'
+    included: what a config's `model` holds."""
+    return complete_config(sizes.model_config(name, **overrides))
+
+
+# What CLIP hands each tower itself, from its own fields.
+_PASSED_TO_TOWERS = (
+    "output_dim",
+    "quick_gelu",
+    "remat_policy",
+    "attn_impl",
+    "dtype",
+    "param_dtype",
+)
+
+
+def complete_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """CLIP's keyword arguments with every field that `cfg` leaves out, its towers' included, set
+    to the modules' own defaults: the modules are the one place those are stated, and a config,
+    a saved run or an exported file then names every choice its model makes."""
+    vision = dict(cfg["vision"])
+    tower = ModifiedResNet if is_resnet(vision) else VisionTransformer
+    return {
+        **_field_defaults(CLIP, ("vision", "text")),
+        **cfg,
+        "vision": {**_field_defaults(tower, _PASSED_TO_TOWERS), **vision},
+        "text": {**_field_defaults(TextTransformer, _PASSED_TO_TOWERS), **dict(cfg["text"])},
+    }
+
+
+def _field_defaults(module: type, skip: tuple[str, ...]) -> dict[str, Any]:
+    fields = dataclasses.fields(module)
+    return {
+        f.name: f.default
+        for f in fields
+        if f.default is not dataclasses.MISSING and f.name not in ("parent", "name", *skip)
+    }
