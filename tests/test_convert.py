@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import convert
+from clip_jax import convert, weight_files
 from clip_jax.errors import UsageError
 from clip_jax.models import model_config
 
@@ -135,5 +135,5 @@ def test_metadata_is_json_config(tmp_path):
     cfg = model_config("tiny-rn", dtype="bfloat16")
     convert.save_pretrained(str(tmp_path / "m.safetensors"), init_variables(cfg), cfg)
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
-        stored = json.loads(f.metadata()[convert.CONFIG_KEY])
+        stored = json.loads(f.metadata()[weight_files.CONFIG_KEY])
     assert stored["vision"]["layers"] == [1, 1, 1, 1] and stored["dtype"] == "bfloat16"
