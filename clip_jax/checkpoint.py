@@ -37,13 +37,14 @@ class CheckpointWriteError(UsageError):
 class Checkpointer:
     """Saves and restores `(train_state, data_state)` under `workdir/checkpoints`.
 
-    Keeps the last `keep` checkpoints, plus every step that is a multiple of `keep_period`.
+    Keeps the last `keep` checkpoints (None: all of them), plus every step that is a multiple of
+    `keep_period` (None or 0: none).
     """
 
     def __init__(
         self,
         workdir: str,
-        keep: int = 3,
+        keep: int | None = None,
         keep_period: int | None = None,
         async_save: bool = True,
         create: bool = True,
@@ -272,3 +273,12 @@ class PreemptionWatcher:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+if __name__ == "__main__":  # its export command moved next to import: say where, never succeed
+    print(
+        "error: `python -m clip_jax.checkpoint export` is now `python -m clip_jax.convert export "
+        "--workdir=DIR --out=FILE.safetensors`",
+        file=sys.stderr,
+    )
+    sys.exit(2)
