@@ -21,7 +21,7 @@ from absl import flags
 
 from clip_jax import cli
 from clip_jax.errors import UsageError
-from clip_jax.evals import jobs
+from clip_jax.evals import entries, jobs
 
 _CONFIG = cli.define_config_flag("Config (mesh, tokenizer); optional.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
@@ -33,10 +33,17 @@ _TEST = flags.DEFINE_string("test", "", "Test source (instead of --dataset).")
 _TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "tfds split to train on.")
 _TEST_SPLIT = flags.DEFINE_string("test_split", "test", "tfds split to test on.")
 _VAL_SPLIT = flags.DEFINE_string("val_split", "", "tfds validation split ('': held out).")
-_FEATURES = flags.DEFINE_enum("features", "pre", ["pre", "post"], "Before/after the projection.")
-_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.2, "Share of train held out to choose C.")
+_PROBE = entries.DEFAULTS["linear_probe"]  # the flags' defaults are an eval entry's
+_FEATURES = flags.DEFINE_enum(
+    "features", _PROBE["features"], list(entries.FEATURES), "Before/after the projection."
+)
+_VAL_FRACTION = flags.DEFINE_float(
+    "val_fraction", _PROBE["val_fraction"], "Share of train held out to choose C."
+)
 _FEWSHOT = flags.DEFINE_string("fewshot", "", "k-shot probes too, e.g. 1,5,10,25.")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch for feature extraction.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", entries.COMMON["batch_size"], "Global batch for feature extraction."
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Feature cache (default: beside the model).")
 _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON results.")

@@ -193,7 +193,11 @@ def data_shard(mesh: Mesh, global_batch: int) -> DataShard:
         rows[index[0]] = True
     shares = sorted({tuple(np.flatnonzero(r)) for r in held.values()})
     if sum(len(share) for share in shares) != len(set().union(*shares)):
-        raise ValueError("processes hold rows of the batch that overlap without being equal")
+        raise UsageError(
+            f"mesh {dict(mesh.shape)}: its device order gives processes rows of the batch that "
+            "overlap without being equal; order the devices so that each process's hold either "
+            "the same rows as another's or none of them"
+        )
     mine = tuple(np.flatnonzero(held[jax.process_index()]))
     return DataShard(np.asarray(mine, np.int64), shares.index(mine), len(shares))
 

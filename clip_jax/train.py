@@ -53,6 +53,8 @@ def run(
 
 def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     is_main = jax.process_index() == 0
+    if not config_change_ok:
+        state_lib.check_same_run(config, workdir)
 
     # --- Mesh --------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh)
@@ -76,9 +78,8 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
         process_index=shard.index,
         process_count=shard.count,
     )
-    state_lib.check_text_pooling(config, source.tokenizer)  # pooled where captions end
-    if not config_change_ok:
-        state_lib.check_same_run(config, workdir)
+    if source.tokenizer is not None:  # synthetic captions have none
+        state_lib.check_text_pooling(config, source.tokenizer)  # pooled where captions end
 
     # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
     spec = state_lib.build(config, mesh)

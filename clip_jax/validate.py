@@ -210,6 +210,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if found and not rule.ok(value):
             _refuse(key, value, rule.allowed)
     _check_together(config)
+    if "evals" not in config:
+        raise UsageError("the config has no evals: derive it from configs/common.py's base_config")
     for name, entry in config.evals.items():
         _check_eval(name, entry)
 

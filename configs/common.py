@@ -96,6 +96,11 @@ MEANINGS = {
 }
 
 
+# The keys whose default is None, with the type a value given to them has: ml_collections can
+# override a None key from the command line only as a typed placeholder.
+NONE_KEYS = {"model.attn_impl": str, "model.init_logit_bias": float, "model.text.eot_token_id": int}
+
+
 def base_config(
     model: str, learning_rate: float, resnet: bool = False
 ) -> ml_collections.ConfigDict:
@@ -125,6 +130,12 @@ def base_config(
     # id, where the CLIP BPE ends a caption; a sentencepiece tokenizer needs
     # model.text.pool_type="eot" and its end id in model.text.eot_token_id (training refuses to
     # start otherwise, naming both).
+    for key, kind in NONE_KEYS.items():  # None, yet settable from the command line
+        parent, _, leaf = key.rpartition(".")
+        node = c
+        for part in parent.split("."):
+            node = node[part]
+        node[leaf] = ml_collections.config_dict.placeholder(kind, required=False)
 
     c.loss = ml_collections.ConfigDict(dict(name="softmax", chunk_size=0, max_logit_scale=100.0))
 

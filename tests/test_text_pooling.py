@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import clip_jax
-from clip_jax import state, train
+from clip_jax import convert, state, train
 from clip_jax.data import prepare, tokenizers
 from clip_jax.errors import UsageError
-from clip_jax.evals import jobs
+from clip_jax.evals import entries, evaluator, jobs
 from tests.conftest import tiny_config
 
 CAPTIONS = [
@@ -102,12 +102,37 @@ def test_a_pooling_that_misses_the_end_token_is_refused(sentencepiece_run, tmp_p
         train.run(wrong, str(tmp_path / "eot2"))
 
 
-def test_evaluating_a_model_with_another_tokenizer_is_refused(sentencepiece_run):
+def test_evaluating_a_model_with_another_tokenizer_is_refused(sentencepiece_run, tmp_path):
     _, workdir, model_path = sentencepiece_run
     model, _ = clip_jax.load_pretrained(workdir)
     tokenizers.check_pooling(tokenizers.get_tokenizer(model_path, 16), model.text, "sp")
     with pytest.raises(UsageError, match=r"clip_bpe ends each caption with token 49407"):
         tokenizers.check_pooling(tokenizers.get_tokenizer("clip_bpe", 16), model.text, "clip_bpe")
+
+    # A weight file exported from the run, evaluated with the default tokenizer (the CLIP BPE):
+    # the evals that embed text refuse it; a linear probe, which embeds none, takes it.
+    exported = str(tmp_path / "sp.safetensors")
+    convert.export_run(workdir, exported)
+    subject = jobs.prepare(None, None, None, exported)
+    assert subject.tokenizer.eot_token_id == 49407
+    entry = entries.entry_config("zs", {"type": "zeroshot", "source": "digits:test"})
+    with pytest.raises(UsageError, match="but the text tower pools at the first token 3: evaluate"):
+        evaluator.Evaluator(entry, subject.model, subject.tokenizer, subject.mesh, subject.rules)
+
+
+def test_synthetic_data_runs_any_pooling(sentencepiece_run, tmp_path):
+    """Smoke runs (`configs/X.py:smoke`) train on synthetic ids, which no tokenizer made."""
+    config, _, _ = sentencepiece_run
+    smoke = tiny_config(
+        **{
+            "total_steps": 2,
+            "train_data.source": "synthetic",
+            "train_data.tokenizer": config.train_data.tokenizer,
+            "model.text.pool_type": "eot",
+            "model.text.eot_token_id": config.model.text.eot_token_id,
+        }
+    )
+    assert train.run(smoke, str(tmp_path / "smoke"))["loss"] > 0
 
 
 def test_the_clip_bpe_pools_at_the_highest_id():

@@ -12,7 +12,7 @@ from clip_jax.convert import abstract_variables
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries
 from configs import common, tiny
-from tests.conftest import CONFIGS, ROOT, load_config, with_overrides
+from tests.conftest import CONFIGS, ROOT, load_config, run_python, with_overrides
 
 
 def with_value(name: str, key: str, value):
@@ -192,6 +192,49 @@ def test_the_command_line_refuses_a_bad_value_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: batch_size=0: use a positive integer"], result.stderr[-3000:]
     assert not os.path.exists(tmp_path / "w")  # refused before anything was written
+
+
+def test_keys_whose_default_is_none_take_a_value_on_the_command_line():
+    """A sentencepiece run's pooling, SigLIP's bias and the attention kernel are None by default;
+    the command line sets them (as a typed placeholder each, `common.NONE_KEYS`)."""
+
+    def none_keys(node, prefix=""):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                yield from none_keys(value, f"{prefix}{key}.")
+            elif value is None:
+                yield f"{prefix}{key}"
+
+    for name in ("tiny", "rn50"):
+        assert set(none_keys(load_config(name))) == set(common.NONE_KEYS), name
+    result = run_python(
+        [
+            "-m",
+            "clip_jax.main",
+            "--config=configs/tiny.py",
+            "--config.model.text.pool_type=eot",
+            "--config.model.text.eot_token_id=3",
+            "--config.model.init_logit_bias=-10",
+            "--config.model.attn_impl=xla",
+            "--show_config",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = {
+        line.split(" = ")[0]: line.split(" = ")[1].split()[0]
+        for line in result.stdout.splitlines()
+        if " = " in line
+    }
+    assert shown["model.text.eot_token_id"] == "3" and shown["model.text.pool_type"] == "'eot'"
+    assert shown["model.init_logit_bias"] == "-10.0" and shown["model.attn_impl"] == "'xla'"
+
+
+def test_a_config_without_evals_is_refused_naming_them():
+    c = load_config("tiny")
+    with c.unlocked():
+        del c["evals"]
+    with pytest.raises(UsageError, match="^the config has no evals"):
+        validate.validate(c)
 
 
 def test_a_warmup_longer_than_the_run_is_said(monkeypatch):

@@ -116,7 +116,7 @@ def make_source(
       tokenizer: a `tokenizers.Tokenizer` to use instead of `cfg.tokenizer` (tests). Unused by
         `synthetic`, whose captions end in the highest id.
     Returns:
-      the source; its `tokenizer` is what tokenizes its captions (`synthetic`: itself).
+      the source; its `tokenizer` is what tokenizes its captions (None for `synthetic`).
     """
     spec = str(cfg["source"]).strip()
     if not spec:

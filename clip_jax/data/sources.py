@@ -28,11 +28,11 @@ class SyntheticSource:
     Example i belongs to one of `num_classes` classes; its image is the class's low-resolution
     pattern, upsampled, plus noise, and its caption names the class with three tokens between the
     start and end tokens. A run is therefore identical whatever the mesh or the process count, and
-    its loss can fall. Its captions end as the CLIP BPE's do, in the highest id, so the source is
-    its own `tokenizer` as far as the text tower's pooling goes.
+    its loss can fall. Its captions are token ids made up here, no tokenizer's (`tokenizer` is
+    None): a smoke run of any config, whatever its tokenizer and pooling, runs on them.
     """
 
-    pool_type = "argmax"
+    tokenizer = None
 
     def __init__(
         self,
@@ -47,7 +47,6 @@ class SyntheticSource:
             raise UsageError("synthetic captions need a context of at least 5 tokens")
         self.seed, self.image_size, self.context_length = seed, image_size, context_length
         self.vocab_size, self.num_classes, self.noise = vocab_size, num_classes, noise
-        self.eot_token_id, self.tokenizer = vocab_size - 1, self
         self.skipped_examples = 0
         cells = max(1, image_size // 8)
         protos = np.random.default_rng([seed, 2**31 - 1]).standard_normal((num_classes, 8, 8, 3))
@@ -61,7 +60,7 @@ class SyntheticSource:
         n, size, length = len(indices), self.image_size, self.context_length
         images = np.empty((n, size, size, 3), np.float32)
         texts = np.zeros((n, length), np.int32)
-        sot, eot = self.vocab_size - 2, self.eot_token_id
+        sot, eot = self.vocab_size - 2, self.vocab_size - 1
         for row, i in enumerate(indices):
             rng = np.random.default_rng([self.seed, int(i)])
             c = int(rng.integers(self.num_classes))

@@ -48,9 +48,12 @@ def text_pooling(tokenizer: Tokenizer) -> dict[str, Any]:
     return {"pool_type": "eot", "eot_token_id": int(tokenizer.eot_token_id)}
 
 
-def check_pooling(tokenizer: Tokenizer, text: Mapping[str, Any], tokenizer_name: str) -> None:
+def check_pooling(
+    tokenizer: Tokenizer, text: Mapping[str, Any], tokenizer_name: str, fix: str | None = None
+) -> None:
     """A UsageError unless a text tower configured by `text` (`model.text`: `pool_type`,
-    `eot_token_id`) pools at the token that ends `tokenizer`'s captions."""
+    `eot_token_id`) pools at the token that ends `tokenizer`'s captions; `fix` is what the error
+    tells the user to do (by default: the pooling settings that match the tokenizer)."""
     eot, pool, pool_eot = tokenizer.eot_token_id, text["pool_type"], text["eot_token_id"]
     if pool == "argmax":
         ok = eot == tokenizer.vocab_size - 1  # the end token outranks every other id
@@ -60,11 +63,13 @@ def check_pooling(tokenizer: Tokenizer, text: Mapping[str, Any], tokenizer_name:
         pools_at = f"the first token {pool_eot}"
     if not ok:
         want = text_pooling(tokenizer)
+        fix = fix or (
+            f"set model.text.pool_type={want['pool_type']!r} and model.text.eot_token_id="
+            f"{want['eot_token_id']!r}"
+        )
         raise UsageError(
             f"tokenizer {tokenizer_name} ends each caption with token {eot} (of "
-            f"{tokenizer.vocab_size}), but the text tower pools at {pools_at}: set "
-            f"model.text.pool_type={want['pool_type']!r} and model.text.eot_token_id="
-            f"{want['eot_token_id']!r}, or use the tokenizer the model was trained with"
+            f"{tokenizer.vocab_size}), but the text tower pools at {pools_at}: {fix}"
         )
 
 

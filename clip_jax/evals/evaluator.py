@@ -22,6 +22,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from clip_jax import paths, sharding
+from clip_jax.data import tokenizers
 from clip_jax.errors import UsageError
 from clip_jax.evals import (
     extract,
@@ -44,6 +45,14 @@ class Evaluator:
         self.cfg, self.model, self.tokenizer, self.mesh = cfg, model, tokenizer, mesh
         self.rules = rules
         self.name, self.kind = cfg["name"], cfg["type"]
+        if self.kind in TEXT_KINDS:  # these embed text: the tokenizer must end it where pooled
+            tokenizers.check_pooling(
+                tokenizer,
+                model.text,
+                "of this evaluation",
+                fix="evaluate with the tokenizer the model was trained with (clip_jax.evaluate: "
+                "--tokenizer)",
+            )
         self.every_steps = int(cfg["every_steps"])
         self._steps: dict[str, Any] = {}
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -53,7 +62,7 @@ class Evaluator:
                 f"{shards} batch shards of the mesh"
             )
         self.source = self._open(cfg["source"])
-        # Keys of the probe types alone (`entries.DEFAULTS`); "" is no val_source.
+        # Keys of the probe types alone (`entries.DEFAULTS`); linear_probe's val_source may be "".
         self.train_source = self._open(cfg["train_source"]) if "train_source" in cfg else None
         self.val_source = self._open(cfg["val_source"]) if cfg.get("val_source") else None
         self._dropped_captions = 0
@@ -222,7 +231,13 @@ class Evaluator:
 
     def _run_zeroshot(self, variables, model_id, cache_root) -> dict:
         classifier = zeroshot.build_classifier(
-            self.model, variables, self.tokenizer, self.classnames, self.templates, mesh=self.mesh
+            self.model,
+            variables,
+            self.tokenizer,
+            self.classnames,
+            self.templates,
+            mesh=self.mesh,
+            rules=self.rules,
         )
         classifier = extract.replicate(classifier, self.mesh)
         out, skipped = self._extract("zeroshot", variables, self.source, extra=classifier)
@@ -335,6 +350,8 @@ def _features_predict(model: Any, evaluator: Evaluator):
 
 
 # What each evaluator runs per batch: `fn(model, evaluator) -> predict(variables, batch, extra)`.
+TEXT_KINDS = ("zeroshot", "retrieval")  # the evals that embed text
+
 PREDICT_FNS = {
     "zeroshot": lambda model, e: zeroshot.make_predict_fn(model, len(e.classnames)),
     "retrieval": _retrieval_predict,

@@ -16,7 +16,6 @@ from absl import logging
 
 import clip_jax
 from clip_jax import cache, paths, sharding, state
-from clip_jax.data import tokenizers
 from clip_jax.errors import UsageError
 from clip_jax.evals import entries, evaluator, extract, runner, suites
 
@@ -54,8 +53,6 @@ def prepare(
         mesh, rules = sharding.make_mesh(config.mesh), sharding.check_rules(config.mesh.rules)
     if workdir:
         model, variables, step = state.load_run(workdir, step, mesh=mesh)
-        run_tokenizer = clip_jax.get_tokenizer(workdir)
-        tokenizers.check_pooling(run_tokenizer, model.text, f"of the run {workdir}")
         return Subject(
             config,
             mesh,
@@ -64,12 +61,10 @@ def prepare(
             variables,
             f"{workdir}@{step}",
             f"{paths.path(workdir)}@{step}",
-            run_tokenizer,
+            clip_jax.get_tokenizer(workdir),
         )
     model, variables = clip_jax.load_pretrained(pretrained)
     name = tokenizer or (config.train_data.tokenizer if config is not None else "clip_bpe")
-    file_tokenizer = clip_jax.get_tokenizer(name, model.text["context_length"])
-    tokenizers.check_pooling(file_tokenizer, model.text, repr(name))
     info = paths.path(pretrained).stat()
     return Subject(
         config,
@@ -79,7 +74,7 @@ def prepare(
         extract.replicate(variables, mesh),
         paths.path(pretrained).name,
         f"{paths.path(pretrained)}:{info.length}:{info.mtime}",
-        file_tokenizer,
+        clip_jax.get_tokenizer(name, model.text["context_length"]),
     )
 
 

@@ -31,13 +31,12 @@ def make_evaluators(
     one is given."""
     if not config.evals:
         return []
-    from clip_jax.data import tokenizers
-
     if tokenizer is None:
+        from clip_jax.data import tokenizers
+
         tokenizer = tokenizers.get_tokenizer(
             config.train_data.tokenizer, config.model.text.context_length
         )
-    tokenizers.check_pooling(tokenizer, model.text, repr(config.train_data.tokenizer))
     return [
         Evaluator(entry_config(name, entry), model, tokenizer, mesh, rules)
         for name, entry in config.evals.items()

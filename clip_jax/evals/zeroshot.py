@@ -12,6 +12,7 @@ ensembling, section 3.1.4).
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,7 @@ def build_classifier(
     templates: Sequence[str],
     *,
     mesh: Mesh | None = None,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
     prompts_per_batch: int = PROMPTS_PER_BATCH,
 ) -> np.ndarray:
     """The zero-shot classifier of `classnames`, float32 [embed_dim, num_classes].
@@ -47,6 +49,7 @@ def build_classifier(
       classnames: the class names, in label order.
       templates: format strings holding `{}` once ("a photo of a {}.").
       mesh: the devices to shard the prompts over (default: all devices, data-parallel).
+      rules: how the text tower's activations are laid out on `mesh` (a run's `mesh.rules`).
       prompts_per_batch: prompts embedded per step; classes are batched so that 1000 classes x
         80 templates never sit in memory as one batch.
     Returns:
@@ -61,7 +64,7 @@ def build_classifier(
     per_step = min(max(1, prompts_per_batch // len(templates)), len(classnames))  # classes
     rows = -(-per_step * len(templates) // shards) * shards  # padded to the batch shards; every
     # step, the last one included, has this shape, so the text tower compiles once
-    embed = _text_encoder(model, mesh)
+    embed = _text_encoder(model, mesh, rules)
 
     columns = []
     with jax.set_mesh(mesh):
@@ -77,21 +80,23 @@ def build_classifier(
     return np.concatenate(columns).T.astype(np.float32)
 
 
-_ENCODERS: dict[tuple[int, Mesh], tuple[Any, Any]] = {}
+_ENCODERS: dict[tuple[int, Mesh, sharding.Rules], tuple[Any, Any]] = {}
 _MAX_ENCODERS = 4  # models kept compiled at once (training evaluates one)
 
 
-def _text_encoder(model: Any, mesh: Mesh):
+def _text_encoder(model: Any, mesh: Mesh, rules: sharding.Rules):
     """The jitted text tower of `model` on `mesh`, compiled once however many classifiers are
     built (training builds one per evaluation)."""
-    cached = _ENCODERS.get((id(model), mesh))
+    key = (id(model), mesh, rules)
+    cached = _ENCODERS.get(key)
     if cached is None or cached[0] is not model:
 
         def encode(variables, tokens):
-            return model.apply(variables, tokens, method="encode_text")
+            with nn.logical_axis_rules(rules):
+                return model.apply(variables, tokens, method="encode_text")
 
         cached = (model, jax.jit(encode, out_shardings=extract.replicated(mesh)))
-        _ENCODERS[(id(model), mesh)] = cached
+        _ENCODERS[key] = cached
         while len(_ENCODERS) > _MAX_ENCODERS:
             del _ENCODERS[next(iter(_ENCODERS))]  # the oldest
     return cached[1]
