@@ -216,6 +216,19 @@ def test_same_seed_same_batches_other_seed_other_batches(shards, tokenizer):
     assert not np.array_equal(a[0][0]["text"], c[0][0]["text"])
 
 
+def test_the_papers_square_crop_is_an_option_of_the_pipeline(shards, tokenizer):
+    """train_data.augmentation: the same records and captions, other pixels, repeatable."""
+    default = take(make(shards, tokenizer), 1)[0][0]
+    square = take(make(shards, tokenizer, augmentation="random_square_crop"), 1)[0][0]
+    again = take(make(shards, tokenizer, augmentation="random_square_crop"), 1)[0][0]
+    assert square["image"].shape == default["image"].shape
+    np.testing.assert_array_equal(square["text"], default["text"])
+    assert not np.array_equal(square["image"], default["image"])
+    np.testing.assert_array_equal(square["image"], again["image"])
+    with pytest.raises(ValueError, match="train_data.augmentation 'flip': use one of"):
+        make(shards, tokenizer, augmentation="flip")
+
+
 def test_resume_from_a_state_is_exact(shards, tokenizer):
     run = take(make(shards, tokenizer), 9, n=7)  # crosses epochs (40 usable per epoch)
     for k in (2, 6):
