@@ -39,7 +39,7 @@ class SyntheticSource:
         seed: int,
         image_size: int,
         context_length: int,
-        vocab_size: int = 49408,
+        vocab_size: int,
         num_classes: int = 16,
         noise: float = 0.5,
     ):
