@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from clip_jax.errors import UsageError
@@ -61,19 +62,32 @@ def make_optimizer(
     eps: float,
     weight_decay: float,
     grad_clip_norm: float,
+    mu_dtype: str,
     accum_steps: int,
     frozen: Sequence[str],
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its learning-rate schedule, from `config.optim` as keyword arguments.
 
-    `frozen` names top-level parameter groups that are not trained (`train_step` embeds them
+    `mu_dtype` stores AdamW's first moment in that dtype ("bfloat16" halves its memory; the
+    second moment, whose small values bfloat16 would flush, stays float32). `frozen` names
+    top-level parameter groups that are not trained (`train_step` embeds them
     without gradient); they get no update and no optimizer state. `accum_steps` is accepted so that
     `make_optimizer(total, **config.optim)` works; the train step uses it (module docstring).
     """
     del accum_steps
     lr = make_schedule(learning_rate, warmup_steps, total_steps, schedule)
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
-    chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    chain.append(
+        optax.adamw(
+            lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=jnp.dtype(mu_dtype),
+            weight_decay=weight_decay,
+            mask=decay_mask,
+        )
+    )
     tx = optax.chain(*chain)
     if not frozen:
         return tx, lr

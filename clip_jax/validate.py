@@ -140,6 +140,7 @@ RULES: dict[str, Rule] = {
     "optim.eps": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.grad_clip_norm": Rule(NON_NEGATIVE.ok, "a number >= 0 (0: no clipping)"),
+    "optim.mu_dtype": FLOAT_DTYPE,
     "optim.accum_steps": POSITIVE_INT,
     "optim.frozen": Rule(
         lambda v: _seq(v, lambda x: x in FROZEN_GROUPS),

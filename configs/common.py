@@ -43,7 +43,7 @@ MEANINGS = {
     "model.quick_gelu": "QuickGELU activations, as OpenAI trained with",
     "model.dtype": "compute dtype (parameters stay float32): bfloat16 or float32",
     "model.param_dtype": "dtype the parameters are stored in",
-    "model.remat_policy": "rematerialise residual blocks: none, full or dots",
+    "model.remat_policy": "rematerialise residual blocks (ResNet: bottlenecks): none, full or dots",
     "model.attn_impl": "attention kernel for jax.nn.dot_product_attention (None: XLA, cudnn)",
     "model.init_logit_scale": "initial log(1/temperature)",
     "model.init_logit_bias": "initial bias of the sigmoid (SigLIP) loss (None: no bias)",
@@ -77,6 +77,7 @@ MEANINGS = {
     "optim.eps": "AdamW epsilon",
     "optim.weight_decay": "decoupled weight decay (not on gains, biases, embeddings, scale)",
     "optim.grad_clip_norm": "clip the global gradient norm to this (0: no clipping)",
+    "optim.mu_dtype": "dtype of AdamW's first moment: float32, or bfloat16 for half its memory",
     "optim.accum_steps": "micro-batches per step, gradient exact over the whole batch",
     "optim.frozen": "top-level parameter groups not trained, e.g. ('visual',) for LiT",
     "train_data.source": "synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT or a mixture A@w,B@w",
@@ -148,6 +149,7 @@ def base_config(
     c.optim.eps = 1e-8 if resnet else 1e-6
     c.optim.weight_decay = 0.2
     c.optim.grad_clip_norm = 0.0  # 0 disables; the paper does not clip
+    c.optim.mu_dtype = "float32"  # or "bfloat16": half the first moment's memory
     c.optim.accum_steps = 1  # micro-batches per step; the gradient stays exact (train_step.py)
     c.optim.frozen = ()
 

@@ -77,23 +77,32 @@ def test_bf16_compute_keeps_f32_params_and_outputs():
     np.testing.assert_allclose(out["image"], f32["image"], atol=3e-2)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
 @pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_gives_same_gradients(policy):
+def test_remat_gives_same_gradients(name, policy):
+    """Also in training mode, where the ResNet's BatchNorm statistics update inside the
+    rematerialised bottlenecks: the same gradients and the same new statistics."""
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     tokens = jax.random.randint(jax.random.key(2), (2, 16), 1, 49407)
-    plain = CLIP(**model_config("tiny"))
-    remat = CLIP(**model_config("tiny", remat_policy=policy))
-    params = jax.jit(plain.init)(jax.random.key(0), images, tokens)["params"]
+    plain = CLIP(**model_config(name))
+    remat = CLIP(**model_config(name, remat_policy=policy))
+    variables = jax.jit(plain.init)(jax.random.key(0), images, tokens)
+    params, stats = variables["params"], variables.get("batch_stats", {})
 
     def grads(model):
         def loss(p):
-            out = model.apply({"params": p}, images, tokens)
-            return jnp.sum(out["image"] @ out["text"].T)
+            v = {"params": p, **({"batch_stats": stats} if stats else {})}
+            out, new = model.apply(v, images, tokens, train=True, mutable=["batch_stats"])
+            return jnp.sum(out["image"] @ out["text"].T), new
 
-        return jax.jit(jax.grad(loss))(params)
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
 
-    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat)), strict=True):
+    (g_plain, s_plain), (g_remat, s_remat) = grads(plain), grads(remat)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_plain), jax.tree.leaves(s_remat), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert bool(jax.tree.leaves(s_plain)) == (name == "tiny-rn")
 
 
 def test_resnet_train_mode_updates_batch_stats():

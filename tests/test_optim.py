@@ -66,3 +66,16 @@ def test_clipping_bounds_the_update():
     adam = state[1][0]  # chain(clip, adamw(scale_by_adam, decay, lr))
     # Adam's first moment after one step is (1 - b1) times the clipped gradient of norm 1.
     assert float(jnp.linalg.norm(adam.mu["w"])) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_the_first_moment_can_be_kept_in_bfloat16():
+    params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    for dtype in ("float32", "bfloat16"):
+        tx, _ = optim.make_optimizer(100, **optim_config(mu_dtype=dtype))
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params)
+        adam = state[0][0]  # chain(adamw(scale_by_adam, ...))
+        assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(dtype)}
+        assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype("float32")}
+        assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype("float32")}

@@ -54,7 +54,9 @@ class CLIP(nn.Module):
         vision = dict(self.vision)
         if is_resnet(vision):
             vision["layers"] = tuple(vision["layers"])
-            self.visual = ModifiedResNet(output_dim=self.embed_dim, **vision, **common)
+            self.visual = ModifiedResNet(
+                output_dim=self.embed_dim, remat_policy=self.remat_policy, **vision, **common
+            )
         else:
             self.visual = VisionTransformer(
                 output_dim=self.embed_dim,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.layers import (
+    REMAT_POLICIES,
     DenseGeneral,
     DenseInit,
     Dtype,
@@ -174,6 +175,7 @@ class ModifiedResNet(nn.Module):
     output_dim: int
     image_size: int = 224
     init_scheme: str = "default"  # one of layers.INIT_SCHEMES; see the module docstring
+    remat_policy: str = "none"  # rematerialise each bottleneck: layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -191,9 +193,13 @@ class ModifiedResNet(nn.Module):
         x = ConvBN(self.width // 2, 3, name="stem2", **kw)(x, train)
         x = ConvBN(self.width, 3, name="stem3", **kw)(x, train)
         x = _pool(x, 2)
+        block = Bottleneck
+        if self.remat_policy != "none":  # `train` (argument 2, after self and x) stays Python
+            policy = REMAT_POLICIES[self.remat_policy]
+            block = nn.remat(Bottleneck, policy=policy, prevent_cse=True, static_argnums=(2,))
         for stage, blocks in enumerate(self.layers):
             planes = self.width * 2**stage
             for i in range(blocks):
                 stride = 2 if (i == 0 and stage > 0) else 1
-                x = Bottleneck(planes, stride, name=f"layer{stage + 1}_{i}", **kw)(x, train)
+                x = block(planes, stride, name=f"layer{stage + 1}_{i}", **kw)(x, train)
         return AttentionPool2d(self.heads, self.output_dim, name="attnpool", **kw)(x, project)
