@@ -75,7 +75,8 @@ MEANINGS = {
     "optim.b1": "AdamW beta1",
     "optim.b2": "AdamW beta2",
     "optim.eps": "AdamW epsilon",
-    "optim.weight_decay": "decoupled weight decay (not on gains, biases, embeddings, scale)",
+    "optim.weight_decay": "decoupled weight decay, as open_clip applies it: not on gains, "
+    "biases, the class token or the temperature",
     "optim.grad_clip_norm": "clip the global gradient norm to this (0: no clipping)",
     "optim.mu_dtype": "dtype of AdamW's first moment: float32, or bfloat16 for half its memory",
     "optim.accum_steps": "micro-batches per step, gradient exact over the whole batch",

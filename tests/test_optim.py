@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import optim
+from clip_jax import convert, optim
 from clip_jax.convert import abstract_variables
 from clip_jax.models import model_config
 from tests.conftest import load_config, with_overrides
@@ -79,3 +79,26 @@ def test_the_first_moment_can_be_kept_in_bfloat16():
         assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(dtype)}
         assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype("float32")}
         assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype("float32")}
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-rn"])
+def test_decay_mask_is_open_clips(name):
+    """open_clip's training script (open_clip_train/main.py) decays every parameter but those of
+    fewer than 2 dims and those named bn, ln, bias or logit_scale: so token and positional
+    embeddings are decayed there, the class token not. The mask, carried to PyTorch's names and
+    layouts by the exporter, is that rule parameter by parameter."""
+    cfg = model_config(name)
+    variables = jax.eval_shape(lambda: abstract_variables(cfg))
+    mask = optim.decay_mask(variables["params"])
+    filled = jax.tree.map(
+        lambda m, x: np.full(x.shape, float(m), np.float32), mask, variables["params"]
+    )
+    sd = convert.to_state_dict({"params": filled}, cfg)
+
+    def open_clip_excludes(key: str, ndim: int) -> bool:
+        return ndim < 2 or any(s in key for s in ("bn", "ln", "bias", "logit_scale"))
+
+    assert sd
+    for key, value in sd.items():
+        decayed = {float(v) for v in np.unique(value)}
+        assert decayed == {float(not open_clip_excludes(key, value.ndim))}, key
