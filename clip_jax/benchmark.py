@@ -193,12 +193,12 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
         "pairs_per_sec": round(batch_size / step_s, 2),
         "step_s": round(step_s, 4),
         "batch_size": batch_size,
-        "devices": jax.device_count(),
+        "devices": mesh.size,
         "device_kind": jax.devices()[0].device_kind,
         "dtype": config.model.dtype,
         "compile_s": round(compile_s, 1),
         "flops_per_step": flops,
-        "mfu": round(flops / step_s / (peak * jax.device_count()), 4) if peak and flops else None,
+        "mfu": round(flops / step_s / (peak * mesh.size), 4) if peak and flops else None,
         "loss": float(metrics["loss"]),
     }
 

@@ -190,8 +190,8 @@ def compile_train_step(
 ) -> tuple[Any, float | None]:
     """The train step of `config` on `spec`'s mesh, compiled ahead of time for global batches of
     `batch_size` (float32 images and int32 tokens, as every source yields them), and its FLOPs
-    on all devices (XLA's cost analysis; None when XLA gives none). Training and the benchmark
-    run this one step."""
+    on all the mesh's devices (XLA's cost analysis; None when XLA gives none). Training and the
+    benchmark run this one step."""
     mesh = spec.mesh
     loss_fn = losses.make_loss_fn(
         config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
@@ -230,15 +230,15 @@ def compile_train_step(
             .lower(spec.abstract_with_shardings(), abstract_batch)
             .compile()
         )
-    return compiled, _flops(compiled)
+    return compiled, _flops(compiled, mesh.size)
 
 
-def _flops(compiled: Any) -> float | None:
-    """FLOPs of one step on all devices, from XLA's cost analysis of the compiled step."""
+def _flops(compiled: Any, devices: int) -> float | None:
+    """FLOPs of one step on the mesh's `devices`, from XLA's cost analysis of the compiled step."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     flops = float(cost.get("flops", 0.0))
-    return flops * jax.device_count() if flops > 0 else None  # XLA counts one device's program
+    return flops * devices if flops > 0 else None  # XLA counts one device's program
 
 
 def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:
