@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from clip_jax.errors import UsageError
@@ -103,7 +104,8 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     their logical axes mapped to `mesh`'s axes by `rules`.
 
     A dimension that its mesh axes do not divide is replicated instead, so that odd sizes
-    (a 3-wide conv input, a 1000-word vocabulary on 8 devices) never stop a run.
+    (a 3-wide conv input, a 1000-word vocabulary on 8 devices) never stop a run; a warning names
+    every such parameter, its dimension and the mesh axes it is not split over.
     """
     specs = nn.get_partition_spec(boxed_tree)
     # The boxes' values, without `nn.unbox`, which would apply sharding constraints here.
@@ -113,7 +115,9 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
         is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )
 
-    def fit(spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> NamedSharding:
+    replicated: list[str] = []
+
+    def fit(path: tuple, spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> NamedSharding:
         mesh_spec = nn.logical_to_mesh_axes(spec, rules)
         axes = []
         for dim, axis in zip(
@@ -121,9 +125,21 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
         ):
             size = int(np.prod([mesh.shape[a] for a in _as_tuple(axis)]))
             axes.append(axis if dim % size == 0 else None)
+            if dim % size:
+                replicated.append(f"{_path_str(path)} (size {dim}, not over {axis}={size})")
         return NamedSharding(mesh, PartitionSpec(*axes))
 
-    return jax.tree.map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out = jax.tree_util.tree_map_with_path(
+        fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    if replicated:
+        logging.warning(
+            "%d parameter dimension(s) replicated instead of split, as their mesh axes do not "
+            "divide them: %s",
+            len(replicated),
+            "; ".join(replicated),
+        )
+    return out
 
 
 def _as_tuple(axis: Any) -> tuple[str, ...]:

@@ -48,10 +48,13 @@ def test_rules_shard_width_over_fsdp_and_heads_over_tensor():
     assert shardings["logit_scale"].spec == P()
 
 
-def test_dimensions_the_mesh_does_not_divide_are_replicated():
+def test_dimensions_the_mesh_does_not_divide_are_replicated(caplog):
     mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
-    conv = tiny_param_shardings(mesh, "tiny-rn")["visual"]["stem1"]["conv"]["kernel"]
+    with caplog.at_level("WARNING"):
+        conv = tiny_param_shardings(mesh, "tiny-rn")["visual"]["stem1"]["conv"]["kernel"]
     assert conv.spec == P(None, None, None, None)  # 4 output channels on 8 devices
+    said = [r.getMessage() for r in caplog.records if "replicated instead of split" in r.message]
+    assert len(said) == 1 and "visual/stem1/conv/kernel (size 4, not over fsdp=8)" in said[0]
     # and the model initialises directly in that layout
     model = CLIP(**model_config("tiny-rn"))
     params_sh = tiny_param_shardings(mesh, "tiny-rn")
