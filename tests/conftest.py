@@ -128,6 +128,24 @@ def train_data_config(**overrides):
     return with_overrides(load_config("tiny").train_data, **overrides)
 
 
+def open_train_source(
+    cfg, *, size=8, length=8, vocab=49408, seed=0, process_index=0, process_count=1, **kw
+):
+    """`pipeline.make_source(cfg)` for a small model, one process by default (`kw`: tokenizer)."""
+    from clip_jax.data import pipeline
+
+    return pipeline.make_source(
+        cfg,
+        seed=seed,
+        image_size=size,
+        context_length=length,
+        vocab_size=vocab,
+        process_index=process_index,
+        process_count=process_count,
+        **kw,
+    )
+
+
 # --- A run's outputs -------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from clip_jax.data import image_ops, pipeline, tokenizers
-from tests.conftest import train_data_config, with_overrides
+from tests.conftest import open_train_source, train_data_config, with_overrides
 
 SIZE, LENGTH, VOCAB = 16, 16, 49408
 GOOD, BAD, FILES = 40, 6, 3
@@ -95,12 +95,12 @@ def shards(tmp_path_factory):
 
 def make(source: str, tokenizer, *, seed=0, process_index=0, process_count=1, **keys):
     cfg = train_data_config(source=source, image_key="jpg", text_key="txt", shuffle_buffer=16)
-    return pipeline.make_source(
+    return open_train_source(
         with_overrides(cfg, **keys),
+        size=SIZE,
+        length=LENGTH,
+        vocab=VOCAB,
         seed=seed,
-        image_size=SIZE,
-        context_length=LENGTH,
-        vocab_size=VOCAB,
         process_index=process_index,
         process_count=process_count,
         tokenizer=tokenizer,
@@ -367,16 +367,7 @@ def test_start_up_errors_name_the_problem(tmp_path, shards, tokenizer):
 
 
 def test_synthetic_needs_no_tokenizer():
-    cfg = train_data_config(source="synthetic")
-    source = pipeline.make_source(
-        cfg,
-        seed=0,
-        image_size=8,
-        context_length=8,
-        vocab_size=100,
-        process_index=0,
-        process_count=1,
-    )
+    source = open_train_source(train_data_config(source="synthetic"), vocab=100)
     batch, state = next(source.batches(4, slice(0, 4)))
     assert batch["image"].shape == (4, 8, 8, 3) and state == {"step": 1, "skipped_examples": 0}
 

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax.data import digits, pipeline, prepare, tokenizers
-from tests.conftest import train_data_config
+from clip_jax.data import digits, prepare, tokenizers
+from tests.conftest import open_train_source, train_data_config
 
 
 def image_bytes(fmt: str, seed: int = 0, mode: str = "RGB") -> bytes:
@@ -77,16 +77,7 @@ def test_a_folder_becomes_shards_the_tfrecord_source_reads(folder, tmp_path, cap
     assert records[0]["jpg"] == (folder / "a.jpg").read_bytes()  # JPEGs are kept as they are
 
     cfg = train_data_config(source=f"tfrecord:{out}/part-*.tfrecord")
-    source = pipeline.make_source(
-        cfg,
-        seed=0,
-        image_size=8,
-        context_length=8,
-        vocab_size=49408,
-        process_index=0,
-        process_count=1,
-        tokenizer=tokenizers.get_tokenizer("clip_bpe", 8),
-    )
+    source = open_train_source(cfg, tokenizer=tokenizers.get_tokenizer("clip_bpe", 8))
     batch, state = next(source.batches(3, slice(0, 3)))
     assert batch["image"].shape == (3, 8, 8, 3) and source.skipped_examples == 0
 

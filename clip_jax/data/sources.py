@@ -22,6 +22,12 @@ from clip_jax.errors import UsageError
 Batch = dict[str, np.ndarray]
 
 
+def batch_rows(rows: np.ndarray | slice, global_batch: int) -> np.ndarray:
+    """A process's rows of a global batch as ascending indices, given as `sharding.local_rows`
+    gives them or as a slice (one process, tests)."""
+    return np.arange(global_batch)[rows]
+
+
 class SyntheticSource:
     """Learnable synthetic pairs whose every example is a pure function of (seed, global index).
 
@@ -73,7 +79,7 @@ class SyntheticSource:
         self, global_batch: int, rows: np.ndarray | slice, state: dict | None = None
     ) -> Iterator[tuple[Batch, dict]]:
         """The `rows` of each global batch, from `state` (or the start) on."""
-        rows = np.arange(global_batch)[rows]
+        rows = batch_rows(rows, global_batch)
         step = int(state["step"]) if state else 0
         while True:
             base = step * global_batch

@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import image_ops
+from clip_jax.data.sources import Batch, batch_rows
 from clip_jax.errors import UsageError
 
-Batch = dict[str, np.ndarray]
 EPOCHS = 2**40  # "forever", as a range that tf.data can hold
 PREFETCH_BATCHES = 2
 
@@ -221,7 +221,7 @@ class TFDataSource:
         self, global_batch: int, rows: np.ndarray | slice, state: dict | None = None
     ) -> Iterator[tuple[Batch, dict]]:
         """This process's `rows` of each global batch, from `state` (or the start) on."""
-        n = len(np.arange(global_batch)[rows])
+        n = len(batch_rows(rows, global_batch))
         if not 0 < n <= global_batch:
             raise ValueError(f"rows {rows} do not fit a global batch of {global_batch}")
         state = state or self.initial_state()

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import image_ops, prepare
+from clip_jax.data.sources import batch_rows
 from clip_jax.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
@@ -291,7 +292,7 @@ def batches(
     `max_captions` are dropped and counted in `stats["dropped_captions"]`). Undecodable images
     are counted in `stats["skipped"]`.
     """
-    rows = np.arange(global_batch)[rows]
+    rows = batch_rows(rows, global_batch)
     n = len(rows)
     total = num_batches(source.num_examples, global_batch)
     held = np.zeros(global_batch, bool)
