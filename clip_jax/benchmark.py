@@ -164,17 +164,17 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
     all devices, its FLOPs from XLA's cost analysis, and MFU where the chip's peak is known."""
     import flax.linen as nn
 
-    from clip_jax import sharding, train
+    from clip_jax import sharding
     from clip_jax import state as state_lib
 
     batch_size = batch_size or config.batch_size
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.config_mesh(config.mesh)
     spec = state_lib.build(config, mesh)
     state = state_lib.init(spec, 0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         batch = _random_batch(config, batch_size, mesh)
         t0 = time.perf_counter()
-        compiled, flops = train.compile_train_step(config, spec, batch_size)  # training's step
+        compiled, flops = state_lib.compile_train_step(spec, batch_size)  # training's step
         compile_s = time.perf_counter() - t0
         flops = flops or 0.0
         for _ in range(WARMUP_BATCHES):
@@ -211,7 +211,7 @@ def bench_loss_memory(config: ml_collections.ConfigDict, *, batch_size: int, ste
 
     del steps
     batch_size = batch_size or config.batch_size
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.config_mesh(config.mesh)
     dim = config.model.embed_dim
     rows = sharding.batch_sharding(mesh, 2)
     emb = jax.ShapeDtypeStruct((batch_size, dim), jnp.float32, sharding=rows)
@@ -237,7 +237,7 @@ def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps:
     from clip_jax.evals import extract, zeroshot
 
     batch_size = batch_size or 256
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.config_mesh(config.mesh)
     spec = state_lib.build(config, mesh)
     model, variables = spec.model, state_lib.variables_of(state_lib.init(spec, 0))
     size = config.model.vision.image_size
@@ -332,11 +332,11 @@ def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, step
     host's cores). `steps` saves, medians reported."""
     import flax.linen as nn
 
-    from clip_jax import checkpoint, sharding, train
+    from clip_jax import checkpoint, sharding
     from clip_jax import state as state_lib
 
     batch_size = batch_size or config.batch_size
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.config_mesh(config.mesh)
     spec = state_lib.build(config, mesh)
     state = state_lib.init(spec, 0)
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -347,7 +347,7 @@ def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, step
         tempfile.TemporaryDirectory() as tmp,
     ):
         batch = _random_batch(config, batch_size, mesh)
-        compiled, _ = train.compile_train_step(config, spec, batch_size)
+        compiled, _ = state_lib.compile_train_step(spec, batch_size)
 
         def step(state):
             t = time.perf_counter()

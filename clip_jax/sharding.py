@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from clip_jax.errors import UsageError
@@ -71,8 +72,19 @@ def check_rules(rules: Any) -> Rules:
     return tuple(out)
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1, meaning the remaining devices."""
+def make_mesh(
+    shape: Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    allow_split_physical_axes: bool = False,
+) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh; one size may be -1, meaning the remaining devices.
+
+    `devices` defaults to all of them; give a TPU topology's devices to build a mesh for a
+    machine this process does not run on (`clip_jax.aot`). On TPUs the devices are ordered so
+    that each mesh axis follows the chips' interconnect; a mesh axis that would take part of a
+    physical axis is refused unless `allow_split_physical_axes` (`mesh.allow_split_physical_axes`).
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(shape[a]) for a in AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -90,8 +102,26 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
             f"mesh {_describe(sizes)} = {int(np.prod(sizes))} devices, but there are "
             f"{len(devices)}; set one of mesh.data/fsdp/tensor to -1 to take the rest"
         )
-    return jax.make_mesh(
-        tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices
+    try:
+        ordered = mesh_utils.create_device_mesh(
+            sizes, devices, allow_split_physical_axes=allow_split_physical_axes
+        )
+    except (ValueError, NotImplementedError) as e:
+        if allow_split_physical_axes:
+            raise
+        raise UsageError(
+            f"mesh {_describe(sizes)} does not map onto the {devices[0].device_kind} slice's "
+            f"physical axes ({e}); set mesh.allow_split_physical_axes=True to split them"
+        ) from None
+    return Mesh(ordered, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def config_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh `config.mesh` describes, over `devices` (default: all of them)."""
+    return make_mesh(
+        mesh_config,
+        devices,
+        allow_split_physical_axes=mesh_config["allow_split_physical_axes"],
     )
 
 

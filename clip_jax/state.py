@@ -3,7 +3,9 @@ the abstract train state and its shardings over a mesh, a fresh state born shard
 parameters read back from its checkpoints. Training, evaluation, the benchmark, export and tests
 all call these, so that none of them rebuilds the layout on its own.
 
-    spec = state.build(config, mesh)        # model, optimizer, abstract state, shardings
+    spec = state.build(config, mesh)        # model, optimizer, abstract state, shardings, and
+                                            # the jitted train and init steps, touching no device
+    step, flops = state.compile_train_step(spec, batch_size)   # what training runs
     train_state = state.init(spec, seed)    # parameters created in place, already sharded
     model, variables = state.load_run(workdir, step=None)   # a training run's weights
     state.check_same_run(config, workdir)   # a UsageError if workdir trained another run
@@ -21,10 +23,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import optim, paths, sharding
+from clip_jax import losses, optim, paths, sharding
 from clip_jax.errors import UsageError
 from clip_jax.models.clip import CLIP, complete_config, is_resnet
-from clip_jax.train_step import TrainState, create_state
+from clip_jax.train_step import TrainState, create_state, make_train_step
 
 CONFIG_FILE = "config.json"  # what train.run writes into the workdir
 
@@ -41,6 +43,11 @@ class StateSpec:
     shardings: TrainState  # NamedShardings on `mesh`
     mesh: Mesh
     rules: sharding.Rules  # logical axes -> `mesh`'s axes (config.mesh.rules)
+    # `train_step(state, batch) -> (state, metrics)`, jitted with the state's and the batch's
+    # shardings and the state donated; lower it in `mesh` under `rules` (`lower_train_step`).
+    train_step: Any
+    # `init_step(seed) -> state`, jitted so that every parameter is created in its sharding.
+    init_step: Any
 
     def abstract_with_shardings(self) -> TrainState:
         """ShapeDtypeStructs that carry their shardings: what a checkpoint restores into."""
@@ -62,9 +69,28 @@ def model_config(model: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def example_inputs(model_cfg: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-    """One image and one token row: parameters do not depend on the batch size."""
+    """One image and one token row (zeros, made where they are traced): parameters do not depend
+    on the batch size."""
     size, length = model_cfg["vision"]["image_size"], model_cfg["text"]["context_length"]
     return jnp.zeros((1, size, size, 3)), jnp.zeros((1, length), jnp.int32)
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    """Where a training batch's arrays live: rows over the batch axes."""
+    return {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)}
+
+
+def abstract_batch(spec: "StateSpec", batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """A global training batch of `batch_size` as shapes: float32 images and int32 tokens, as
+    every source yields them, with their shardings."""
+    cfg, shardings = spec.model_config, batch_shardings(spec.mesh)
+    size, length = cfg["vision"]["image_size"], cfg["text"]["context_length"]
+    return {
+        "image": jax.ShapeDtypeStruct(
+            (batch_size, size, size, 3), jnp.float32, sharding=shardings["image"]
+        ),
+        "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=shardings["text"]),
+    }
 
 
 def check_text_pooling(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
@@ -76,20 +102,25 @@ def check_text_pooling(config: ml_collections.ConfigDict, tokenizer: Any) -> Non
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
-    """The model, optimizer, abstract train state and its shardings for `config` on `mesh`,
-    computed without allocating any parameter."""
+    """The model, optimizer, abstract train state, its shardings and the jitted train and init
+    steps for `config` on `mesh`: training, the benchmark and `clip_jax.aot` all start here.
+
+    Nothing is allocated and no device is touched (`mesh` may be a TPU topology's devices on a
+    CPU machine): the state is traced abstractly and the steps are only wrapped by `jax.jit`.
+    """
     cfg = model_config(config.model)
     model = CLIP(**cfg)
     optim_cfg = config.optim.to_dict() if hasattr(config.optim, "to_dict") else dict(config.optim)
     tx, lr_schedule = optim.make_optimizer(config.total_steps, **optim_cfg)
     rules = sharding.check_rules(config.mesh.rules)
-    images, tokens = example_inputs(cfg)
+
+    def fresh(rng):
+        return create_state(model, tx, rng, *example_inputs(cfg))
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, tokens))
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg)))
         params = sharding.logical_to_sharding(boxed["params"], mesh, rules)
-        abstract = jax.eval_shape(
-            lambda: create_state(model, tx, jax.random.key(0), images, tokens)
-        )
+        abstract = jax.eval_shape(lambda: fresh(jax.random.key(0)))
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
         step=replicated,
@@ -99,17 +130,61 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
         nonfinite_steps=replicated,
         first_nonfinite_step=replicated,
     )
-    return StateSpec(model, cfg, tx, lr_schedule, abstract, shardings, mesh, rules)
+    loss_fn = losses.make_loss_fn(
+        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
+    )
+    step_fn = make_train_step(
+        model,
+        tx,
+        loss_fn,
+        lr_schedule,
+        mesh,
+        accum_steps=config.optim.accum_steps,
+        max_logit_scale=config.loss.max_logit_scale,
+        frozen=config.optim.frozen,
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_shardings(mesh)),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+    init_step = jax.jit(lambda seed: fresh(jax.random.key(seed)), out_shardings=shardings)
+    return StateSpec(
+        model, cfg, tx, lr_schedule, abstract, shardings, mesh, rules, train_step, init_step
+    )
+
+
+def lower_train_step(spec: StateSpec, batch_size: int) -> jax.stages.Lowered:
+    """The train step traced and lowered for global batches of `batch_size`, from shapes alone
+    (what `clip_jax.aot` compiles for a topology it does not have)."""
+    with jax.set_mesh(spec.mesh), nn.logical_axis_rules(spec.rules):
+        return spec.train_step.lower(
+            spec.abstract_with_shardings(), abstract_batch(spec, batch_size)
+        )
+
+
+def compile_train_step(spec: StateSpec, batch_size: int) -> tuple[Any, float | None]:
+    """The train step compiled ahead of time for global batches of `batch_size`, and its FLOPs
+    on all the mesh's devices (XLA's cost analysis; None when XLA gives none). Training, the
+    benchmark and `clip_jax.aot` run this one step."""
+    compiled = lower_train_step(spec, batch_size).compile()
+    return compiled, compiled_flops(compiled, spec.mesh.size)
+
+
+def compiled_flops(compiled: Any, devices: int) -> float | None:
+    """FLOPs of one call on the mesh's `devices`, from XLA's cost analysis of a compiled step
+    (XLA counts one device's program)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    flops = float(cost.get("flops", 0.0))
+    return flops * devices if flops > 0 else None
 
 
 def init(spec: StateSpec, seed: int) -> TrainState:
     """A fresh train state, each parameter created directly in its sharding."""
-    images, tokens = example_inputs(spec.model_config)
     with jax.set_mesh(spec.mesh), nn.logical_axis_rules(spec.rules):
-        return jax.jit(
-            lambda rng: create_state(spec.model, spec.tx, rng, images, tokens),
-            out_shardings=spec.shardings,
-        )(jax.random.key(seed))
+        return spec.init_step(seed)
 
 
 def variables_of(train_state: TrainState) -> dict[str, Any]:
@@ -178,7 +253,8 @@ def read_run_config(workdir: str, step: int | None = None) -> ml_collections.Con
 
 # Keys that a run's saved config lacks when it was written before they existed, with what such
 # runs did (the rules only lay parameters out: a run restores the same under today's).
-ADDED_KEYS = {"mesh.rules": sharding.DEFAULT_RULES}  # a model's keys: `complete_config`
+# A model's missing keys are its modules' defaults: `complete_config`.
+ADDED_KEYS = {"mesh.rules": sharding.DEFAULT_RULES, "mesh.allow_split_physical_axes": False}
 
 
 def _saved_config(saved: dict) -> ml_collections.ConfigDict:

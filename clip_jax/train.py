@@ -15,15 +15,15 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from clip_jax import checkpoint, convert, losses, paths, runlock, sharding, validate
+from clip_jax import checkpoint, convert, paths, runlock, sharding, validate
 from clip_jax import state as state_lib
 from clip_jax.data import pipeline
 from clip_jax.errors import UsageError
 from clip_jax.evals import runner
 from clip_jax.metrics import MetricsWriter, Progress, end_summary, format_flops, start_summary
-from clip_jax.train_step import TrainState, make_train_step
+from clip_jax.train_step import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,7 +57,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
         state_lib.check_same_run(config, workdir)
 
     # --- Mesh --------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.config_mesh(config.mesh)
     shard = sharding.data_shard(mesh, config.batch_size)
     accum_steps = config.optim.accum_steps
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -125,7 +125,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
         # the pace of the first steps leaves the compilation out ---------------------------
         logging.info("compiling the train step ...")
         t0 = time.perf_counter()
-        train_step, flops = compile_train_step(config, spec, config.batch_size)
+        train_step, flops = state_lib.compile_train_step(spec, config.batch_size)
         logging.info(
             "compiled the train step in %.1fs: %s per step (XLA's cost analysis)",
             time.perf_counter() - t0,
@@ -183,62 +183,6 @@ def mark_done(workdir: str, step: int) -> None:
     paths.write_text(
         paths.path(workdir) / DONE_FILE, json.dumps({"step": int(step), "time": time.time()})
     )
-
-
-def compile_train_step(
-    config: ml_collections.ConfigDict, spec: state_lib.StateSpec, batch_size: int
-) -> tuple[Any, float | None]:
-    """The train step of `config` on `spec`'s mesh, compiled ahead of time for global batches of
-    `batch_size` (float32 images and int32 tokens, as every source yields them), and its FLOPs
-    on all the mesh's devices (XLA's cost analysis; None when XLA gives none). Training and the
-    benchmark run this one step."""
-    mesh = spec.mesh
-    loss_fn = losses.make_loss_fn(
-        config.loss.name, mesh, sharding.BATCH_AXES, chunk_size=config.loss.chunk_size
-    )
-    step_fn = make_train_step(
-        spec.model,
-        spec.tx,
-        loss_fn,
-        spec.lr_schedule,
-        mesh,
-        accum_steps=config.optim.accum_steps,
-        max_logit_scale=config.loss.max_logit_scale,
-        frozen=config.optim.frozen,
-    )
-    batch_shardings = {
-        "image": sharding.batch_sharding(mesh, 4),
-        "text": sharding.batch_sharding(mesh, 2),
-    }
-    size, length = config.model.vision.image_size, config.model.text.context_length
-    abstract_batch = {
-        "image": jax.ShapeDtypeStruct(
-            (batch_size, size, size, 3), np.float32, sharding=batch_shardings["image"]
-        ),
-        "text": jax.ShapeDtypeStruct(
-            (batch_size, length), np.int32, sharding=batch_shardings["text"]
-        ),
-    }
-    with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
-        compiled = (
-            jax.jit(
-                step_fn,
-                in_shardings=(spec.shardings, batch_shardings),
-                out_shardings=(spec.shardings, NamedSharding(mesh, PartitionSpec())),
-                donate_argnums=(0,),
-            )
-            .lower(spec.abstract_with_shardings(), abstract_batch)
-            .compile()
-        )
-    return compiled, _flops(compiled, mesh.size)
-
-
-def _flops(compiled: Any, devices: int) -> float | None:
-    """FLOPs of one step on the mesh's `devices`, from XLA's cost analysis of the compiled step."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
-    flops = float(cost.get("flops", 0.0))
-    return flops * devices if flops > 0 else None  # XLA counts one device's program
 
 
 def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:

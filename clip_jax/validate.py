@@ -99,6 +99,7 @@ RULES: dict[str, Rule] = {
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
+    "mesh.allow_split_physical_axes": BOOL,
     "mesh.rules": Rule(
         lambda v: _seq(v, lambda e: _seq(e, lambda _: True) and len(e) == 2),
         "a list of (logical axis, mesh axes) pairs",

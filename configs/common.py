@@ -37,6 +37,8 @@ MEANINGS = {
     "mesh.data": "devices of the data-parallel mesh axis (-1: the remaining devices)",
     "mesh.fsdp": "devices of the FSDP axis: parameters sharded over the model width",
     "mesh.tensor": "devices of the tensor-parallel axis: heads and MLP units split",
+    "mesh.allow_split_physical_axes": "let a mesh axis take part of a TPU slice's physical axis "
+    "(e.g. data=2, fsdp=256 on v5p:8x8x8), which the default device order refuses",
     "mesh.rules": "logical axis -> mesh axes, one (name, axes) pair per axis the layers name "
     "(MaxText's logical_axis_rules); axes None (replicated), an axis or a tuple of axes",
     "model.embed_dim": "width of the joint image-text embedding space",
@@ -124,6 +126,7 @@ def base_config(
     c.init_from_allow_torchscript_code = False  # unsafe: torch.jit.load runs the file's code
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
+    c.mesh.allow_split_physical_axes = False
     c.mesh.rules = sharding.DEFAULT_RULES  # FSDP over the width, tensor over heads and MLP
 
     c.model = ml_collections.ConfigDict(model_config(model))

@@ -40,7 +40,7 @@ def run(config, devices: list) -> dict:
         process_count=shard.count,
     )
     spec = state_lib.build(config, mesh)
-    step_fn, _ = train.compile_train_step(config, spec, config.batch_size)
+    step_fn, _ = state_lib.compile_train_step(spec, config.batch_size)
     state = state_lib.init(spec, config.seed)
     batches = train.prefetch_to_devices(
         source.batches(config.batch_size, shard.rows), mesh, config.batch_size

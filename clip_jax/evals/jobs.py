@@ -50,7 +50,7 @@ def prepare(
     if config is None:  # a weight file alone: every device data-parallel, the default layout
         mesh, rules = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), sharding.DEFAULT_RULES
     else:
-        mesh, rules = sharding.make_mesh(config.mesh), sharding.check_rules(config.mesh.rules)
+        mesh, rules = sharding.config_mesh(config.mesh), sharding.check_rules(config.mesh.rules)
     if workdir:
         model, variables, step = state.load_run(workdir, step, mesh=mesh)
         return Subject(
