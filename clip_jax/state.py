@@ -142,6 +142,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
         accum_steps=config.optim.accum_steps,
         max_logit_scale=config.loss.max_logit_scale,
         frozen=config.optim.frozen,
+        seed=config.seed,
     )
     train_step = jax.jit(
         step_fn,

@@ -48,7 +48,10 @@ def create_state(
 def make_loss_and_grad(
     model: nn.Module, loss_fn: LossFn, mesh: Mesh, *, accum_steps: int, frozen: Sequence[str]
 ) -> Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, Any, Any]]:
-    """`loss_and_grad(params, batch_stats, batch) -> (loss, grads, new_batch_stats)`.
+    """`loss_and_grad(params, batch_stats, batch, rng) -> (loss, grads, new_batch_stats)`.
+
+    `rng` is the step's key for the towers' randomness (the `"dropout"` stream: FLIP's patch
+    dropout); each micro-batch gets its own, the same in both of its passes.
 
     With `accum_steps = k > 1` the batch is cut into k micro-batches and the gradient is exactly
     that of the whole batch (GradCache, Gao et al. 2021): all micro-batches are embedded first
@@ -64,7 +67,7 @@ def make_loss_and_grad(
     """
     freeze_image, freeze_text = "visual" in frozen, "text_tower" in frozen
 
-    def embed(params, batch_stats, images, tokens):
+    def embed(params, batch_stats, images, tokens, rng):
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
         zimg, updates = model.apply(
             variables,
@@ -72,6 +75,7 @@ def make_loss_and_grad(
             train=not freeze_image,
             method="encode_image",
             mutable=["batch_stats"],
+            rngs={"dropout": rng},
         )
         if freeze_image:
             zimg = jax.lax.stop_gradient(zimg)
@@ -84,22 +88,24 @@ def make_loss_and_grad(
     def contrastive(zimg, ztxt, params):
         return loss_fn(zimg, ztxt, jnp.exp(params["logit_scale"]), params.get("logit_bias"))
 
-    def whole_batch(params, batch_stats, batch):
+    def whole_batch(params, batch_stats, batch, rng):
         def full(p):
-            (zimg, ztxt), new_stats = embed(p, batch_stats, batch["image"], batch["text"])
+            (zimg, ztxt), new_stats = embed(p, batch_stats, batch["image"], batch["text"], rng)
             return contrastive(zimg, ztxt, p), new_stats
 
         (loss, new_stats), grads = jax.value_and_grad(full, has_aux=True)(params)
         return loss, grads, new_stats
 
-    def accumulated(params, batch_stats, batch):
+    def accumulated(params, batch_stats, batch, rng):
         micro = jax.tree.map(lambda x: split_micro_batches(x, accum_steps, mesh), batch)
+        rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum_steps))
 
-        def forward(stats, mb):
-            (zimg, ztxt), stats = embed(params, stats, mb["image"], mb["text"])
+        def forward(stats, xs):
+            mb, key = xs
+            (zimg, ztxt), stats = embed(params, stats, mb["image"], mb["text"], key)
             return stats, (zimg, ztxt)
 
-        _, (zimg, ztxt) = jax.lax.scan(forward, batch_stats, micro)  # [k, n, E] each
+        _, (zimg, ztxt) = jax.lax.scan(forward, batch_stats, (micro, rngs))  # [k, n, E] each
         zimg, ztxt = zimg.reshape(-1, zimg.shape[-1]), ztxt.reshape(-1, ztxt.shape[-1])
         temps = {k: v for k, v in params.items() if k in _TEMPERATURE}
         towers = {k: v for k, v in params.items() if k not in _TEMPERATURE}
@@ -111,9 +117,9 @@ def make_loss_and_grad(
 
         def backward(carry, xs):
             grads, stats = carry
-            mb, gi, gt = xs
+            mb, key, gi, gt = xs
             _, vjp, new_stats = jax.vjp(
-                lambda p: embed({**p, **temps}, stats, mb["image"], mb["text"]),
+                lambda p: embed({**p, **temps}, stats, mb["image"], mb["text"], key),
                 towers,
                 has_aux=True,
             )
@@ -122,7 +128,7 @@ def make_loss_and_grad(
 
         zeros = jax.tree.map(jnp.zeros_like, towers)
         (g_towers, new_stats), _ = jax.lax.scan(
-            backward, (zeros, batch_stats), (micro, g_img, g_txt)
+            backward, (zeros, batch_stats), (micro, rngs, g_img, g_txt)
         )
         return loss, {**g_towers, **g_temps}, new_stats
 
@@ -142,18 +148,22 @@ def make_train_step(
     accum_steps: int,
     max_logit_scale: float,
     frozen: Sequence[str],
+    seed: int,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch) -> (state, metrics)` for `batch = {"image", "text"}`.
 
     A step whose loss or gradient is not finite leaves parameters and optimizer state untouched
     and is counted in `nonfinite_steps`; the loop decides whether to halt. The temperature is
-    clamped at `max_logit_scale` after each update; the other arguments are
+    clamped at `max_logit_scale` after each update. The towers' randomness of a step is
+    `fold_in(key(seed), step)`: a resumed run draws what an uninterrupted one would. The other
+    arguments are
     `make_loss_and_grad`'s.
     """
     loss_and_grad = make_loss_and_grad(model, loss_fn, mesh, accum_steps=accum_steps, frozen=frozen)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        loss, grads, new_stats = loss_and_grad(state.params, state.batch_stats, batch)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        loss, grads, new_stats = loss_and_grad(state.params, state.batch_stats, batch, rng)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

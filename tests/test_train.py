@@ -39,7 +39,11 @@ def test_accumulation_gives_the_large_batch_gradient():
         loss_fn = losses.make_loss_fn("softmax", mesh, sharding.BATCH_AXES)
         whole = make_loss_and_grad(model, loss_fn, mesh, accum_steps=1, frozen=())
         accum = make_loss_and_grad(model, loss_fn, mesh, accum_steps=4, frozen=())
-        whole, accum = jax.jit(whole)(params, {}, batch), jax.jit(accum)(params, {}, batch)
+        key = jax.random.key(3)
+        whole, accum = (
+            jax.jit(whole)(params, {}, batch, key),
+            jax.jit(accum)(params, {}, batch, key),
+        )
     np.testing.assert_allclose(accum[0], whole[0], rtol=1e-6)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(whole[1]))
     for a, b in zip(jax.tree.leaves(accum[1]), jax.tree.leaves(whole[1]), strict=True):
@@ -57,7 +61,8 @@ def test_a_frozen_tower_gets_no_gradient(frozen, accum_steps):
         params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1]))["params"]
         loss_fn = losses.make_loss_fn("softmax", mesh, sharding.BATCH_AXES)
         fn = make_loss_and_grad(model, loss_fn, mesh, accum_steps=accum_steps, frozen=frozen)
-        _, grads, _ = jax.jit(fn)(params, {}, {"image": images, "text": tokens})
+        batch = {"image": images, "text": tokens}
+        _, grads, _ = jax.jit(fn)(params, {}, batch, jax.random.key(3))
     for group in ("visual", "text_tower"):
         norm = float(optax.tree.norm(grads[group]))
         assert (norm == 0) == (group in frozen), (group, norm)
