@@ -342,10 +342,9 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     `largest` single ones. Bytes are one device's whole buffer: an all-gather's result, the
     operands of the others (a reduce-scatter's input before scattering); a collective inside a
     loop counts once per iteration."""
-    shapes, calls, found, entry = {}, {}, [], ""
+    shapes, calls, found = {}, {}, []
     for computation, name, shape, opcode, operands, attributes in _instructions(hlo):
         shapes[name] = shape
-        entry = computation if f"ENTRY %{computation} " in hlo else entry
         trips = _TRIP_COUNT.search(attributes) if opcode == "while" else None
         for role, targets in _CALLS.findall(attributes):
             times = int(trips[1]) if trips and role == "body" else 1
@@ -354,7 +353,8 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
         kind = opcode.removesuffix("-start")
         if kind in KINDS:
             found.append((computation, kind, shape, operands))
-    runs = _executions(calls, entry) if entry else {}
+    entry = re.search(r"^ENTRY\s+%([\w.\-]+)", hlo, re.MULTILINE)
+    runs = _executions(calls, entry[1]) if entry else {}
     kinds: dict[str, dict[str, Any]] = {}
     single = []
     for computation, kind, shape, operands in found:
