@@ -1,0 +1,177 @@
+"""`python -m clip_jax.aot` compiles the tiny config's real train step for a 4-chip v5e slice on
+this CPU (libtpu's compile-only devices) and reports memory, a verdict, FLOPs and collectives;
+its mistakes are one line. The tests that compile skip where libtpu is absent (`.[aot]`)."""
+
+import importlib.util
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import run_python
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[aot]'"
+)
+V5E_HBM = 16 * 2**30
+
+
+def run_aot(*args: str):
+    return run_python(["-m", "clip_jax.aot", "--config=configs/tiny.py", *args], timeout=600)
+
+
+def last_json(done) -> dict:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_libtpu
+def test_the_tiny_step_fits_a_v5e_slice_and_the_search_doubles_the_batch():
+    done = run_aot("--topology=v5e:2x2", "--search_batch=1")
+    r = last_json(done)
+    assert r["topology"] == "v5e:2x2" and r["device_kind"] == "TPU v5 lite" and r["chips"] == 4
+    assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and r["batch_size"] == 32
+    assert r["fits"] is True and r["hbm_bytes"] == V5E_HBM and not r["compile_error"]
+    # The donated state's outputs reuse its arguments' buffers: counted once.
+    parts = ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes")
+    assert r["per_chip_bytes"] == sum(r[k] for k in parts) - r["alias_bytes"] > 0
+    assert 0 < r["alias_bytes"] <= min(r["argument_bytes"], r["output_bytes"])
+    assert r["flops_per_step"] > 0 and r["est_step_s"] > 0 and r["compile_s"] > 0
+    # Data parallelism: the gradients are summed over the 4 chips in float32.
+    assert r["collectives"]["all-reduce"]["count"] >= 1
+    assert "f32" in r["collectives"]["all-reduce"]["dtypes"]
+    assert r["largest_collectives"][0]["bytes"] > 0
+    assert [t["batch_size"] for t in r["search"]] == [32, 64] and r["max_batch_size"] == 64
+    assert r["replicated_params"] == [] and r["replicated_bytes"] == 0  # nothing to shard over
+    assert "fits" in done.stdout and "collectives per step" in done.stdout
+
+
+@needs_libtpu
+def test_fsdp_names_the_parameters_it_leaves_replicated():
+    r = last_json(
+        run_aot(
+            "--topology=v5e:2x2",
+            "--search_batch=0",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=-1",
+        )
+    )
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"] is True
+    paths = {p["path"] for p in r["replicated_params"]}
+    assert "logit_scale" in paths and "visual/ln_post/scale" in paths  # no axis to split
+    assert not any(p.endswith("kernel") for p in paths)  # the kernels are sharded
+    assert r["replicated_bytes"] == sum(p["bytes"] for p in r["replicated_params"])
+    assert r["search"] == [r["search"][0]] and r["max_batch_size"] is None
+
+
+@needs_libtpu
+def test_a_batch_beyond_hbm_is_a_verdict_not_a_traceback():
+    done = run_aot("--topology=v5e:2x2", "--search_batch=1", "--config.batch_size=262144")
+    r = last_json(done)
+    assert r["fits"] is False and r["per_chip_bytes"] > r["hbm_bytes"] and r["compile_error"]
+    assert r["flops_per_step"] is None and r["collectives"] == {}
+    assert [t["batch_size"] for t in r["search"]] == [262144, 131072]  # halved, still too big
+    assert r["max_batch_size"] is None and r["min_batch_not_fitting"] == 131072
+    assert "does NOT fit" in done.stdout and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology=v9x:2x2"], "--topology=v9x:2x2: use GEN:CHIPS with GEN one of v4, v5e"),
+        (["--topology=v5e:2x2", "--mfu=2"], "--mfu=2.0: use a fraction in (0, 1]"),
+        pytest.param(
+            ["--topology=v5e:2x2", "--config.batch_size=30"],
+            "batch_size 30 does not divide over the 4 batch shards",
+            marks=needs_libtpu,
+        ),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(args, message):
+    done = run_aot(*args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert "Traceback" not in done.stderr
+
+
+@needs_libtpu
+def test_a_shape_libtpu_refuses_is_one_line():
+    done = run_aot("--topology=v5e:3x3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:3x3: ")
+
+
+# A compiled module's text, cut down: a loop of 12 (scanned layers) that all-gathers a bf16
+# weight asynchronously and reduce-scatters its f32 gradient through an async wrapper, then a
+# combined all-reduce and a collective permute outside it.
+HLO = """
+HloModule jit_train_step, is_scheduled=true
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%scatter (g: f32[64,128]) -> f32[16,128] {
+  %g = f32[64,128]{1,0:T(8,128)} parameter(0)
+  ROOT %rs = f32[16,128]{1,0:T(8,128)} reduce-scatter(%g), replica_groups=[1,4]<=[4], to_apply=%add
+}
+
+%body (p: (s32[], bf16[16,128])) -> (s32[], bf16[16,128]) {
+  %p = (s32[], bf16[16,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %w = bf16[16,128]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %ags = (bf16[16,128]{1,0}, bf16[64,128]{1,0}) all-gather-start(%w), dimensions={0}
+  %agd = bf16[64,128]{1,0:T(8,128)(2,1)} all-gather-done(%ags)
+  %f = f32[64,128]{1,0} convert(%agd)
+  %rss = ((f32[64,128]{1,0}), f32[16,128]{1,0}) async-start(%f), calls=%scatter
+  %rsd = f32[16,128]{1,0} async-done(%rss)
+  ROOT %t = (s32[], bf16[16,128]{1,0}) tuple(%i, %w)
+}
+
+%cond (c: (s32[], bf16[16,128])) -> pred[] {
+  %c = (s32[], bf16[16,128]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  %w0 = bf16[16,128]{1,0} parameter(2)
+  %ar = (f32[8]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3}}, to_apply=%add
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[16,128]{1,0}) tuple(%zero, %w0)
+  %loop = (s32[], bf16[16,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %cps = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1}}
+  ROOT %cpd = f32[8]{0} collective-permute-done(%cps)
+}
+"""  # noqa: E501 (lines as XLA prints them)
+
+
+def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
+    (tmp_path / "module.hlo").write_text(HLO)
+    script = textwrap.dedent(
+        f"""
+        import json
+        from clip_jax import aot
+        print(json.dumps(aot.collectives(open({str(tmp_path / "module.hlo")!r}).read())))
+        """
+    )
+    done = run_python(["-c", script])
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["collectives"] == {
+        "all-reduce": {"count": 1, "bytes": 4 * (8 + 16), "dtypes": ["f32"]},
+        # 12 iterations: the gathered bf16 weight, the f32 gradient before it is scattered
+        "all-gather": {"count": 12, "bytes": 12 * 64 * 128 * 2, "dtypes": ["bf16"]},
+        "reduce-scatter": {"count": 12, "bytes": 12 * 64 * 128 * 4, "dtypes": ["f32"]},
+        "collective-permute": {"count": 1, "bytes": 4 * 8, "dtypes": ["f32"]},
+    }
+    largest = found["largest_collectives"][0]
+    assert largest == {
+        "kind": "reduce-scatter",
+        "shape": "f32[64,128]",
+        "bytes": 32768,
+        "times": 12,
+    }
