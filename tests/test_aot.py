@@ -101,6 +101,23 @@ def test_a_shape_libtpu_refuses_is_one_line():
     assert done.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:3x3: ")
 
 
+def test_without_libtpu_the_error_says_what_to_install():
+    script = textwrap.dedent(
+        """
+        import importlib.util, runpy, sys
+        find = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "libtpu" else find(name, *a)
+        sys.argv = ["aot", "--config=configs/tiny.py", "--topology=v5e:2x2"]
+        runpy.run_module("clip_jax.aot", run_name="__main__")
+        """
+    )
+    done = run_python(["-c", script])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: compiling for a TPU topology needs libtpu: pip install 'clip-jax-train[aot]'"
+    )
+
+
 # A compiled module's text, cut down: a loop of 12 (scanned layers) that all-gathers a bf16
 # weight asynchronously and reduce-scatters its f32 gradient through an async wrapper, then a
 # combined all-reduce and a collective permute outside it.
