@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -158,7 +159,9 @@ def compile_at(spec: state_lib.StateSpec, batch_size: int, hbm_bytes: int) -> Tr
     return Trial(batch_size, memory["per_chip_bytes"] <= hbm_bytes, memory, seconds, compiled)
 
 
-def search_batch(fits_at: Any, first: Trial, unit: int, compiles: int) -> list[Trial]:
+def search_batch(
+    fits_at: Callable[[int], Trial], first: Trial, unit: int, compiles: int
+) -> list[Trial]:
     """The largest global batch that fits, searched from `first`: doubling (or halving, when
     `first` does not fit) until the verdict changes, then bisection; every size a multiple of
     `unit` (the batch shards times the micro-batches); at most `compiles` calls of `fits_at`."""
@@ -198,8 +201,22 @@ def replicated_params(spec: state_lib.StateSpec) -> list[dict[str, Any]]:
 
 
 def fit_report(config: Any, topology: str, *, search_compiles: int, mfu: float) -> dict[str, Any]:
-    """Everything `python -m clip_jax.aot` prints, as one JSON-able dict (keys in the docstring
-    of `describe`)."""
+    """Everything `python -m clip_jax.aot` prints, as one JSON-able dict.
+
+    Args:
+      config: a training config (`configs/*.py` with overrides); its mesh is laid over the slice.
+      topology: the slice, e.g. "v5e:16x16" (`topology_devices`).
+      search_compiles: at most this many more compiles to find the largest batch that fits.
+      mfu: the utilisation the step-time estimate assumes.
+    Returns:
+      topology, device_kind, chips, mesh, batch_size, batch_per_chip; the memory per chip of
+      the config's batch (`memory_per_chip`'s keys; after an out-of-HBM compile only
+      per_chip_bytes, the compiler's lower bound, and compiler_hbm_bytes), hbm_bytes, fits,
+      compile_error, compile_s; flops_per_step, mfu, peak_flops_per_chip, est_step_s;
+      max_batch_size and min_batch_not_fitting (None when the search found none) and search
+      (each compile's batch_size, fits, per_chip_bytes, compile_s); collectives and
+      largest_collectives (`collectives`); replicated_params, replicated_bytes.
+    """
     if not 0 < mfu <= 1:
         raise UsageError(f"--mfu={mfu}: use a fraction in (0, 1]")
     if search_compiles < 0:
@@ -269,16 +286,17 @@ _CALLS = re.compile(
 )
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _ARRAY = re.compile(r"\b(pred|bf16|f8e\w+|[fsuc]\d+)\[([\d,]*)\]")
+_PARENS = re.compile(r"[()]")
 _DTYPE_BYTES = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
 
 
 def _closing(text: str, start: int) -> int:
     """The index just past the parenthesis that closes the one at `start`."""
     depth = 0
-    for i in range(start, len(text)):
-        depth += {"(": 1, ")": -1}.get(text[i], 0)
+    for paren in _PARENS.finditer(text, start):
+        depth += 1 if paren[0] == "(" else -1
         if depth == 0:
-            return i + 1
+            return paren.end()
     return len(text)
 
 
@@ -352,15 +370,16 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
                 calls.setdefault(computation, []).append((target, times))
         kind = opcode.removesuffix("-start")
         if kind in KINDS:
-            found.append((computation, kind, shape, operands))
+            found.append((computation, opcode, shape, operands))
     entry = re.search(r"^ENTRY\s+%([\w.\-]+)", hlo, re.MULTILINE)
     runs = _executions(calls, entry[1]) if entry else {}
     kinds: dict[str, dict[str, Any]] = {}
     single = []
-    for computation, kind, shape, operands in found:
+    for computation, opcode, shape, operands in found:
+        kind = opcode.removesuffix("-start")
         given = [a for op in operands for a in _arrays(shapes.get(op, ""))]
-        if kind == "all-gather":
-            buffers = _arrays(shape)[len(given) :] if shape.startswith("(") else _arrays(shape)
+        if kind == "all-gather":  # an async start's result holds its operands, then the results
+            buffers = _arrays(shape)[len(given) if opcode.endswith("-start") else 0 :]
         else:
             buffers = given[:1] if kind == "collective-permute" else given
         times = runs.get(computation, 1)
@@ -406,8 +425,9 @@ def describe(r: dict[str, Any]) -> str:
         lines += [f"  {name:<26}{_gib(n):>8}" for name, n in rows]
     share = f" ({r['per_chip_bytes'] / r['hbm_bytes']:.0%})" if r.get("per_chip_bytes") else ""
     verdict = "fits" if r["fits"] else "does NOT fit"
+    total = "at least (the compiler's)" if r["compile_error"] else "total live"
     lines.append(
-        f"  {'total live':<26}{_gib(r.get('per_chip_bytes')):>8}  of {_gib(r['hbm_bytes'])} "
+        f"  {total:<26}{_gib(r.get('per_chip_bytes')):>8}  of {_gib(r['hbm_bytes'])} "
         f"HBM{share}: {verdict}"
     )
     if len(r["search"]) > 1:

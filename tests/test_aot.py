@@ -120,7 +120,7 @@ def test_without_libtpu_the_error_says_what_to_install():
 
 # A compiled module's text, cut down: a loop of 12 (scanned layers) that all-gathers a bf16
 # weight asynchronously and reduce-scatters its f32 gradient through an async wrapper, then a
-# combined all-reduce and a collective permute outside it.
+# combined all-gather, a combined all-reduce and a collective permute outside it.
 HLO = """
 HloModule jit_train_step, is_scheduled=true
 
@@ -152,10 +152,13 @@ HloModule jit_train_step, is_scheduled=true
   ROOT %lt = pred[] constant(true)
 }
 
-ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128]) -> f32[8] {
+ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128], u: bf16[2,4], v: bf16[2,4]) -> f32[8] {
   %a = f32[8]{0} parameter(0)
   %b = f32[4,4]{1,0} parameter(1)
   %w0 = bf16[16,128]{1,0} parameter(2)
+  %u = bf16[2,4]{1,0} parameter(3)
+  %v = bf16[2,4]{1,0} parameter(4)
+  %ag = (bf16[8,4]{1,0}, bf16[8,4]{1,0}) all-gather(%u, %v), dimensions={0}
   %ar = (f32[8]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3}}, to_apply=%add
   %zero = s32[] constant(0)
   %init = (s32[], bf16[16,128]{1,0}) tuple(%zero, %w0)
@@ -181,7 +184,7 @@ def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
     assert found["collectives"] == {
         "all-reduce": {"count": 1, "bytes": 4 * (8 + 16), "dtypes": ["f32"]},
         # 12 iterations: the gathered bf16 weight, the f32 gradient before it is scattered
-        "all-gather": {"count": 12, "bytes": 12 * 64 * 128 * 2, "dtypes": ["bf16"]},
+        "all-gather": {"count": 13, "bytes": 12 * 64 * 128 * 2 + 2 * 8 * 4 * 2, "dtypes": ["bf16"]},
         "reduce-scatter": {"count": 12, "bytes": 12 * 64 * 128 * 4, "dtypes": ["f32"]},
         "collective-permute": {"count": 1, "bytes": 4 * 8, "dtypes": ["f32"]},
     }
