@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from clip_jax import cli, sharding, validate
+from clip_jax import cli, paths, sharding, validate
 from clip_jax import state as state_lib
 from clip_jax.errors import UsageError
 
@@ -42,6 +42,9 @@ _SEARCH = flags.DEFINE_integer(
     "At most this many more compiles to find the largest batch that fits (0: no search).",
 )
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation the step-time estimate assumes.")
+_HLO_OUT = flags.DEFINE_string(
+    "hlo_out", "", "Also write the compiled program's text (HLO) of the config's batch here."
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 2**30
@@ -200,7 +203,9 @@ def replicated_params(spec: state_lib.StateSpec) -> list[dict[str, Any]]:
     return sorted(out, key=lambda p: -p["bytes"])
 
 
-def fit_report(config: Any, topology: str, *, search_compiles: int, mfu: float) -> dict[str, Any]:
+def fit_report(
+    config: Any, topology: str, *, search_compiles: int, mfu: float, hlo_out: str
+) -> dict[str, Any]:
     """Everything `python -m clip_jax.aot` prints, as one JSON-able dict.
 
     Args:
@@ -208,6 +213,7 @@ def fit_report(config: Any, topology: str, *, search_compiles: int, mfu: float) 
       topology: the slice, e.g. "v5e:16x16" (`topology_devices`).
       search_compiles: at most this many more compiles to find the largest batch that fits.
       mfu: the utilisation the step-time estimate assumes.
+      hlo_out: where to write the compiled program's text ("": nowhere).
     Returns:
       topology, device_kind, chips, mesh, batch_size, batch_per_chip; the memory per chip of
       the config's batch (`memory_per_chip`'s keys; after an out-of-HBM compile only
@@ -234,6 +240,9 @@ def fit_report(config: Any, topology: str, *, search_compiles: int, mfu: float) 
         )
     spec = state_lib.build(config, mesh)
     first = compile_at(spec, config.batch_size, chip.hbm_bytes)
+    hlo = first.compiled.as_text() if first.compiled else ""
+    if hlo_out:
+        paths.write_text(hlo_out, hlo)
     trials = search_batch(
         lambda b: compile_at(spec, b, chip.hbm_bytes), first, unit, search_compiles
     )
@@ -269,7 +278,7 @@ def fit_report(config: Any, topology: str, *, search_compiles: int, mfu: float) 
             }
             for t in trials
         ],
-        **collectives(first.compiled.as_text() if first.compiled else ""),
+        **collectives(hlo),
         "replicated_params": replicated,
         "replicated_bytes": sum(p["bytes"] for p in replicated),
     }
@@ -485,7 +494,11 @@ def main(argv: list[str]) -> None:
     with cli.user_errors():
         cli.no_arguments(argv)
         result = fit_report(
-            _CONFIG.value, _TOPOLOGY.value, search_compiles=_SEARCH.value, mfu=_MFU.value
+            _CONFIG.value,
+            _TOPOLOGY.value,
+            search_compiles=_SEARCH.value,
+            mfu=_MFU.value,
+            hlo_out=_HLO_OUT.value,
         )
     print(describe(result), flush=True)
     print(json.dumps(result), flush=True)

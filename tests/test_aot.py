@@ -47,15 +47,17 @@ def test_the_tiny_step_fits_a_v5e_slice_and_the_search_doubles_the_batch():
 
 
 @needs_libtpu
-def test_fsdp_names_the_parameters_it_leaves_replicated():
+def test_fsdp_names_the_parameters_it_leaves_replicated(tmp_path):
     r = last_json(
         run_aot(
             "--topology=v5e:2x2",
             "--search_batch=0",
             "--config.mesh.data=1",
             "--config.mesh.fsdp=-1",
+            f"--hlo_out={tmp_path / 'step.hlo'}",
         )
     )
+    assert (tmp_path / "step.hlo").read_text().startswith("HloModule jit_train_step")
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"] is True
     paths = {p["path"] for p in r["replicated_params"]}
     assert "logit_scale" in paths and "visual/ln_post/scale" in paths  # no axis to split
