@@ -2,7 +2,7 @@
 machine, with no TPU (libtpu compiles for devices it only describes).
 
     python -m clip_jax.aot --config=configs/b16.py --topology=v5e:16x16 [--config.KEY=VALUE ...]
-        [--search_batch=4] [--mfu=0.4]
+        [--search_batch=4] [--mfu=0.4] [--hlo_out=FILE]
 
 The run is built as training builds it (`state.build` on `config.mesh` laid over the slice's
 chips) and its train step is compiled for the global batch `config.batch_size`. Printed: memory
