@@ -51,14 +51,14 @@ def check_rules(rules: Any) -> Rules:
     for entry in rules:
         name, axes = entry if isinstance(entry, (tuple, list)) and len(entry) == 2 else (0, 0)
         axes = tuple(axes) if isinstance(axes, (tuple, list)) else axes
-        if not isinstance(name, str) or not all(a in AXES for a in _as_tuple(axes)):
+        if not isinstance(name, str) or not all(a in AXES for a in as_axes(axes)):
             raise UsageError(
                 f"mesh.rules: {entry!r} is not (logical axis, mesh axes) with mesh axes None, "
                 f"one of {AXES} or a tuple of them"
             )
         out.append((name, axes))
     batch = [axes for name, axes in out if name == "act_batch"]
-    if batch and tuple(_as_tuple(batch[0])) != BATCH_AXES:
+    if batch and tuple(as_axes(batch[0])) != BATCH_AXES:
         raise UsageError(
             f"mesh.rules: act_batch must map to {BATCH_AXES}, where the input pipeline and the "
             f"loss place the batch, not {batch[0]!r}"
@@ -146,17 +146,15 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     )
 
     replicated: list[str] = []
+    sizes = dict(mesh.shape)
 
     def fit(path: tuple, spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> NamedSharding:
-        mesh_spec = nn.logical_to_mesh_axes(spec, rules)
-        axes = []
-        for dim, axis in zip(
-            shape.shape, tuple(mesh_spec) + (None,) * len(shape.shape), strict=False
-        ):
-            size = int(np.prod([mesh.shape[a] for a in _as_tuple(axis)]))
-            axes.append(axis if dim % size == 0 else None)
-            if dim % size:
-                replicated.append(f"{_path_str(path)} (size {dim}, not over {axis}={size})")
+        axes = param_axes(spec, shape.shape, sizes, rules)
+        wanted = tuple(nn.logical_to_mesh_axes(spec, rules)) + (None,) * len(shape.shape)
+        for dim, got, want in zip(shape.shape, axes, wanted, strict=False):
+            if got != want:
+                size = int(np.prod([sizes[a] for a in as_axes(want)]))
+                replicated.append(f"{_path_str(path)} (size {dim}, not over {want}={size})")
         return NamedSharding(mesh, PartitionSpec(*axes))
 
     out = jax.tree_util.tree_map_with_path(
@@ -172,7 +170,32 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     return out
 
 
-def _as_tuple(axis: Any) -> tuple[str, ...]:
+def param_axes(
+    names: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int], rules: Rules
+) -> tuple[Any, ...]:
+    """The mesh axes of each dimension of a parameter whose logical axes are `names`: `rules`'
+    mapping, with a dimension that its mesh axes do not divide replicated instead (None)."""
+    mapped = tuple(nn.logical_to_mesh_axes(tuple(names), rules)) + (None,) * len(shape)
+    axes = []
+    for dim, axis in zip(shape, mapped, strict=False):
+        size = int(np.prod([mesh_shape[a] for a in as_axes(axis)]))
+        axes.append(axis if dim % size == 0 else None)
+    return tuple(axes)
+
+
+def gathered_axes(axes: Sequence[Any]) -> tuple[Any, ...]:
+    """A parameter's mesh axes without 'fsdp': how it is laid out while it is used. FSDP stores
+    each parameter split over 'fsdp' and all-gathers it there just before use; its other axes
+    (tensor parallelism) stay split."""
+    out = []
+    for axis in axes:
+        kept = tuple(a for a in as_axes(axis) if a != "fsdp")
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return tuple(out)
+
+
+def as_axes(axis: Any) -> tuple[str, ...]:
+    """A rule's or a spec entry's mesh axes as a tuple: None -> (), 'fsdp' -> ('fsdp',)."""
     if axis is None:
         return ()
     return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)

@@ -5,13 +5,16 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) 
 `act_batch`, `act_seq`, `act_embed`. Without a mesh these annotations are no-ops.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from clip_jax import sharding
 from clip_jax.errors import UsageError
 
 Dtype = Any
@@ -132,12 +135,219 @@ def block_inits(kind: str, width: int, mlp_dim: int, layers: int) -> dict[str, D
     raise UsageError(f"unknown block init {kind!r}; choose one of {BLOCK_INITS}")
 
 
+class KernelLayout(NamedTuple):
+    """How a kernel is laid out under the active mesh and rules: `stored`, its sharding in the
+    train state (`sharding.param_axes`); `used`, the same without 'fsdp' (what a layer
+    multiplies with); `fsdp_dim`, the dimension split over 'fsdp' alone (None: not split)."""
+
+    used: PartitionSpec
+    stored: PartitionSpec
+    fsdp_dim: int | None
+
+
+def kernel_layout(names: tuple[str | None, ...], shape: tuple[int, ...]) -> KernelLayout | None:
+    """The layout of a kernel with logical axes `names`; None outside a mesh or without rules
+    (a plain apply), where there is nothing to lay out."""
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    stored = sharding.param_axes(names, shape, dict(mesh.shape), rules)
+    split = [i for i, axis in enumerate(stored) if "fsdp" in sharding.as_axes(axis)]
+    # A dimension split over 'fsdp' and another axis at once is left to XLA (fsdp_dim None).
+    fsdp_dim = split[0] if len(split) == 1 and stored[split[0]] in ("fsdp", ("fsdp",)) else None
+    if split and fsdp_dim is None:
+        return KernelLayout(PartitionSpec(*stored), PartitionSpec(*stored), None)
+    return KernelLayout(
+        PartitionSpec(*sharding.gathered_axes(stored)), PartitionSpec(*stored), fsdp_dim
+    )
+
+
+def _gather(kernel: jax.Array, layout: KernelLayout | None) -> jax.Array:
+    """The kernel (already in the compute dtype) all-gathered over 'fsdp'."""
+    if layout is None or layout.fsdp_dim is None:
+        return kernel
+    return jax.shard_map(
+        lambda k: jax.lax.all_gather(k, "fsdp", axis=layout.fsdp_dim, tiled=True),
+        in_specs=layout.stored,
+        out_specs=layout.used,
+        check_vma=False,  # a tiled all-gather's result is the same on every 'fsdp' device
+    )(kernel)
+
+
+def _sum_over_devices(local: Callable, args: tuple, arg_specs: tuple, layout: KernelLayout):
+    """`local(*args)` is this device's partial gradient of a parameter, in `layout.used`'s
+    layout, from its rows of `args` (split over the batch axes as `arg_specs` say); the sum over
+    all devices, in float32, in the parameter's stored layout: a psum over the batch axes that
+    do not store it split, after a reduce-scatter over 'fsdp' when it does."""
+    mesh = jax.sharding.get_abstract_mesh()
+    scatter = layout.fsdp_dim is not None and mesh.shape["fsdp"] > 1
+    summed = tuple(
+        a for a in sharding.BATCH_AXES if mesh.shape[a] > 1 and not (scatter and a == "fsdp")
+    )
+
+    def body(*local_args):
+        grad = local(*local_args).astype(jnp.float32)
+        if scatter:  # first, so that the psum moves a shard
+            grad = jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=layout.fsdp_dim, tiled=True)
+        return jax.lax.psum(grad, summed) if summed else grad
+
+    return jax.shard_map(
+        body,
+        in_specs=arg_specs,
+        out_specs=layout.stored if scatter else layout.used,
+        check_vma=False,  # summed over every batch axis of more than one device
+    )(*args)
+
+
+def _rows_split(x: jax.Array, layout: KernelLayout | None) -> bool:
+    """Whether `x`'s leading dimension (its rows) splits over the mesh's batch axes, as the
+    batch of training does; elsewhere the gradient is left to XLA."""
+    if layout is None:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+
+
+def _row_spec(x: jax.Array, trailing: tuple) -> PartitionSpec:
+    lead = x.ndim - len(trailing)
+    return PartitionSpec(sharding.BATCH_AXES, *([None] * (lead - 1)), *trailing)
+
+
+def _kernel_gradient(
+    xc: jax.Array, dy: jax.Array, batch: int, layout: KernelLayout | None
+) -> jax.Array:
+    """sum over the rows of xc [rows..., *in] (x) dy [rows..., *out] -> [*in, *out] in float32,
+    summed over the devices into the kernel's stored layout (`_sum_over_devices`)."""
+    dims = ((tuple(range(batch)), tuple(range(batch))), ((), ()))
+
+    def local(x, g):
+        return jax.lax.dot_general(x, g, dims, preferred_element_type=jnp.float32)
+
+    if not _rows_split(xc, layout):
+        return local(xc, dy)  # no mesh: XLA sums the rows
+    n_in = xc.ndim - batch
+    specs = (_row_spec(xc, tuple(layout.used[:n_in])), _row_spec(dy, tuple(layout.used[n_in:])))
+    return _sum_over_devices(local, (xc, dy), specs, layout)
+
+
+def fsdp_dot(
+    x: jax.Array, kernel: jax.Array, in_axes: int, dtype: Dtype, layout: KernelLayout | None
+) -> jax.Array:
+    """x [..., *in] . kernel [*in, *out] -> [..., *out] in `dtype`, accumulated in float32.
+
+    This is where FSDP happens. The kernel is cast to `dtype` and then all-gathered over 'fsdp'
+    (the gather moves compute-dtype bytes), used and dropped; the backward pass gathers it again,
+    and computes the kernel's gradient as a float32 product of this device's rows, summed over
+    the devices by a reduce-scatter straight into the kernel's stored layout (a psum over
+    'data'): the gradient is reduced in float32 and never all-reduced at full size. `layout`
+    is `kernel_layout`'s, None outside a mesh (then this is a plain dot).
+    """
+    return _fsdp_dot(x.astype(dtype), kernel, in_axes, dtype, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _fsdp_dot(x, kernel, in_axes, dtype, layout):
+    return _fsdp_dot_fwd(x, kernel, in_axes, dtype, layout)[0]
+
+
+def _contract(x: jax.Array, in_axes: int):
+    return (tuple(range(x.ndim - in_axes, x.ndim)), tuple(range(in_axes)))
+
+
+def _fsdp_dot_fwd(x, kernel, in_axes, dtype, layout):
+    used, xc = _gather(kernel.astype(dtype), layout), x
+    y = jax.lax.dot_general(
+        xc, used, (_contract(x, in_axes), ((), ())), preferred_element_type=jnp.float32
+    )
+    return y.astype(dtype), (xc, kernel)
+
+
+def _fsdp_dot_bwd(in_axes, dtype, layout, residuals, dy):
+    xc, kernel = residuals
+    used, dy = _gather(kernel.astype(dtype), layout), dy.astype(dtype)  # gathered again
+    out_dims = tuple(range(dy.ndim - (kernel.ndim - in_axes), dy.ndim))
+    dx = jax.lax.dot_general(
+        dy,
+        used,
+        ((out_dims, tuple(range(in_axes, kernel.ndim))), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    dk = _kernel_gradient(xc, dy, xc.ndim - in_axes, layout)
+    return dx.astype(xc.dtype), dk.astype(kernel.dtype)
+
+
+_fsdp_dot.defvjp(_fsdp_dot_fwd, _fsdp_dot_bwd)
+
+
+def fsdp_add(x: jax.Array, param: jax.Array, dtype: Dtype, layout: KernelLayout | None):
+    """x [rows..., *p] + param [*p] (broadcast over the leading rows) in `dtype`: a positional
+    or class embedding, all-gathered in `dtype` like `fsdp_dot`'s kernels, its gradient (the
+    sum of the output gradient over the rows) reduced in float32 into its stored layout."""
+    return _fsdp_add(x.astype(dtype), param, dtype, layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fsdp_add(x, param, dtype, layout):
+    return _fsdp_add_fwd(x, param, dtype, layout)[0]
+
+
+def _fsdp_add_fwd(x, param, dtype, layout):
+    return x + _gather(param.astype(dtype), layout), param
+
+
+def _fsdp_add_bwd(dtype, layout, param, dy):
+    rows = dy.shape[: dy.ndim - param.ndim]
+    ones = jnp.ones(rows, dy.dtype)  # the gradient: dy summed over the rows, ones (x) dy
+    dp = _kernel_gradient(ones, dy, len(rows), layout)
+    return dy, dp.astype(param.dtype)
+
+
+_fsdp_add.defvjp(_fsdp_add_fwd, _fsdp_add_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fsdp_embed(tokens: jax.Array, table: jax.Array, dtype: Dtype, layout: KernelLayout | None):
+    """Rows of `table` [vocab, width] at `tokens` [rows..., T] in `dtype`: the table all-gathered
+    over 'fsdp' in `dtype`, its gradient scattered into a float32 table on each device from its
+    own rows and reduce-scattered into the stored layout. A vocabulary split over mesh axes is
+    left to XLA (a plain lookup)."""
+    return _fsdp_embed_fwd(tokens, table, dtype, layout)[0]
+
+
+def _plain_lookup(layout: KernelLayout | None) -> bool:
+    return layout is None or layout.used[0] is not None
+
+
+def _fsdp_embed_fwd(tokens, table, dtype, layout):
+    used = table.astype(dtype) if _plain_lookup(layout) else _gather(table.astype(dtype), layout)
+    return jnp.take(used, tokens, axis=0), (tokens, table)
+
+
+def _fsdp_embed_bwd(dtype, layout, residuals, dy):
+    tokens, table = residuals
+
+    def local(t, g):  # the rows' gradient, a whole [vocab, width] table
+        zeros = jnp.zeros(table.shape[:1] + g.shape[-1:], jnp.float32)
+        return zeros.at[t].add(g.astype(jnp.float32))
+
+    if _plain_lookup(layout) or not _rows_split(tokens, layout):
+        grad = local(tokens, dy)
+    else:
+        specs = (_row_spec(tokens, ()), _row_spec(dy, (layout.used[1],)))
+        grad = _sum_over_devices(local, (tokens, dy), specs, layout)
+    return None, grad.astype(table.dtype)
+
+
+fsdp_embed.defvjp(_fsdp_embed_fwd, _fsdp_embed_bwd)
+
+
 class DenseGeneral(nn.Module):
     """A dense layer over the last `in_axes` axes into `features`, e.g. [D] -> [3, heads, head_dim].
 
     Unlike `nn.DenseGeneral`, the kernel is created in its full shape [*in, *features], so that
     its logical axis names apply to it as created (nn.DenseGeneral initialises a flattened kernel,
-    on which a sharding constraint of the full rank fails).
+    on which a sharding constraint of the full rank fails), and it is used through `fsdp_dot`:
+    gathered in the compute dtype, its gradient reduced in float32.
     """
 
     features: tuple[int, ...]
@@ -151,11 +361,9 @@ class DenseGeneral(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_axes :]
+        shape = (*in_shape, *self.features)
         kernel = self.param(
-            "kernel",
-            partitioned(self.init.kernel, self.kernel_axes),
-            (*in_shape, *self.features),
-            self.param_dtype,
+            "kernel", partitioned(self.init.kernel, self.kernel_axes), shape, self.param_dtype
         )
         bias = self.param(
             "bias",
@@ -163,9 +371,9 @@ class DenseGeneral(nn.Module):
             self.features,
             self.param_dtype,
         )
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+        layout = kernel_layout(self.kernel_axes, shape)
+        y = fsdp_dot(x, kernel, self.in_axes, jnp.dtype(self.dtype), layout)
+        return y + bias.astype(self.dtype)
 
 
 class MLP(nn.Module):
@@ -181,24 +389,70 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         width = x.shape[-1]
-        h = nn.Dense(
-            self.mlp_dim,
+        h = DenseGeneral(
+            (self.mlp_dim,),
+            kernel_axes=("embed", "mlp"),
+            bias_axes=("mlp",),
+            init=self.fc_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(self.fc_init.kernel, ("embed", "mlp")),
-            bias_init=partitioned(self.fc_init.bias, ("mlp",)),
             name="c_fc",
         )(x)
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
         h = activation(self.quick_gelu)(h)
-        return nn.Dense(
-            width,
+        return DenseGeneral(
+            (width,),
+            kernel_axes=("mlp", "embed"),
+            bias_axes=("embed",),
+            init=self.proj_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(self.proj_init.kernel, ("mlp", "embed")),
-            bias_init=partitioned(self.proj_init.bias, ("embed",)),
             name="c_proj",
         )(h)
+
+
+# cuDNN's flash attention takes some sequence lengths only (in some versions of JAX even
+# lengths, in others multiples of 64); the towers' lengths are 50, 197, 257 (a class token
+# and the patches) and 77. Sequences are padded to a multiple of this and the padding masked.
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    implementation: str | None,
+    pad_to: int | None = None,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` of [B, T, H, K] queries, keys and values for any length T.
+
+    With `implementation="cudnn"` (or any `pad_to`), the sequence is padded with zeros to a
+    multiple of `pad_to` (`CUDNN_SEQ_MULTIPLE` for cuDNN), the padded keys masked out by their
+    lengths, and the padded queries' rows dropped: the result is the unpadded attention's.
+    """
+    if pad_to is None and implementation == "cudnn":
+        pad_to = CUDNN_SEQ_MULTIPLE
+    length = q.shape[1]
+    if pad_to is None or length % pad_to == 0:
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation
+        )
+    padded = -(-length // pad_to) * pad_to
+    widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :length]
 
 
 class MultiHeadAttention(nn.Module):
@@ -235,9 +489,7 @@ class MultiHeadAttention(nn.Module):
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k = constrain(k, ("act_batch", "act_seq", "act_heads", "act_kv"))
         v = constrain(v, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        out = jax.nn.dot_product_attention(
-            q, k, v, is_causal=self.causal, implementation=self.attn_impl
-        )  # [B, T, H, K]
+        out = attention(q, k, v, causal=self.causal, implementation=self.attn_impl)
         return DenseGeneral(
             (width,),
             kernel_axes=("heads", "kv", "embed"),
