@@ -187,16 +187,16 @@ def search_batch(
 
 
 def replicated_params(spec: state_lib.StateSpec) -> list[dict[str, Any]]:
-    """Parameters whose sharding names no mesh axis, largest first, when the mesh has more than
-    one device on the axes that shard parameters ('fsdp', 'tensor'); [] otherwise (under data
-    parallelism every parameter is replicated by design)."""
+    """Parameters that every chip holds whole (their sharding names no mesh axis of more than one
+    device), largest first, when the mesh has more than one device on the axes that shard
+    parameters ('fsdp', 'tensor'); [] otherwise (data parallelism replicates by design)."""
     if spec.mesh.shape["fsdp"] * spec.mesh.shape["tensor"] == 1:
         return []
     flat = jax.tree_util.tree_flatten_with_path(spec.shardings.params)[0]
     shapes = jax.tree.leaves(spec.abstract.params)
     out = []
     for (path, shard), shape in zip(flat, shapes, strict=True):
-        if all(axis is None for axis in shard.spec):
+        if shard.is_fully_replicated:
             name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
             size = int(np.prod(shape.shape)) * shape.dtype.itemsize
             out.append({"path": name, "shape": list(shape.shape), "bytes": size})

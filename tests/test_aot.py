@@ -54,14 +54,19 @@ def test_fsdp_names_the_parameters_it_leaves_replicated(tmp_path):
             "--search_batch=0",
             "--config.mesh.data=1",
             "--config.mesh.fsdp=-1",
+            "--config.model.vision.width=34",  # which 4 chips do not divide
             f"--hlo_out={tmp_path / 'step.hlo'}",
         )
     )
     assert (tmp_path / "step.hlo").read_text().startswith("HloModule jit_train_step")
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"] is True
     paths = {p["path"] for p in r["replicated_params"]}
-    assert "logit_scale" in paths and "visual/ln_post/scale" in paths  # no axis to split
-    assert not any(p.endswith("kernel") for p in paths)  # the kernels are sharded
+    assert "logit_scale" in paths and "text_tower/ln_final/scale" in paths  # no axis to split
+    # The image tower's kernels fall back to replication (their other axis is the 1-device
+    # 'tensor'); the text tower's are split.
+    assert "visual/conv1/kernel" in paths
+    assert any(p.startswith("visual/transformer") and p.endswith("kernel") for p in paths)
+    assert not any(p.startswith("text_tower/") and p.endswith("kernel") for p in paths)
     assert r["replicated_bytes"] == sum(p["bytes"] for p in r["replicated_params"])
     assert r["search"] == [r["search"][0]] and r["max_batch_size"] is None
 
