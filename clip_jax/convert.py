@@ -32,7 +32,7 @@ from flax import traverse_util
 
 from clip_jax import cli, paths, weight_files
 from clip_jax.errors import UsageError
-from clip_jax.models.clip import CLIP, complete_config, is_resnet
+from clip_jax.models.clip import CLIP, complete_config, is_resnet, layers_layout
 from clip_jax.pretrained import resolve
 from clip_jax.weight_files import read_state_dict
 
@@ -209,9 +209,10 @@ def from_state_dict(sd: StateDict, cfg: Mapping[str, Any]) -> Variables:
 
     Every model leaf must find its tensor in PyTorch's layout (the shape export writes, up to
     size-1 axes), and every tensor must be used: a tensor of the right size in another shape (say,
-    stored transposed) is refused, never reshaped into scrambled weights.
+    stored transposed) is refused, never reshaped into scrambled weights. A model with
+    `scan_layers` gets each stack's per-layer tensors stacked (`models.clip.stack_layers`).
     """
-    abstract = _flat_leaves(abstract_variables(cfg))
+    abstract = _flat_leaves(abstract_variables({**cfg, "scan_layers": False}))
     flat, used, problems = {}, set(), []
     for (collection, *path), leaf in abstract.items():
         key = _torch_key(tuple(path))
@@ -234,13 +235,16 @@ def from_state_dict(sd: StateDict, cfg: Mapping[str, Any]) -> Variables:
         )
     if problems:
         raise UsageError("checkpoint does not fit the model: " + "; ".join(problems[:6]))
-    return traverse_util.unflatten_dict(flat)
+    variables = traverse_util.unflatten_dict(flat)
+    return layers_layout(variables, CLIP(**cfg).scan_layers)
 
 
 def to_state_dict(variables: Variables, cfg: Mapping[str, Any]) -> StateDict:
-    """Flax variables -> OpenCLIP-layout state dict (numpy), loadable by open_clip strictly."""
+    """Flax variables -> OpenCLIP-layout state dict (numpy), loadable by open_clip strictly; a
+    scanned model's stacked layers are written one by one, as the unscanned model's are."""
     sd: StateDict = {}
-    for (_, *path), x in _flat_leaves(variables).items():
+    unscanned = layers_layout(jax.device_get(nn.unbox(variables)), scan_layers=False)
+    for (_, *path), x in _flat_leaves(unscanned).items():
         path = tuple(path)
         x = np.asarray(x)
         sd[_torch_key(path)] = _to_torch(_kind(path, x.ndim), x)
@@ -306,7 +310,7 @@ def load_pretrained(
         from clip_jax import state
 
         model, variables, _ = state.load_run(path, step, **overrides)
-        return model, variables
+        return model, layers_layout(variables, model.scan_layers)  # `scan_layers=` may flip it
     if step is not None:
         raise UsageError(f"step={step} applies to a training run's directory, not to {path}")
     sd, stored = read_state_dict(path, allow_torchscript_code=allow_torchscript_code)

@@ -110,6 +110,8 @@ RULES: dict[str, Rule] = {
     "model.param_dtype": FLOAT_DTYPE,
     "model.remat_policy": _one_of(tuple(REMAT_POLICIES)),
     "model.attn_impl": _one_of(ATTN_IMPLS),
+    "model.patch_dropout": Rule(BETA.ok, "a number in [0, 1): the fraction of patches dropped"),
+    "model.scan_layers": BOOL,
     "model.init_logit_scale": NUMBER,
     "model.init_logit_bias": Rule(lambda v: v is None or _number(v), "None or a finite number"),
     "model.vision.image_size": POSITIVE_INT,
@@ -263,6 +265,12 @@ def _check_together(c: ml_collections.ConfigDict) -> None:
         _check_heads("model.vision", vision.width, vision.heads)
     else:  # a ResNet: the attention pool sees width x 32 channels
         _check_heads("model.vision", vision.width * 32, vision.heads, "width x 32")
+        if c.model.patch_dropout:
+            _refuse(
+                "model.patch_dropout",
+                c.model.patch_dropout,
+                "0 with a ResNet image tower (patch dropout drops a ViT's patch tokens)",
+            )
     _check_heads("model.text", text.width, text.heads)
     if text.pool_type == "eot" and text.eot_token_id is None:
         raise UsageError("model.text.pool_type='eot' needs model.text.eot_token_id")

@@ -2,13 +2,16 @@
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from clip_jax.errors import UsageError
 from clip_jax.models import sizes
 from clip_jax.models.layers import Dtype
 from clip_jax.models.resnet import ModifiedResNet
@@ -36,6 +39,11 @@ class CLIP(nn.Module):
     `context_length, vocab_size, width, layers, heads` and optionally `pool_type, eot_token_id`.
     The temperature is stored as `logit_scale = log(1/tau)`; `init_logit_bias` adds the learned
     bias of the sigmoid (SigLIP) loss.
+
+    `patch_dropout` drops that fraction of a ViT's patch tokens per image in training (FLIP; see
+    `VisionTransformer`); a ResNet has no patch tokens and refuses it. `scan_layers` runs each
+    transformer stack as one `nn.scan` (`layers.Transformer`): the ViT's and the text tower's;
+    a ResNet's stages differ in shape and are not scanned, its text tower is.
     """
 
     embed_dim: int
@@ -46,6 +54,8 @@ class CLIP(nn.Module):
     param_dtype: Dtype = "float32"
     remat_policy: str = "none"
     attn_impl: str | None = None
+    patch_dropout: float = 0.0
+    scan_layers: bool = False
     init_logit_scale: float = INIT_LOGIT_SCALE
     init_logit_bias: float | None = None
 
@@ -53,6 +63,11 @@ class CLIP(nn.Module):
         common = dict(dtype=_dtype(self.dtype), param_dtype=_dtype(self.param_dtype))
         vision = dict(self.vision)
         if is_resnet(vision):
+            if self.patch_dropout:
+                raise UsageError(
+                    f"patch_dropout={self.patch_dropout!r} needs a ViT image tower: a ResNet has "
+                    "no patch tokens to drop; use 0"
+                )
             vision["layers"] = tuple(vision["layers"])
             self.visual = ModifiedResNet(
                 output_dim=self.embed_dim, remat_policy=self.remat_policy, **vision, **common
@@ -63,6 +78,8 @@ class CLIP(nn.Module):
                 quick_gelu=self.quick_gelu,
                 remat_policy=self.remat_policy,
                 attn_impl=self.attn_impl,
+                patch_dropout=self.patch_dropout,
+                scan_layers=self.scan_layers,
                 **vision,
                 **common,
             )
@@ -71,6 +88,7 @@ class CLIP(nn.Module):
             quick_gelu=self.quick_gelu,
             remat_policy=self.remat_policy,
             attn_impl=self.attn_impl,
+            scan_layers=self.scan_layers,
             **dict(self.text),
             **common,
         )
@@ -139,6 +157,8 @@ _PASSED_TO_TOWERS = (
     "quick_gelu",
     "remat_policy",
     "attn_impl",
+    "patch_dropout",
+    "scan_layers",
     "dtype",
     "param_dtype",
 )
@@ -165,3 +185,49 @@ def _field_defaults(module: type, skip: tuple[str, ...]) -> dict[str, Any]:
         for f in fields
         if f.default is not dataclasses.MISSING and f.name not in ("parent", "name", *skip)
     }
+
+
+# The blocks of an unscanned transformer stack; a scanned stack is one subtree, "resblocks".
+_BLOCK = re.compile(r"resblocks_(\d+)$")
+_STACK = "resblocks"
+
+
+def stack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Variables laid out for `scan_layers=False` -> for `scan_layers=True`: each group of
+    `resblocks_{i}` subtrees becomes one `resblocks` subtree whose leaves hold the layers' leaves
+    stacked on a leading axis, [layers, ...]. Numpy leaves stay numpy; a tree that has no
+    unscanned stack (a scanned one) is returned as it is.
+    """
+    if not isinstance(tree, Mapping):
+        return tree
+    blocks = sorted((int(m.group(1)), k) for k in tree if (m := _BLOCK.match(k)))
+    out = {k: stack_layers(v) for k, v in tree.items() if not _BLOCK.match(k)}
+    if blocks:
+        if [i for i, _ in blocks] != list(range(len(blocks))):
+            raise ValueError(f"resblocks are not numbered 0 to {len(blocks) - 1}: {blocks}")
+        out[_STACK] = jax.tree.map(_stack, *(tree[k] for _, k in blocks))
+    return out
+
+
+def unstack_layers(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `stack_layers`: each `resblocks` subtree of stacked leaves [layers, ...]
+    becomes `resblocks_{i}` subtrees, one per layer; an unscanned tree is returned as it is."""
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {k: unstack_layers(v) for k, v in tree.items() if k != _STACK}
+    if _STACK in tree:
+        layers = jax.tree.leaves(tree[_STACK])[0].shape[0]
+        for i in range(layers):
+            out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree[_STACK])
+    return out
+
+
+def layers_layout(tree: Mapping[str, Any], scan_layers: bool) -> dict[str, Any]:
+    """Variables of either layout in the one `CLIP(scan_layers=scan_layers)` takes."""
+    return stack_layers(tree) if scan_layers else unstack_layers(tree)
+
+
+def _stack(*leaves: Any) -> Any:
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)

@@ -544,7 +544,16 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `layers` residual attention blocks named `resblocks_{i}`."""
+    """A stack of `layers` residual attention blocks.
+
+    By default the blocks are `layers` modules named `resblocks_{i}`, traced one after another.
+    With `scan_layers` they are one block named `resblocks` run by `nn.scan`: its parameters
+    are stacked, with a leading [layers] axis that is replicated (no sharding rule needed), and
+    XLA compiles the block once instead of `layers` times (MaxText's layer scan), which keeps
+    the compile time of a deep tower short; `remat_policy` then applies inside the scan, per
+    block. The two layouts hold the same numbers (`clip.stack_layers` maps one to the
+    other) and compute the same function.
+    """
 
     layers: int
     heads: int
@@ -554,6 +563,7 @@ class Transformer(nn.Module):
     remat_policy: str = "none"
     block_init: str = "scaled_normal"  # one of BLOCK_INITS
     attn_impl: str | None = None
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -566,18 +576,36 @@ class Transformer(nn.Module):
             )
         block = ResidualAttentionBlock
         if self.remat_policy != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=True)
+            # Inside a scan no two blocks' recomputations can be merged, so the CSE barrier
+            # that the unrolled stack needs would only cost speed there (MaxText does the same).
+            block = nn.remat(
+                block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers
+            )
+        fields = dict(
+            mlp_ratio=self.mlp_ratio,
+            causal=self.causal,
+            quick_gelu=self.quick_gelu,
+            layers=self.layers,
+            block_init=self.block_init,
+            attn_impl=self.attn_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        if self.scan_layers:
+            stack = nn.scan(
+                _scan_body,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=self.layers,
+                metadata_params={nn.PARTITION_NAME: None},
+            )
+            x, _ = stack(block(self.heads, **fields, name="resblocks"), x, None)
+            return x
         for i in range(self.layers):
-            x = block(
-                self.heads,
-                mlp_ratio=self.mlp_ratio,
-                causal=self.causal,
-                quick_gelu=self.quick_gelu,
-                layers=self.layers,
-                block_init=self.block_init,
-                attn_impl=self.attn_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"resblocks_{i}",
-            )(x)
+            x = block(self.heads, **fields, name=f"resblocks_{i}")(x)
         return x
+
+
+def _scan_body(block: nn.Module, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+    """One step of the scanned stack: the carry is the residual stream [B, T, D]."""
+    return block(x), None

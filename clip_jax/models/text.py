@@ -31,6 +31,7 @@ class TextTransformer(nn.Module):
     quick_gelu: bool = False
     remat_policy: str = "none"
     attn_impl: str | None = None
+    scan_layers: bool = False  # see layers.Transformer
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -64,6 +65,7 @@ class TextTransformer(nn.Module):
             quick_gelu=self.quick_gelu,
             remat_policy=self.remat_policy,
             attn_impl=self.attn_impl,
+            scan_layers=self.scan_layers,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="transformer",

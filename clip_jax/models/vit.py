@@ -1,9 +1,11 @@
-"""The CLIP Vision Transformer (Radford et al. 2021, section 2.4)."""
+"""The CLIP Vision Transformer (Radford et al. 2021, section 2.4), with FLIP's patch dropout
+(Li et al. 2023) for training."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.errors import UsageError
 from clip_jax.models.layers import (
     Dtype,
     Transformer,
@@ -28,6 +30,12 @@ class VisionTransformer(nn.Module):
     U(+-1/sqrt(fan_in)) for the patch conv (nn.Conv2d) and the MLP's weights and biases
     (nn.Linear), nn.MultiheadAttention's Xavier-uniform qkv with zero biases and an nn.Linear
     output projection with its bias zeroed.
+
+    `patch_dropout` is FLIP's masking (Li et al. 2023, "Scaling Language-Image Pre-training via
+    Masking"): in training, each image keeps the class token and a random subset of its patch
+    tokens (`patches_kept`), drawn after the positional embedding is added, as open_clip's
+    PatchDropout does; the tower then runs on the shorter sequence, which is what makes a step
+    cheaper. Evaluation (`train=False`) sees every patch.
     """
 
     image_size: int
@@ -41,14 +49,20 @@ class VisionTransformer(nn.Module):
     init_scheme: str = "default"  # one of layers.INIT_SCHEMES; see the class docstring
     remat_policy: str = "none"
     attn_impl: str | None = None
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped per image in training
+    scan_layers: bool = False  # see layers.Transformer
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, project: bool = True) -> jax.Array:
         """Images [B, H, W, 3] -> [B, output_dim]; with `project=False` the class token's features
-        before the projection, [B, width] (what the CLIP paper's linear probes of ViTs read)."""
-        del train  # no dropout or batch statistics in the ViT
+        before the projection, [B, width] (what the CLIP paper's linear probes of ViTs read).
+
+        With `train` and `patch_dropout > 0`, patches are dropped (the class docstring), drawn
+        from the "dropout" random stream (`rngs={"dropout": key}`)."""
+        if not 0 <= self.patch_dropout < 1:
+            raise UsageError(f"patch_dropout={self.patch_dropout!r}: use a number in [0, 1)")
         if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
@@ -89,6 +103,9 @@ class VisionTransformer(nn.Module):
         cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)  # [B, T, D]
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        if train and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))  # [B, 1 + kept, D]
+            x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = layer_norm("ln_pre", self.dtype, self.param_dtype)(x)
         x = Transformer(
             self.layers,
@@ -98,6 +115,7 @@ class VisionTransformer(nn.Module):
             remat_policy=self.remat_policy,
             block_init="pytorch_default" if self.init_scheme == "openai" else "scaled_normal",
             attn_impl=self.attn_impl,
+            scan_layers=self.scan_layers,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="transformer",
@@ -112,3 +130,32 @@ class VisionTransformer(nn.Module):
             self.param_dtype,
         )
         return x @ proj.astype(self.dtype)  # [B, E]
+
+
+def patches_kept(patches: int, patch_dropout: float) -> int:
+    """How many of an image's `patches` tokens patch dropout keeps: open_clip's rule,
+    max(1, int(patches * (1 - patch_dropout))), truncated (196 patches at 0.5: 98)."""
+    return max(1, int(patches * (1 - patch_dropout)))
+
+
+def drop_patches(x: jax.Array, patch_dropout: float, rng: jax.Array) -> jax.Array:
+    """The class token and a uniformly random subset of each row's patch tokens.
+
+    Each row draws its own subset, `patches_kept` of them, distinct, in random order: the
+    patches of the lowest independent uniform scores, gathered row by row. A sort along each row
+    stays on the devices that hold the row when the batch is sharded (`lax.top_k` would not:
+    XLA gathers the whole batch's scores for its CPU kernel).
+
+    Args:
+      x: tokens [B, 1 + n, D], the class token first, positions already added.
+      patch_dropout: the fraction of the n patch tokens to drop, in [0, 1).
+      rng: a key.
+    Returns:
+      [B, 1 + patches_kept(n, patch_dropout), D].
+    """
+    b, n = x.shape[0], x.shape[1] - 1
+    scores = jax.random.uniform(rng, (b, n))  # [B, n]
+    scores = constrain(scores, ("act_batch", "act_seq"))
+    keep = jnp.argsort(scores, axis=-1)[:, : patches_kept(n, patch_dropout)]  # [B, kept]
+    patches = jnp.take_along_axis(x[:, 1:], keep[:, :, None], axis=1)  # [B, kept, D]
+    return jnp.concatenate([x[:, :1], patches], axis=1)
