@@ -6,6 +6,8 @@
     python -m clip_jax.benchmark --what=loss_memory --config=configs/b16.py --batch_size=8192
     python -m clip_jax.benchmark --what=zeroshot --config=configs/b32.py --batch_size=64
     python -m clip_jax.benchmark --what=checkpoint --config=configs/b16.py:smoke --steps=3
+    python -m clip_jax.benchmark --what=patch_dropout --config=configs/b16.py --batch_size=8 \
+        --config.model.dtype=float32 --steps=5
 
 Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
 - train_step: pairs per second of the full step on all devices, FLOPs and MFU (where the chip's
@@ -19,6 +21,8 @@ Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
   256 px for 224, as img2dataset stores them; captions of 5 to 20 random words) and reads those.
 - checkpoint: how long a save blocks the training loop (the device-to-host copy), how long its
   background write takes alone, and a train step alone vs beside a write.
+- patch_dropout: FLIP's speed-up, the image tower's forward and backward and the whole train
+  step without and with `model.patch_dropout` (0.5 when the config has 0), timed alternately.
 """
 
 import io
@@ -384,6 +388,90 @@ def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, step
     }
 
 
+PATCH_DROPOUT = 0.5  # what --what=patch_dropout measures when the config has none (FLIP's)
+
+
+def bench_patch_dropout(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
+    """What FLIP's patch dropout buys: the image tower's training forward and backward (the
+    gradient of its embeddings' sum w.r.t. its parameters, train=True), and the whole train step
+    (`state.build` + `state.compile_train_step`, the step training runs), each without patch
+    dropout and with the config's `model.patch_dropout` (`PATCH_DROPOUT` if it has 0), timed
+    alternately in one run so that drift hits both; medians and the ratios without / with."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from clip_jax import sharding
+    from clip_jax import state as state_lib
+    from clip_jax.models.vit import patches_kept
+
+    batch_size = batch_size or config.batch_size
+    p = config.model.patch_dropout or PATCH_DROPOUT
+    mesh = sharding.config_mesh(config.mesh)
+    specs, states, steps_fns, towers = {}, {}, {}, {}
+    for label, value in (("without", 0.0), ("with", p)):
+        variant = ml_collections.ConfigDict(config.to_dict())
+        variant.model.patch_dropout = value
+        specs[label] = state_lib.build(variant, mesh)
+        states[label] = state_lib.init(specs[label], 0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(specs["without"].rules):
+        batch = _random_batch(config, batch_size, mesh)
+        key = jax.random.key(0)
+        for label, spec in specs.items():
+            steps_fns[label], _ = state_lib.compile_train_step(spec, batch_size)
+
+            def embed_sum(visual, params, images, key, model=spec.model):
+                emb = model.apply(
+                    {"params": {**params, "visual": visual}},
+                    images,
+                    train=True,
+                    method="encode_image",
+                    rngs={"dropout": key},
+                )
+                return jnp.sum(emb)
+
+            towers[label] = jax.jit(jax.value_and_grad(embed_sum))
+
+        def run_tower(label):
+            params = states[label].params
+            return towers[label](params["visual"], params, batch["image"], key)
+
+        def run_step(label):
+            states[label], metrics = steps_fns[label](states[label], batch)
+            return metrics
+
+        runs = {
+            f"{what}_{label}": (fn, label)
+            for what, fn in (("tower", run_tower), ("step", run_step))
+            for label in specs
+        }
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for fn, label in runs.values():
+            for _ in range(WARMUP_BATCHES):
+                jax.block_until_ready(fn(label))
+        for _ in range(steps):
+            for name, (fn, label) in runs.items():  # alternately, so that drift hits all four
+                t = time.perf_counter()
+                jax.block_until_ready(fn(label))
+                times[name].append(time.perf_counter() - t)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    patches = (config.model.vision.image_size // config.model.vision.patch_size) ** 2
+    return {
+        "what": "patch_dropout",
+        "patch_dropout": p,
+        "tokens_without": 1 + patches,
+        "tokens_with": 1 + patches_kept(patches, p),
+        "batch_size": batch_size,
+        "devices": mesh.size,
+        "dtype": config.model.dtype,
+        "steps": steps,
+        **{f"{name}_s": round(s, 4) for name, s in median.items()},
+        "tower_speedup": round(median["tower_without"] / median["tower_with"], 3),
+        "step_speedup": round(median["step_without"] / median["step_with"], 3),
+        "step_pairs_per_sec_without": round(batch_size / median["step_without"], 2),
+        "step_pairs_per_sec_with": round(batch_size / median["step_with"], 2),
+    }
+
+
 ZEROSHOT_CLASSES = 1000  # ImageNet's
 
 MODES = {
@@ -392,6 +480,7 @@ MODES = {
     "loss_memory": bench_loss_memory,
     "zeroshot": bench_zeroshot,
     "checkpoint": bench_checkpoint,
+    "patch_dropout": bench_patch_dropout,
 }
 
 
