@@ -221,7 +221,9 @@ def fit_report(
       compile_error, compile_s; flops_per_step, mfu, peak_flops_per_chip, est_step_s;
       max_batch_size and min_batch_not_fitting (None when the search found none) and search
       (each compile's batch_size, fits, per_chip_bytes, compile_s); collectives and
-      largest_collectives (`collectives`); replicated_params, replicated_bytes.
+      largest_collectives (`collectives`); replicated_count and replicated_bytes (every
+      parameter each chip holds whole, `replicated_params`) and replicated_params (those of 2+
+      dimensions, where the memory goes: vectors such as norms and biases are left out).
     """
     if not 0 < mfu <= 1:
         raise UsageError(f"--mfu={mfu}: use a fraction in (0, 1]")
@@ -279,8 +281,9 @@ def fit_report(
             for t in trials
         ],
         **collectives(hlo),
-        "replicated_params": replicated,
+        "replicated_count": len(replicated),
         "replicated_bytes": sum(p["bytes"] for p in replicated),
+        "replicated_params": [p for p in replicated if len(p["shape"]) >= 2],
     }
 
 
@@ -476,8 +479,9 @@ def describe(r: dict[str, Any]) -> str:
         lines.append("replicated parameters: all (no fsdp or tensor axis to shard them over)")
     else:
         lines.append(
-            f"replicated parameters: {len(r['replicated_params'])}, "
-            f"{r['replicated_bytes'] / 2**20:.1f} MiB on every chip"
+            f"replicated parameters: {r['replicated_count']}, "
+            f"{r['replicated_bytes'] / 2**20:.1f} MiB on every chip; of 2+ dimensions: "
+            f"{len(r['replicated_params']) or 'none'}"
         )
         lines += [
             f"  {p['path']} {p['shape']} ({p['bytes'] / 2**20:.2f} MiB)"

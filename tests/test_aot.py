@@ -42,7 +42,7 @@ def test_the_tiny_step_fits_a_v5e_slice_and_the_search_doubles_the_batch():
     assert "f32" in r["collectives"]["all-reduce"]["dtypes"]
     assert r["largest_collectives"][0]["bytes"] > 0
     assert [t["batch_size"] for t in r["search"]] == [32, 64] and r["max_batch_size"] == 64
-    assert r["replicated_params"] == [] and r["replicated_bytes"] == 0  # nothing to shard over
+    assert r["replicated_params"] == [] and r["replicated_count"] == r["replicated_bytes"] == 0
     assert "fits" in done.stdout and "collectives per step" in done.stdout
 
 
@@ -60,14 +60,15 @@ def test_fsdp_names_the_parameters_it_leaves_replicated(tmp_path):
     )
     assert (tmp_path / "step.hlo").read_text().startswith("HloModule jit_train_step")
     assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["fits"] is True
-    paths = {p["path"] for p in r["replicated_params"]}
-    assert "logit_scale" in paths and "text_tower/ln_final/scale" in paths  # no axis to split
     # The image tower's kernels fall back to replication (their other axis is the 1-device
-    # 'tensor'); the text tower's are split.
+    # 'tensor'); the text tower's are split. Listed: matrices; counted: the vectors too.
+    paths = {p["path"] for p in r["replicated_params"]}
     assert "visual/conv1/kernel" in paths
     assert any(p.startswith("visual/transformer") and p.endswith("kernel") for p in paths)
     assert not any(p.startswith("text_tower/") and p.endswith("kernel") for p in paths)
-    assert r["replicated_bytes"] == sum(p["bytes"] for p in r["replicated_params"])
+    assert all(len(p["shape"]) >= 2 for p in r["replicated_params"])
+    assert r["replicated_count"] > len(paths)  # norms, biases, the temperature
+    assert r["replicated_bytes"] > sum(p["bytes"] for p in r["replicated_params"])
     assert r["search"] == [r["search"][0]] and r["max_batch_size"] is None
 
 
