@@ -49,7 +49,9 @@ def assert_close_trees(a, b, atol):
     flat_a, flat_b = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (a, b))
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=str(path))
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=1e-6, atol=atol, err_msg=str(path)
+        )
 
 
 @pytest.mark.parametrize("policy", ["none", "full", "dots"])

@@ -6,6 +6,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) 
 """
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -315,7 +316,11 @@ def fsdp_embed(tokens: jax.Array, table: jax.Array, dtype: Dtype, layout: Kernel
 
 
 def _plain_lookup(layout: KernelLayout | None) -> bool:
-    return layout is None or layout.used[0] is not None
+    """Whether a table is looked up as it is: outside a mesh, or with its vocabulary split."""
+    if layout is None:
+        return True
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in sharding.as_axes(layout.used[0])) > 1
 
 
 def _fsdp_embed_fwd(tokens, table, dtype, layout):

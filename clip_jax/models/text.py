@@ -5,7 +5,17 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.errors import UsageError
-from clip_jax.models.layers import Dtype, Transformer, constrain, layer_norm, partitioned
+from clip_jax.models.layers import (
+    Dtype,
+    Transformer,
+    constrain,
+    fsdp_add,
+    fsdp_dot,
+    fsdp_embed,
+    kernel_layout,
+    layer_norm,
+    partitioned,
+)
 
 POOL_TYPES = ("argmax", "eot")
 
@@ -41,12 +51,12 @@ class TextTransformer(nn.Module):
         b, length = tokens.shape
         if length > self.context_length:
             raise ValueError(f"tokens have length {length}, the context is {self.context_length}")
-        x = nn.Embed(
+        dtype = jnp.dtype(self.dtype)
+        x = TokenEmbedding(
             self.vocab_size,
             self.width,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="token_embedding",
         )(tokens)  # [B, L, D]
         pos = self.param(
@@ -55,7 +65,8 @@ class TextTransformer(nn.Module):
             (self.context_length, self.width),
             self.param_dtype,
         )
-        x = x + pos[:length].astype(self.dtype)
+        pos = pos[:length]
+        x = fsdp_add(x, pos, dtype, kernel_layout(("pos", "embed"), pos.shape))  # [B, L, D]
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = Transformer(
             self.layers,
@@ -78,7 +89,8 @@ class TextTransformer(nn.Module):
             (self.width, self.output_dim),
             self.param_dtype,
         )
-        return x @ proj.astype(self.dtype)  # [B, E]
+        layout = kernel_layout(("embed", "joint"), proj.shape)
+        return fsdp_dot(x, proj, 1, dtype, layout)  # [B, E]
 
     def pool_index(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B]
         if self.pool_type == "argmax":
@@ -89,3 +101,25 @@ class TextTransformer(nn.Module):
             is_eot = tokens == self.eot_token_id
             return jnp.where(is_eot.any(-1), jnp.argmax(is_eot, -1), tokens.shape[1] - 1)
         raise UsageError(f"unknown pool_type {self.pool_type!r}; choose one of {POOL_TYPES}")
+
+
+class TokenEmbedding(nn.Module):
+    """The token table [vocab, width] (nn.Embed's parameter, same name, init and layout), looked
+    up through `layers.fsdp_embed`: under FSDP the table is all-gathered in the compute dtype and
+    its gradient reduced in float32, as the kernels' are."""
+
+    vocab_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, L] -> [B, L, D]
+        names = ("vocab", "embed")
+        table = self.param(
+            "embedding",
+            partitioned(nn.initializers.normal(0.02), names),
+            (self.vocab_size, self.width),
+            self.param_dtype,
+        )
+        return fsdp_embed(tokens, table, jnp.dtype(self.dtype), kernel_layout(names, table.shape))

@@ -1,6 +1,8 @@
 """The CLIP Vision Transformer (Radford et al. 2021, section 2.4), with FLIP's patch dropout
 (Li et al. 2023) for training."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,9 @@ from clip_jax.models.layers import (
     Transformer,
     check_init_scheme,
     constrain,
+    fsdp_add,
+    fsdp_dot,
+    kernel_layout,
     layer_norm,
     partitioned,
     symmetric_uniform,
@@ -74,19 +79,15 @@ class VisionTransformer(nn.Module):
         else:
             conv_init = nn.initializers.lecun_normal()
         scale = self.width**-0.5
-        x = nn.Conv(
+        x = PatchEmbedding(
+            self.patch_size,
             self.width,
-            (self.patch_size, self.patch_size),
-            strides=(self.patch_size, self.patch_size),
-            padding="VALID",
-            use_bias=False,
+            kernel_init=conv_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=partitioned(conv_init, (None, None, "conv_in", "embed")),
             name="conv1",
-        )(images.astype(self.dtype))  # [B, g, g, D]
+        )(images)  # [B, g*g, D]
         b = x.shape[0]
-        x = x.reshape(b, -1, self.width)  # [B, g*g, D]
         cls = self.param(
             "class_embedding",
             partitioned(nn.initializers.normal(scale), ("embed",)),
@@ -100,8 +101,12 @@ class VisionTransformer(nn.Module):
             (grid * grid + 1, self.width),
             self.param_dtype,
         )
-        cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
-        x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)  # [B, T, D]
+        dtype = jnp.dtype(self.dtype)
+        # Under FSDP each embedding is all-gathered in `dtype` and its gradient reduced in float32
+        # (layers.fsdp_add), as the blocks' kernels are.
+        cls = fsdp_add(jnp.zeros((b, 1, self.width), dtype), cls, dtype, _layout(cls, ("embed",)))
+        x = jnp.concatenate([cls, x], axis=1)
+        x = fsdp_add(x, pos, dtype, _layout(pos, ("pos", "embed")))  # [B, T, D]
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         if train and self.patch_dropout > 0:
             x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))  # [B, 1 + kept, D]
@@ -129,7 +134,40 @@ class VisionTransformer(nn.Module):
             (self.width, self.output_dim),
             self.param_dtype,
         )
-        return x @ proj.astype(self.dtype)  # [B, E]
+        layout = kernel_layout(("embed", "joint"), proj.shape)
+        return fsdp_dot(x, proj, 1, jnp.dtype(self.dtype), layout)  # [B, E]
+
+
+def _layout(param: jax.Array, names: tuple[str | None, ...]):
+    return kernel_layout(names, param.shape)
+
+
+class PatchEmbedding(nn.Module):
+    """The patch convolution (kernel `patch_size`, stride `patch_size`, no bias) as what it is, a
+    matrix product of each patch's pixels with a [p, p, 3, D] kernel (the layout of nn.Conv's,
+    which this replaces bit for bit in its parameters): one dense product, all-gathered and
+    reduced like the blocks' kernels (`layers.fsdp_dot`), instead of a strided convolution.
+
+    Images [B, H, W, C] -> patch tokens [B, (H/p)*(W/p), D], row by row."""
+
+    patch_size: int
+    width: int
+    kernel_init: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p = self.patch_size
+        names = (None, None, "conv_in", "embed")
+        kernel = self.param(
+            "kernel", partitioned(self.kernel_init, names), (p, p, c, self.width), self.param_dtype
+        )
+        patches = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5)  # [B, h/p, w/p, p, p, C]
+        x = fsdp_dot(patches, kernel, 3, jnp.dtype(self.dtype), kernel_layout(names, kernel.shape))
+        return x.reshape(b, -1, self.width)
 
 
 def patches_kept(patches: int, patch_dropout: float) -> int:
