@@ -296,6 +296,7 @@ _CALLS = re.compile(
     r"\b(calls|body|condition|to_apply|branch_computations|true_computation|false_computation)"
     r"=(\{[^}]*\}|%[\w.\-]+)"
 )
+_OP_NAME = re.compile(r'op_name="([^"]*)"')  # the JAX operation it came from
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _ARRAY = re.compile(r"\b(pred|bf16|f8e\w+|[fsuc]\d+)\[([\d,]*)\]")
 _PARENS = re.compile(r"[()]")
@@ -369,7 +370,8 @@ def _executions(calls: dict[str, list[tuple[str, int]]], entry: str) -> dict[str
 def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     """The cross-device collectives of a compiled module's text, per step: for each kind (async
     `-start` forms counted once, as the op they start) its count, bytes and dtypes, and the
-    `largest` single ones. Bytes are one device's whole buffer: an all-gather's result, the
+    `largest` single ones with the JAX operation each came from (`transpose(...)`: the backward
+    pass). Bytes are one device's whole buffer: an all-gather's result, the
     operands of the others (a reduce-scatter's input before scattering); a collective inside a
     loop counts once per iteration."""
     shapes, calls, found = {}, {}, []
@@ -382,12 +384,13 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
                 calls.setdefault(computation, []).append((target, times))
         kind = opcode.removesuffix("-start")
         if kind in KINDS:
-            found.append((computation, opcode, shape, operands))
+            op_name = _OP_NAME.search(attributes)
+            found.append((computation, opcode, shape, operands, op_name[1] if op_name else ""))
     entry = re.search(r"^ENTRY\s+%([\w.\-]+)", hlo, re.MULTILINE)
     runs = _executions(calls, entry[1]) if entry else {}
     kinds: dict[str, dict[str, Any]] = {}
     single = []
-    for computation, opcode, shape, operands in found:
+    for computation, opcode, shape, operands, op_name in found:
         kind = opcode.removesuffix("-start")
         given = [a for op in operands for a in _arrays(shapes.get(op, ""))]
         if kind == "all-gather":  # an async start's result holds its operands, then the results
@@ -403,7 +406,7 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
         biggest = sorted(buffers, key=lambda a: -_nbytes([a]))[:3]
         text = ", ".join(f"{d}[{','.join(map(str, dims))}]" for d, dims in biggest)
         text += f", ... ({len(buffers)} arrays in all)" if len(buffers) > 3 else ""
-        single.append({"kind": kind, "shape": text, "bytes": size, "times": times})
+        single.append({"kind": kind, "shape": text, "bytes": size, "times": times, "op": op_name})
     single.sort(key=lambda c: -c["bytes"])
     return {"collectives": kinds, "largest_collectives": single[:largest]}
 
@@ -469,7 +472,8 @@ def describe(r: dict[str, Any]) -> str:
     for kind, c in r["collectives"].items():
         lines.append(f"  {kind:<20}{c['count']:>6}  {','.join(c['dtypes']):<16} {_gib(c['bytes'])}")
     lines += [
-        f"  largest: {c['kind']} {c['shape']} ({c['bytes'] / 2**20:.1f} MiB, x{c['times']})"
+        f"  largest: {c['kind']} {c['shape']} ({c['bytes'] / 2**20:.1f} MiB, x{c['times']}) "
+        f"from {c['op'] or '?'}"
         for c in r["largest_collectives"]
     ]
     if not r["collectives"]:

@@ -140,7 +140,7 @@ HloModule jit_train_step, is_scheduled=true
 
 %scatter (g: f32[64,128]) -> f32[16,128] {
   %g = f32[64,128]{1,0:T(8,128)} parameter(0)
-  ROOT %rs = f32[16,128]{1,0:T(8,128)} reduce-scatter(%g), replica_groups=[1,4]<=[4], to_apply=%add
+  ROOT %rs = f32[16,128]{1,0:T(8,128)} reduce-scatter(%g), replica_groups=[1,4]<=[4], to_apply=%add, metadata={op_name="jit(train_step)/transpose(jvp(CLIP.encode_image))/visual/dot_general" stack_frame_id=7}
 }
 
 %body (p: (s32[], bf16[16,128])) -> (s32[], bf16[16,128]) {
@@ -202,4 +202,5 @@ def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
         "shape": "f32[64,128]",
         "bytes": 32768,
         "times": 12,
+        "op": "jit(train_step)/transpose(jvp(CLIP.encode_image))/visual/dot_general",
     }
