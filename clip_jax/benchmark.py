@@ -23,6 +23,15 @@ Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
   background write takes alone, and a train step alone vs beside a write.
 - patch_dropout: FLIP's speed-up, the image tower's forward and backward and the whole train
   step without and with `model.patch_dropout` (0.5 when the config has 0), timed alternately.
+- vs_openclip: the train step against open_clip's (PyTorch, `--openclip_model`) on the same
+  model, batch and CPU, and against this machine's best float32 matmul rate, timed alternately
+  in one process; their ratio and the fraction of the matmul rate the step reaches, in one line.
+
+    python -m clip_jax.benchmark --what=vs_openclip --config=configs/b32.py \
+        --config.model.dtype=float32 --batch_size=16 --openclip_model=ViT-B-32 --steps=5
+
+MFU counts the architecture's FLOPs (`models.flops`: forward x 3, 2 per multiply-add); XLA's
+cost analysis is shown beside it (it misses GPU library calls, and counts what a backend adds).
 """
 
 import io
@@ -30,6 +39,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -44,6 +54,9 @@ _CONFIG = cli.define_config_flag("Config file, e.g. configs/b32.py.")
 _WHAT = flags.DEFINE_string("what", "input", "What to measure: one of MODES.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Examples per batch (0: the mode's default).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Batches timed, after a warm-up.")
+_OPENCLIP_MODEL = flags.DEFINE_string(
+    "openclip_model", "", "--what=vs_openclip: open_clip's name of the config's model (ViT-B-32)."
+)
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak FLOP/s per device for MFU (0: known chips).")
 flags.mark_flags_as_required(["config"])
 
@@ -170,6 +183,7 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
 
     from clip_jax import sharding
     from clip_jax import state as state_lib
+    from clip_jax.models.flops import train_step_flops
 
     batch_size = batch_size or config.batch_size
     mesh = sharding.config_mesh(config.mesh)
@@ -178,9 +192,8 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
     with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         batch = _random_batch(config, batch_size, mesh)
         t0 = time.perf_counter()
-        compiled, flops = state_lib.compile_train_step(spec, batch_size)  # training's step
+        compiled, xla_flops = state_lib.compile_train_step(spec, batch_size)  # training's step
         compile_s = time.perf_counter() - t0
-        flops = flops or 0.0
         for _ in range(WARMUP_BATCHES):
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
@@ -192,6 +205,8 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
             times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     peak = _peak_flops()
+    model_flops = train_step_flops(spec.model_config, batch_size)
+    flops = model_flops or xla_flops or 0.0
     return {
         "what": "train_step",
         "pairs_per_sec": round(batch_size / step_s, 2),
@@ -201,8 +216,13 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
         "device_kind": jax.devices()[0].device_kind,
         "dtype": config.model.dtype,
         "compile_s": round(compile_s, 1),
-        "flops_per_step": flops,
+        "flops_per_step": flops,  # the architecture's (XLA's for a ResNet)
+        "model_flops_per_step": model_flops,
+        "xla_flops_per_step": xla_flops,
         "mfu": round(flops / step_s / (peak * mesh.size), 4) if peak and flops else None,
+        "xla_mfu": round(xla_flops / step_s / (peak * mesh.size), 4)
+        if peak and xla_flops
+        else None,
         "loss": float(metrics["loss"]),
     }
 
@@ -472,6 +492,131 @@ def bench_patch_dropout(config: ml_collections.ConfigDict, *, batch_size: int, s
     }
 
 
+def _openclip_step(name: str, batch_size: int, image_size: int, length: int):
+    """open_clip's own training step on a randomly initialised `name` (PyTorch, this process's
+    CPU threads): forward of both towers, ClipLoss, backward, AdamW (as OpenCLIP trains)."""
+    try:
+        import open_clip
+        import torch
+    except ImportError:
+        raise UsageError(
+            "--what=vs_openclip needs torch and open_clip_torch: pip install -e '.[reference]'"
+        ) from None
+    torch.manual_seed(0)
+    torch.set_num_threads(cpu_cores())
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    except RuntimeError as e:
+        raise UsageError(f"--openclip_model={name!r}: {e}") from None
+    model.train()
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    tokens = torch.randint(1, 49406, (batch_size, length))
+
+    def step() -> float:
+        image_features, text_features, logit_scale = model(images, tokens)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+MATMUL_SIZES = (1024, 2048, 3072)
+
+
+def _matmul_rates() -> dict[int, Any]:
+    """XLA's float32 square matmuls of `MATMUL_SIZES`, jitted: {n: (call, flops)}."""
+    import jax.numpy as jnp
+
+    out = {}
+    for n in MATMUL_SIZES:
+        a = jnp.asarray(np.random.default_rng(n).standard_normal((n, n), np.float32))
+        f = jax.jit(lambda x: x @ x)
+        out[n] = (lambda f=f, a=a: f(a), 2.0 * n**3)
+    return out
+
+
+def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
+    """clip_jax's train step against open_clip's on the same model, batch and CPU, and against
+    the best matmul rate of this machine, all timed alternately in one process (rounds of one
+    step of each and one of each matmul, so that drift and load hit all alike; medians).
+
+    Model FLOPs are the architecture's (`models.flops`, forward x 3), XLA's count beside them;
+    `mfu_of_matmul` is the step's model FLOP/s over the fastest matmul's FLOP/s.
+    """
+    import flax.linen as nn
+
+    from clip_jax import sharding
+    from clip_jax import state as state_lib
+    from clip_jax.models.flops import train_step_flops
+
+    if not _OPENCLIP_MODEL.value:
+        raise UsageError("--what=vs_openclip needs --openclip_model, e.g. ViT-B-32")
+    batch_size = batch_size or config.batch_size
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    peer, peer_params = _openclip_step(_OPENCLIP_MODEL.value, batch_size, size, length)
+    mesh = sharding.config_mesh(config.mesh)
+    spec = state_lib.build(config, mesh)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
+    if abs(params - peer_params) > 1e-3 * peer_params:
+        raise UsageError(
+            f"the config's model has {params:,} parameters, open_clip's "
+            f"{_OPENCLIP_MODEL.value} {peer_params:,}: compare the same model"
+        )
+    state = state_lib.init(spec, 0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
+        batch = _random_batch(config, batch_size, mesh)
+        compiled, xla_flops = state_lib.compile_train_step(spec, batch_size)
+
+        def ours():
+            nonlocal state
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+
+        matmuls = _matmul_rates()
+        runs = {"clip_jax": ours, "open_clip": peer}
+        runs.update({f"matmul_{n}": call for n, (call, _) in matmuls.items()})
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():  # warm-up: compile, allocate
+            for _ in range(WARMUP_BATCHES - 1):
+                jax.block_until_ready(fn())
+        for _ in range(steps):
+            for name, fn in runs.items():
+                t = time.perf_counter()
+                jax.block_until_ready(fn())
+                times[name].append(time.perf_counter() - t)
+    median = {k: float(np.median(v)) for k, v in times.items()}
+    model_flops = train_step_flops(spec.model_config, batch_size)
+    flops = model_flops or xla_flops or 0.0
+    matmul = {n: f / median[f"matmul_{n}"] for n, (_, f) in matmuls.items()}
+    best = max(matmul.values())
+    ours_rate, peer_rate = batch_size / median["clip_jax"], batch_size / median["open_clip"]
+    return {
+        "what": "vs_openclip",
+        "model": _OPENCLIP_MODEL.value,
+        "batch_size": batch_size,
+        "dtype": config.model.dtype,
+        "devices": mesh.size,
+        "cores": cpu_cores(),
+        "rounds": steps,
+        "clip_jax_pairs_per_sec": round(ours_rate, 3),
+        "open_clip_pairs_per_sec": round(peer_rate, 3),
+        "ratio": round(ours_rate / peer_rate, 3),
+        "clip_jax_step_s": round(median["clip_jax"], 4),
+        "open_clip_step_s": round(median["open_clip"], 4),
+        "model_flops_per_step": model_flops,
+        "xla_flops_per_step": xla_flops,
+        "model_tflops_per_sec": round(flops / median["clip_jax"] / 1e12, 4),
+        "matmul_tflops_per_sec": {str(n): round(r / 1e12, 4) for n, r in matmul.items()},
+        "mfu_of_matmul": round(flops / median["clip_jax"] / best, 4),
+        "parameters": params,
+    }
+
+
 ZEROSHOT_CLASSES = 1000  # ImageNet's
 
 MODES = {
@@ -480,6 +625,7 @@ MODES = {
     "loss_memory": bench_loss_memory,
     "zeroshot": bench_zeroshot,
     "checkpoint": bench_checkpoint,
+    "vs_openclip": bench_vs_openclip,
     "patch_dropout": bench_patch_dropout,
 }
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -61,3 +63,51 @@ def test_zeroshot_mode_compares_the_eval_step_with_the_tower():
         "end_to_end_examples_per_sec",
     ):
         assert result[key] > 0, key
+
+
+def test_vs_openclip_mode_needs_the_peers_model_name():
+    done = run_benchmark("--what=vs_openclip", "--steps=1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--openclip_model" in done.stderr.strip().splitlines()[-1]
+
+
+def test_vs_openclip_mode_refuses_another_model():
+    pytest.importorskip("open_clip")
+    done = run_benchmark("--what=vs_openclip", "--steps=1", "--openclip_model=RN50")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "compare the same model" in done.stderr.strip().splitlines()[-1]
+
+
+def test_vs_openclip_mode_times_both_steps_and_the_matmuls():
+    pytest.importorskip("open_clip")
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "XLA_FLAGS": "",  # one CPU device, as the peer has
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.benchmark",
+            "--what=vs_openclip",
+            "--config=configs/b32.py",
+            "--config.model.dtype=float32",
+            "--openclip_model=ViT-B-32",
+            "--batch_size=2",
+            "--steps=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["clip_jax_pairs_per_sec"] > 0 and result["open_clip_pairs_per_sec"] > 0
+    assert result["ratio"] > 0 and result["mfu_of_matmul"] > 0
+    assert result["model_flops_per_step"] == pytest.approx(88.66e9, rel=1e-3)
+    assert set(result["matmul_tflops_per_sec"]) == {"1024", "2048", "3072"}
