@@ -192,8 +192,8 @@ from clip_jax import sharding, state
 from tests.conftest import tiny_config
 times = {}
 for scan in (False, True):
-    config = tiny_config(**{"model.scan_layers": scan, "model.vision.layers": 12,
-                            "model.text.layers": 12, "mesh.data": 1})
+    config = tiny_config(**{"model.scan_layers": scan, "model.vision.layers": 8,
+                            "model.text.layers": 8, "mesh.data": 1})
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     spec = state.build(config, mesh)
     t = time.perf_counter()
@@ -204,7 +204,7 @@ print(json.dumps({"unscanned_s": times[False], "scanned_s": times[True]}))
 
 
 def test_compile_time_with_and_without_scan(capsys):
-    """A 12+12-layer tiny-width model's train step, lowered and compiled both ways in a process
+    """An 8+8-layer tiny-width model's train step, lowered and compiled both ways in a process
     without XLA's persistent cache (so each is compiled for real); reported, not asserted."""
     out = subprocess.run(
         [sys.executable, "-c", COMPILE_TIMES],
@@ -218,6 +218,6 @@ def test_compile_time_with_and_without_scan(capsys):
     times = json.loads(out.stdout.strip().splitlines()[-1])
     with capsys.disabled():
         print(
-            f"\n12+12 layers, train step lower+compile: unscanned {times['unscanned_s']:.1f} s, "
+            f"\n8+8 layers, train step lower+compile: unscanned {times['unscanned_s']:.1f} s, "
             f"scanned {times['scanned_s']:.1f} s"
         )
