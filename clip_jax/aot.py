@@ -21,8 +21,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -291,7 +291,7 @@ def fit_report(
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+_INSTRUCTION = re.compile(r"^\s+(ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _CALLS = re.compile(
     r"\b(calls|body|condition|to_apply|branch_computations|true_computation|false_computation)"
     r"=(\{[^}]*\}|%[\w.\-]+)"
@@ -326,9 +326,22 @@ def _nbytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
     return int(sum(itemsize(d) * int(np.prod(dims)) for d, dims in arrays))
 
 
-def _instructions(hlo: str):
-    """(computation, name, result shape, opcode, operand names, attributes) of every instruction
-    of an HLO module's text."""
+class _Instruction(NamedTuple):
+    computation: str
+    name: str
+    shape: str  # its result's
+    opcode: str
+    args: str  # the text between the opcode's parentheses: operands, or a constant's value
+    attributes: str
+    root: bool
+
+    @property
+    def operands(self) -> list[str]:
+        return re.findall(r"%([\w.\-]+)", self.args)
+
+
+def _instructions(hlo: str) -> Iterator[_Instruction]:
+    """Every instruction of an HLO module's text, with the computation it belongs to."""
     computation = ""
     for line in hlo.splitlines():
         header = _COMPUTATION.match(line)
@@ -345,8 +358,10 @@ def _instructions(hlo: str):
         if not opcode or rest[opcode.end() : opcode.end() + 1] != "(":
             continue
         close = _closing(rest, opcode.end())
-        operands = re.findall(r"%([\w.\-]+)", rest[opcode.end() : close])
-        yield computation, found[1], shape, opcode[0], operands, rest[close:]
+        args, attributes = rest[opcode.end() + 1 : close - 1], rest[close:]
+        yield _Instruction(
+            computation, found[2], shape, opcode[0], args, attributes, found[1] != ""
+        )
 
 
 def _executions(calls: dict[str, list[tuple[str, int]]], entry: str) -> dict[str, int]:
@@ -373,31 +388,43 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     `largest` single ones with the JAX operation each came from (`transpose(...)`: the backward
     pass). Bytes are one device's whole buffer: an all-gather's result, the
     operands of the others (a reduce-scatter's input before scattering); a collective inside a
-    loop counts once per iteration."""
-    shapes, calls, found = {}, {}, []
-    for computation, name, shape, opcode, operands, attributes in _instructions(hlo):
-        shapes[name] = shape
-        trips = _TRIP_COUNT.search(attributes) if opcode == "while" else None
-        for role, targets in _CALLS.findall(attributes):
-            times = int(trips[1]) if trips and role == "body" else 1
+    loop counts once per iteration (XLA's known trip count, else the bound its condition compares
+    the counter with, as JAX's scans and fori_loops count from 0)."""
+    shapes, calls, found, loops, constants, bounds = {}, {}, [], [], {}, {}
+    for ins in _instructions(hlo):
+        shapes[ins.name] = ins.shape
+        if ins.opcode == "constant" and re.match(r"[su]\d+\[\]", ins.shape):
+            constants[ins.name] = int(ins.args)
+        if ins.root and ins.opcode == "compare" and "direction=LT" in ins.attributes:
+            bounds[ins.computation] = ins.operands  # a loop condition: counter < bound
+        roles = _CALLS.findall(ins.attributes)
+        if ins.opcode == "while":
+            known = _TRIP_COUNT.search(ins.attributes)
+            loops.append((ins.computation, dict(roles), int(known[1]) if known else None))
+            roles = []
+        for _, targets in roles:
             for target in re.findall(r"%([\w.\-]+)", targets):
-                calls.setdefault(computation, []).append((target, times))
-        kind = opcode.removesuffix("-start")
-        if kind in KINDS:
-            op_name = _OP_NAME.search(attributes)
-            found.append((computation, opcode, shape, operands, op_name[1] if op_name else ""))
+                calls.setdefault(ins.computation, []).append((target, 1))
+        if ins.opcode.removesuffix("-start") in KINDS:
+            op_name = _OP_NAME.search(ins.attributes)
+            found.append((ins, op_name[1] if op_name else ""))
+    for caller, called, known in loops:
+        condition, body = called["condition"].lstrip("%"), called["body"].lstrip("%")
+        bound = [constants[o] for o in bounds.get(condition, []) if o in constants]
+        trips = known or (bound[0] if bound else 1)  # JAX's loops count from 0
+        calls.setdefault(caller, []).extend([(body, trips), (condition, trips)])
     entry = re.search(r"^ENTRY\s+%([\w.\-]+)", hlo, re.MULTILINE)
     runs = _executions(calls, entry[1]) if entry else {}
     kinds: dict[str, dict[str, Any]] = {}
     single = []
-    for computation, opcode, shape, operands, op_name in found:
-        kind = opcode.removesuffix("-start")
-        given = [a for op in operands for a in _arrays(shapes.get(op, ""))]
+    for ins, op_name in found:
+        kind = ins.opcode.removesuffix("-start")
+        given = [a for op in ins.operands for a in _arrays(shapes.get(op, ""))]
         if kind == "all-gather":  # an async start's result holds its operands, then the results
-            buffers = _arrays(shape)[len(given) if opcode.endswith("-start") else 0 :]
+            buffers = _arrays(ins.shape)[len(given) if ins.opcode.endswith("-start") else 0 :]
         else:
             buffers = given[:1] if kind == "collective-permute" else given
-        times = runs.get(computation, 1)
+        times = runs.get(ins.computation, 1)
         size = _nbytes(buffers)
         entry_of = kinds.setdefault(kind, {"count": 0, "bytes": 0, "dtypes": []})
         entry_of["count"] += times

@@ -126,9 +126,11 @@ def test_without_libtpu_the_error_says_what_to_install():
     )
 
 
-# A compiled module's text, cut down: a loop of 12 (scanned layers) that all-gathers a bf16
-# weight asynchronously and reduce-scatters its f32 gradient through an async wrapper, then a
-# combined all-gather, a combined all-reduce and a collective permute outside it.
+# A compiled module's text, cut down: a loop body (a scanned layer) that all-gathers a bf16
+# weight asynchronously and reduce-scatters its f32 gradient through an async wrapper, run by
+# two loops: 12 times (the bound its condition compares with, as TPU programs say it) and twice
+# (XLA's known trip count); then a combined all-gather, a combined all-reduce and a collective
+# permute outside them.
 HLO = """
 HloModule jit_train_step, is_scheduled=true
 
@@ -156,8 +158,10 @@ HloModule jit_train_step, is_scheduled=true
 }
 
 %cond (c: (s32[], bf16[16,128])) -> pred[] {
+  %bound = s32[]{:T(128)} constant(12)
   %c = (s32[], bf16[16,128]{1,0}) parameter(0)
-  ROOT %lt = pred[] constant(true)
+  %counter = s32[]{:T(128)} get-tuple-element(%c), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%counter, %bound), direction=LT
 }
 
 ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128], u: bf16[2,4], v: bf16[2,4]) -> f32[8] {
@@ -170,7 +174,8 @@ ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128], u: bf16[2,4], v: bf16[2,4
   %ar = (f32[8]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3}}, to_apply=%add
   %zero = s32[] constant(0)
   %init = (s32[], bf16[16,128]{1,0}) tuple(%zero, %w0)
-  %loop = (s32[], bf16[16,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %loop = (s32[], bf16[16,128]{1,0}) while(%init), condition=%cond, body=%body
+  %again = (s32[], bf16[16,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"2"}}
   %cps = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%a), source_target_pairs={{0,1}}
   ROOT %cpd = f32[8]{0} collective-permute-done(%cps)
 }
@@ -191,9 +196,9 @@ def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["collectives"] == {
         "all-reduce": {"count": 1, "bytes": 4 * (8 + 16), "dtypes": ["f32"]},
-        # 12 iterations: the gathered bf16 weight, the f32 gradient before it is scattered
-        "all-gather": {"count": 13, "bytes": 12 * 64 * 128 * 2 + 2 * 8 * 4 * 2, "dtypes": ["bf16"]},
-        "reduce-scatter": {"count": 12, "bytes": 12 * 64 * 128 * 4, "dtypes": ["f32"]},
+        # 12 + 2 iterations: the gathered bf16 weight, the f32 gradient before it is scattered
+        "all-gather": {"count": 15, "bytes": 14 * 64 * 128 * 2 + 2 * 8 * 4 * 2, "dtypes": ["bf16"]},
+        "reduce-scatter": {"count": 14, "bytes": 14 * 64 * 128 * 4, "dtypes": ["f32"]},
         "collective-permute": {"count": 1, "bytes": 4 * 8, "dtypes": ["f32"]},
     }
     largest = found["largest_collectives"][0]
@@ -201,6 +206,6 @@ def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
         "kind": "reduce-scatter",
         "shape": "f32[64,128]",
         "bytes": 32768,
-        "times": 12,
+        "times": 14,
         "op": "jit(train_step)/transpose(jvp(CLIP.encode_image))/visual/dot_general",
     }
