@@ -394,7 +394,7 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     for ins in _instructions(hlo):
         shapes[ins.name] = ins.shape
         if ins.opcode == "constant" and re.match(r"[su]\d+\[\]", ins.shape):
-            constants[ins.name] = int(ins.args)
+            constants[ins.name] = int(ins.args) if re.fullmatch(r"-?\d+", ins.args) else None
         if ins.root and ins.opcode == "compare" and "direction=LT" in ins.attributes:
             bounds[ins.computation] = ins.operands  # a loop condition: counter < bound
         roles = _CALLS.findall(ins.attributes)
@@ -410,7 +410,7 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
             found.append((ins, op_name[1] if op_name else ""))
     for caller, called, known in loops:
         condition, body = called["condition"].lstrip("%"), called["body"].lstrip("%")
-        bound = [constants[o] for o in bounds.get(condition, []) if o in constants]
+        bound = [constants[o] for o in bounds.get(condition, []) if constants.get(o)]
         trips = known or (bound[0] if bound else 1)  # JAX's loops count from 0
         calls.setdefault(caller, []).extend([(body, trips), (condition, trips)])
     entry = re.search(r"^ENTRY\s+%([\w.\-]+)", hlo, re.MULTILINE)
