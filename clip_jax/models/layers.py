@@ -150,10 +150,12 @@ def kernel_layout(names: tuple[str | None, ...], shape: tuple[int, ...]) -> Kern
     """The layout of a kernel with logical axes `names`; None outside a mesh or without rules
     (a plain apply), where there is nothing to lay out."""
     mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
-    if mesh.empty or not rules:
+    if mesh.empty or not rules or mesh.size == 1:  # one device: nothing to gather or sum
         return None
     stored = sharding.param_axes(names, shape, dict(mesh.shape), rules)
     split = [i for i, axis in enumerate(stored) if "fsdp" in sharding.as_axes(axis)]
+    if mesh.shape["fsdp"] == 1:
+        split = []  # stored whole on each device: used as it is
     # A dimension split over 'fsdp' and another axis at once is left to XLA (fsdp_dim None).
     fsdp_dim = split[0] if len(split) == 1 and stored[split[0]] in ("fsdp", ("fsdp",)) else None
     if split and fsdp_dim is None:
