@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from clip_jax import cli, paths, sharding, validate
 from clip_jax import state as state_lib
@@ -144,6 +144,7 @@ class Trial:
 def compile_at(spec: state_lib.StateSpec, batch_size: int, hbm_bytes: int) -> Trial:
     """The train step lowered and compiled for `batch_size`; running out of HBM is a verdict
     (the compiler's message and the sizes it names), not an error."""
+    logging.info("compiling the train step for a global batch of %d", batch_size)
     start = time.perf_counter()
     try:
         compiled = state_lib.lower_train_step(spec, batch_size).compile()
@@ -156,10 +157,19 @@ def compile_at(spec: state_lib.StateSpec, batch_size: int, hbm_bytes: int) -> Tr
         if found:
             memory["per_chip_bytes"] = int(float(found[1]) * _UNITS[found[2]])
             memory["compiler_hbm_bytes"] = int(float(found[3]) * _UNITS[found[4]])
+        logging.info("batch %d: out of HBM (%s)", batch_size, message)
         return Trial(batch_size, False, memory, time.perf_counter() - start, error=message)
     memory = memory_per_chip(compiled)
     seconds = time.perf_counter() - start
-    return Trial(batch_size, memory["per_chip_bytes"] <= hbm_bytes, memory, seconds, compiled)
+    fits = memory["per_chip_bytes"] <= hbm_bytes
+    logging.info(
+        "batch %d: %.2f GiB per chip, %s (%.0f s)",
+        batch_size,
+        memory["per_chip_bytes"] / GiB,
+        "fits" if fits else "does not fit",
+        seconds,
+    )
+    return Trial(batch_size, fits, memory, seconds, compiled)
 
 
 def search_batch(
