@@ -50,8 +50,8 @@ MEANINGS = {
     "model.patch_dropout": "FLIP: the fraction of each image's patch tokens dropped in training "
     "(a random subset kept, none dropped at evaluation); ViTs only, 0: off",
     "model.scan_layers": "run each transformer stack as one nn.scan over stacked parameters: "
-    "compiles a deep tower in a fraction of the time, the same function (a ResNet's stages are "
-    "not scanned, its text tower is); changes the parameter tree, so a resume keeps it",
+    "the same function, its block compiled once, not once per layer (pair it with a "
+    "remat_policy); a ResNet's text tower scans, its stages do not; a resume keeps it",
     "model.init_logit_scale": "initial log(1/temperature)",
     "model.init_logit_bias": "initial bias of the sigmoid (SigLIP) loss (None: no bias)",
     "model.vision.image_size": "input resolution in pixels (square)",
