@@ -306,6 +306,8 @@ _CALLS = re.compile(
     r"\b(calls|body|condition|to_apply|branch_computations|true_computation|false_computation)"
     r"=(\{[^}]*\}|%[\w.\-]+)"
 )
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_CHAIN = re.compile(r'\bchain_id="(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')  # the JAX operation it came from
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _ARRAY = re.compile(r"\b(pred|bf16|f8e\w+|[fsuc]\d+)\[([\d,]*)\]")
@@ -427,14 +429,23 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     runs = _executions(calls, entry[1]) if entry else {}
     kinds: dict[str, dict[str, Any]] = {}
     single = []
+    # A TPU program may spread one collective over several fusions (async collective fusion:
+    # a start and its continuations), each holding a copy that shares its channel and chain ids.
+    pieces: dict[tuple, list] = {}
     for ins, op_name in found:
+        chain = _CHAIN.search(ins.attributes)
+        channel = _CHANNEL.search(ins.attributes)
+        key = (ins.opcode, channel[1], chain[1]) if chain and channel else (ins.name,)
+        pieces.setdefault(key, []).append((ins, op_name))
+    for group in pieces.values():
+        ins, op_name = group[0]
         kind = ins.opcode.removesuffix("-start")
         given = [a for op in ins.operands for a in _arrays(shapes.get(op, ""))]
         if kind == "all-gather":  # an async start's result holds its operands, then the results
             buffers = _arrays(ins.shape)[len(given) if ins.opcode.endswith("-start") else 0 :]
         else:
             buffers = given[:1] if kind == "collective-permute" else given
-        times = runs.get(ins.computation, 1)
+        times = max(runs.get(piece.computation, 1) for piece, _ in group)
         size = _nbytes(buffers)
         entry_of = kinds.setdefault(kind, {"count": 0, "bytes": 0, "dtypes": []})
         entry_of["count"] += times

@@ -129,8 +129,9 @@ def test_without_libtpu_the_error_says_what_to_install():
 # A compiled module's text, cut down: a loop body (a scanned layer) that all-gathers a bf16
 # weight asynchronously and reduce-scatters its f32 gradient through an async wrapper, run by
 # two loops: 12 times (the bound its condition compares with, as TPU programs say it) and twice
-# (XLA's known trip count); then a combined all-gather, a combined all-reduce and a collective
-# permute outside them.
+# (XLA's known trip count); then a combined all-gather, an all-gather spread over two fusions (a
+# TPU async collective fusion: one collective, its copies sharing channel and chain ids), a
+# combined all-reduce and a collective permute outside them.
 HLO = """
 HloModule jit_train_step, is_scheduled=true
 
@@ -157,6 +158,16 @@ HloModule jit_train_step, is_scheduled=true
   ROOT %t = (s32[], bf16[16,128]{1,0}) tuple(%i, %w)
 }
 
+%gather_start (s: bf16[2,4]) -> bf16[8,4] {
+  %s = bf16[2,4]{1,0} parameter(0)
+  ROOT %g1 = bf16[8,4]{1,0} all-gather(%s), channel_id=9, dimensions={0}, frontend_attributes={chain_id="0"}
+}
+
+%gather_step (t: bf16[2,4]) -> bf16[8,4] {
+  %t = bf16[2,4]{1,0} parameter(0)
+  ROOT %g2 = bf16[8,4]{1,0} all-gather(%t), channel_id=9, dimensions={0}, frontend_attributes={chain_id="0"}
+}
+
 %cond (c: (s32[], bf16[16,128])) -> pred[] {
   %bound = s32[]{:T(128)} constant(12)
   %c = (s32[], bf16[16,128]{1,0}) parameter(0)
@@ -171,6 +182,8 @@ ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128], u: bf16[2,4], v: bf16[2,4
   %u = bf16[2,4]{1,0} parameter(3)
   %v = bf16[2,4]{1,0} parameter(4)
   %ag = (bf16[8,4]{1,0}, bf16[8,4]{1,0}) all-gather(%u, %v), dimensions={0}
+  %acs = bf16[8,4]{1,0} fusion(%u), kind=kCustom, calls=%gather_start
+  %acd = bf16[8,4]{1,0} fusion(%acs), kind=kCustom, calls=%gather_step
   %ar = (f32[8]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3}}, to_apply=%add
   %zero = s32[] constant(0)
   %init = (s32[], bf16[16,128]{1,0}) tuple(%zero, %w0)
@@ -196,8 +209,9 @@ def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["collectives"] == {
         "all-reduce": {"count": 1, "bytes": 4 * (8 + 16), "dtypes": ["f32"]},
-        # 12 + 2 iterations: the gathered bf16 weight, the f32 gradient before it is scattered
-        "all-gather": {"count": 15, "bytes": 14 * 64 * 128 * 2 + 2 * 8 * 4 * 2, "dtypes": ["bf16"]},
+        # 12 + 2 iterations: the gathered bf16 weight, the f32 gradient before it is scattered;
+        # outside: the combined all-gather's two results and the fused one's, once
+        "all-gather": {"count": 16, "bytes": 14 * 64 * 128 * 2 + 3 * 8 * 4 * 2, "dtypes": ["bf16"]},
         "reduce-scatter": {"count": 14, "bytes": 14 * 64 * 128 * 4, "dtypes": ["f32"]},
         "collective-permute": {"count": 1, "bytes": 4 * 8, "dtypes": ["f32"]},
     }
