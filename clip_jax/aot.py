@@ -31,6 +31,7 @@ from absl import flags, logging
 from clip_jax import cli, paths, sharding, validate
 from clip_jax import state as state_lib
 from clip_jax.errors import UsageError
+from clip_jax.models.flops import train_step_flops
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b16.py.")
 _TOPOLOGY = flags.DEFINE_string(
@@ -228,7 +229,10 @@ def fit_report(
       topology, device_kind, chips, mesh, batch_size, batch_per_chip; the memory per chip of
       the config's batch (`memory_per_chip`'s keys; after an out-of-HBM compile only
       per_chip_bytes, the compiler's lower bound, and compiler_hbm_bytes), hbm_bytes, fits,
-      compile_error, compile_s; flops_per_step, mfu, peak_flops_per_chip, est_step_s;
+      compile_error, compile_s; flops_per_step (XLA's count over all chips, which counts a loop
+      body once), model_flops_per_step (the architecture's, `models.flops`: what MFU is measured
+      against; None for ResNets, whose step time then comes from XLA's count), mfu,
+      peak_flops_per_chip, est_step_s (the model FLOPs at `mfu` of the chips' peak);
       max_batch_size and min_batch_not_fitting (None when the search found none) and search
       (each compile's batch_size, fits, per_chip_bytes, compile_s); collectives and
       largest_collectives (`collectives`); replicated_count and replicated_bytes (every
@@ -261,6 +265,8 @@ def fit_report(
     fitting = [t.batch_size for t in trials if t.fits]
     failing = [t.batch_size for t in trials if not t.fits]
     flops = state_lib.compiled_flops(first.compiled, mesh.size) if first.compiled else None
+    model_flops = train_step_flops(spec.model_config, config.batch_size)
+    step_flops = model_flops or flops
     peak = chip.peak_tflops * 1e12 * mesh.size
     replicated = replicated_params(spec)
     return {
@@ -276,9 +282,10 @@ def fit_report(
         "compile_error": first.error,
         "compile_s": round(first.seconds, 1),
         "flops_per_step": flops,
+        "model_flops_per_step": model_flops,
         "mfu": mfu,
         "peak_flops_per_chip": chip.peak_tflops * 1e12,
-        "est_step_s": flops / (peak * mfu) if flops else None,
+        "est_step_s": step_flops / (peak * mfu) if step_flops else None,
         "max_batch_size": max(fitting) if len(trials) > 1 and fitting else None,
         "min_batch_not_fitting": min(failing) if failing else None,
         "search": [
@@ -509,12 +516,14 @@ def describe(r: dict[str, Any]) -> str:
             f"{'fits' if t['fits'] else 'does not fit'} ({t['compile_s']} s)"
             for t in r["search"]
         ]
-    if r["flops_per_step"]:
+    if r["est_step_s"]:
+        model = r["model_flops_per_step"]
         lines += [
             "",
-            f"FLOPs per step (XLA, all chips): {r['flops_per_step']:.3e}; at MFU {r['mfu']:g} "
-            f"of {r['peak_flops_per_chip'] / 1e12:g} TFLOP/s per chip: {r['est_step_s']:.3g} s "
-            "per step",
+            f"FLOPs per step, all chips: {model or 0:.3e} of the model, "
+            f"{r['flops_per_step'] or 0:.3e} by XLA (a loop body counted once); at MFU "
+            f"{r['mfu']:g} of {r['peak_flops_per_chip'] / 1e12:g} TFLOP/s per chip: "
+            f"{r['est_step_s']:.3g} s per step",
         ]
     lines += ["", "collectives per step (kind, count, dtypes, GiB per chip)"]
     for kind, c in r["collectives"].items():

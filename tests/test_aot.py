@@ -36,7 +36,9 @@ def test_the_tiny_step_fits_a_v5e_slice_and_the_search_doubles_the_batch():
     parts = ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes")
     assert r["per_chip_bytes"] == sum(r[k] for k in parts) - r["alias_bytes"] > 0
     assert 0 < r["alias_bytes"] <= min(r["argument_bytes"], r["output_bytes"])
-    assert r["flops_per_step"] > 0 and r["est_step_s"] > 0 and r["compile_s"] > 0
+    assert r["flops_per_step"] > 0 and r["model_flops_per_step"] > 0 and r["compile_s"] > 0
+    chips_peak = r["chips"] * r["peak_flops_per_chip"] * r["mfu"]
+    assert r["est_step_s"] == pytest.approx(r["model_flops_per_step"] / chips_peak)
     # Data parallelism: the gradients are summed over the 4 chips in float32.
     assert r["collectives"]["all-reduce"]["count"] >= 1
     assert "f32" in r["collectives"]["all-reduce"]["dtypes"]
