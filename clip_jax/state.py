@@ -199,7 +199,8 @@ def variables_of(train_state: TrainState) -> dict[str, Any]:
 # Keys that make a workdir's checkpoints another run's: the model's shapes, the data and the
 # batch. Compute-only model keys, the schedule, logging and evals may change on a resume.
 RUN_KEYS = ("model.", "batch_size", "train_data.source", "train_data.tokenizer", "loss.name")
-COMPUTE_KEYS = ("model.dtype", "model.remat_policy", "model.attn_impl")
+# Patch dropout too: FLIP's last phase trains on without it (0), on the same parameters.
+COMPUTE_KEYS = ("model.dtype", "model.remat_policy", "model.attn_impl", "model.patch_dropout")
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:

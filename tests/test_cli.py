@@ -198,7 +198,12 @@ def test_a_workdir_holding_another_run_is_refused(tmp_path):
 
 def test_which_config_changes_make_another_run(tmp_path):
     (tmp_path / state.CONFIG_FILE).write_text(tiny_config().to_json_best_effort())
-    for same in ({"total_steps": 99}, {"model.dtype": "bfloat16"}, {"optim.learning_rate": 1.0}):
+    for same in (
+        {"total_steps": 99},
+        {"model.dtype": "bfloat16"},
+        {"optim.learning_rate": 1.0},
+        {"model.patch_dropout": 0.5},  # FLIP's unmasked tuning resumes the masked run
+    ):
         state.check_same_run(tiny_config(**same), str(tmp_path))  # schedule, compute: same run
     for key, value in [("batch_size", 64), ("model.embed_dim", 16), ("train_data.source", "x")]:
         with pytest.raises(UsageError, match=f"holds a run of another config \\({key}: "):
