@@ -37,6 +37,8 @@ cost analysis is shown beside it (it misses GPU library calls, and counts what a
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -492,58 +494,70 @@ def bench_patch_dropout(config: ml_collections.ConfigDict, *, batch_size: int, s
     }
 
 
-def _openclip_step(name: str, batch_size: int, image_size: int, length: int):
-    """open_clip's own training step on a randomly initialised `name` (PyTorch, this process's
-    CPU threads): forward of both towers, ClipLoss, backward, AdamW (as OpenCLIP trains)."""
-    try:
-        import open_clip
-        import torch
-    except ImportError:
-        raise UsageError(
-            "--what=vs_openclip needs torch and open_clip_torch: pip install -e '.[reference]'"
-        ) from None
-    torch.manual_seed(0)
-    torch.set_num_threads(cpu_cores())
-    try:
-        model = open_clip.create_model(name, pretrained=None)
-    except RuntimeError as e:
-        raise UsageError(f"--openclip_model={name!r}: {e}") from None
-    model.train()
-    loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    images = torch.randn(batch_size, 3, image_size, image_size)
-    tokens = torch.randint(1, 49406, (batch_size, length))
+class _Peer:
+    """open_clip's training step in its own process (`clip_jax.openclip_peer`), stepped on
+    request: in this process torch's threads and JAX's slowed each other down."""
 
-    def step() -> float:
-        image_features, text_features, logit_scale = model(images, tokens)[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    def __init__(self, name: str, batch_size: int, image_size: int, length: int):
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
+        args = [str(a) for a in (name, batch_size, image_size, length)]
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "clip_jax.openclip_peer", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        first = self._read()
+        if "error" in first:
+            raise UsageError(f"--what=vs_openclip: open_clip {first['error']}")
+        self.parameters = first["parameters"]
 
-    return step, sum(p.numel() for p in model.parameters())
+    def _read(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:  # the peer died: its own traceback says why
+            self._log.seek(0)
+            raise RuntimeError(f"the open_clip peer process ended:\n{self._log.read()[-4000:]}")
+        return json.loads(line)
+
+    def step(self) -> float:
+        """Runs one of the peer's steps; its seconds, as the peer timed them."""
+        self._proc.stdin.write("step\n")
+        self._proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait()
+        self._log.close()
 
 
 MATMUL_SIZES = (1024, 2048, 3072)
 
 
 def _matmul_rates() -> dict[int, Any]:
-    """XLA's float32 square matmuls of `MATMUL_SIZES`, jitted: {n: (call, flops)}."""
+    """XLA's float32 square matmuls of `MATMUL_SIZES`, jitted: {n: (timed call, flops)}, each
+    call returning its seconds."""
     import jax.numpy as jnp
+
+    def timed(f, a) -> float:
+        t = time.perf_counter()
+        jax.block_until_ready(f(a))
+        return time.perf_counter() - t
 
     out = {}
     for n in MATMUL_SIZES:
         a = jnp.asarray(np.random.default_rng(n).standard_normal((n, n), np.float32))
         f = jax.jit(lambda x: x @ x)
-        out[n] = (lambda f=f, a=a: f(a), 2.0 * n**3)
+        out[n] = (lambda f=f, a=a: timed(f, a), 2.0 * n**3)
     return out
 
 
 def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
     """clip_jax's train step against open_clip's on the same model, batch and CPU, and against
-    the best matmul rate of this machine, all timed alternately in one process (rounds of one
-    step of each and one of each matmul, so that drift and load hit all alike; medians).
+    the best matmul rate of this machine, timed alternately (rounds of one step of each and one
+    of each matmul, so that drift and load hit all alike; medians). The peer runs in a process
+    of its own (`_Peer`), never at the same time as this one.
 
     Model FLOPs are the architecture's (`models.flops`, forward x 3), XLA's count beside them;
     `mfu_of_matmul` is the step's model FLOP/s over the fastest matmul's FLOP/s.
@@ -557,38 +571,41 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
     if not _OPENCLIP_MODEL.value:
         raise UsageError("--what=vs_openclip needs --openclip_model, e.g. ViT-B-32")
     batch_size = batch_size or config.batch_size
-    size, length = config.model.vision.image_size, config.model.text.context_length
-    peer, peer_params = _openclip_step(_OPENCLIP_MODEL.value, batch_size, size, length)
     mesh = sharding.config_mesh(config.mesh)
     spec = state_lib.build(config, mesh)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
-    if abs(params - peer_params) > 1e-3 * peer_params:
-        raise UsageError(
-            f"the config's model has {params:,} parameters, open_clip's "
-            f"{_OPENCLIP_MODEL.value} {peer_params:,}: compare the same model"
-        )
-    state = state_lib.init(spec, 0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
-        batch = _random_batch(config, batch_size, mesh)
-        compiled, xla_flops = state_lib.compile_train_step(spec, batch_size)
+    size, length = config.model.vision.image_size, config.model.text.context_length
+    peer = _Peer(_OPENCLIP_MODEL.value, batch_size, size, length)
+    try:
+        if abs(params - peer.parameters) > 1e-3 * peer.parameters:
+            raise UsageError(
+                f"the config's model has {params:,} parameters, open_clip's "
+                f"{_OPENCLIP_MODEL.value} {peer.parameters:,}: compare the same model"
+            )
+        state = state_lib.init(spec, 0)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
+            batch = _random_batch(config, batch_size, mesh)
+            compiled, xla_flops = state_lib.compile_train_step(spec, batch_size)
 
-        def ours():
-            nonlocal state
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-
-        matmuls = _matmul_rates()
-        runs = {"clip_jax": ours, "open_clip": peer}
-        runs.update({f"matmul_{n}": call for n, (call, _) in matmuls.items()})
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for fn in runs.values():  # warm-up: compile, allocate
-            for _ in range(WARMUP_BATCHES - 1):
-                jax.block_until_ready(fn())
-        for _ in range(steps):
-            for name, fn in runs.items():
+            def ours() -> float:
+                nonlocal state
                 t = time.perf_counter()
-                jax.block_until_ready(fn())
-                times[name].append(time.perf_counter() - t)
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+                return time.perf_counter() - t
+
+            matmuls = _matmul_rates()
+            runs = {"clip_jax": ours, "open_clip": peer.step}
+            runs.update({f"matmul_{n}": call for n, (call, _) in matmuls.items()})
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for fn in runs.values():  # warm-up: compile, allocate
+                for _ in range(WARMUP_BATCHES - 1):
+                    fn()
+            for _ in range(steps):
+                for name, fn in runs.items():
+                    times[name].append(fn())
+    finally:
+        peer.close()
     median = {k: float(np.median(v)) for k, v in times.items()}
     model_flops = train_step_flops(spec.model_config, batch_size)
     flops = model_flops or xla_flops or 0.0

@@ -1,0 +1,74 @@
+"""open_clip's training step in a process of its own, stepped on request: the peer that
+`python -m clip_jax.benchmark --what=vs_openclip` times against clip_jax's step.
+
+The peer runs apart from the JAX process, as `../shared/bench/openclip_train_step.py` does, because
+in one process the two libraries' thread pools slow each other down (on a 2-core machine,
+clip_jax's B/32 step took 8.5 s beside a torch that had just run and 5.3 s without it; the matmul
+rates fell alike). The two never run at once: the benchmark asks for one step, waits for its
+time, runs its own, and so on, so that drift and load hit both alike.
+
+    python -m clip_jax.openclip_peer MODEL BATCH IMAGE_SIZE LENGTH
+
+The first line written is `{"parameters": N}` (or `{"error": "..."}` and exit 2); then each
+line `step` read from stdin runs one step (forward of both towers, open_clip's ClipLoss,
+backward, AdamW, as OpenCLIP trains) and answers `{"seconds": S}`. End of input ends it.
+"""
+
+import json
+import os
+import sys
+import time
+
+
+def _reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def make_step(name: str, batch_size: int, image_size: int, length: int):
+    """`(step, parameters)`: one open_clip training step on a randomly initialised `name`."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    model = open_clip.create_model(name, pretrained=None)
+    model.train()
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    tokens = torch.randint(1, 49406, (batch_size, length))
+
+    def step() -> float:
+        image_features, text_features, logit_scale = model(images, tokens)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str]) -> int:
+    name, batch_size, image_size, length = argv[0], *(int(a) for a in argv[1:4])
+    try:
+        step, parameters = make_step(name, batch_size, image_size, length)
+    except ImportError:
+        _reply({"error": "needs torch and open_clip_torch: pip install -e '.[reference]'"})
+        return 2
+    except RuntimeError as e:  # open_clip's "Model config for X not found"
+        _reply({"error": f"{name!r}: {e}"})
+        return 2
+    _reply({"parameters": parameters})
+    for line in sys.stdin:
+        if line.strip() != "step":
+            continue
+        start = time.perf_counter()
+        step()
+        _reply({"seconds": time.perf_counter() - start})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
