@@ -28,8 +28,9 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from clip_jax import cli, paths, sharding, validate
+from clip_jax import chips, cli, paths, sharding, validate
 from clip_jax import state as state_lib
+from clip_jax.chips import Chip, GiB
 from clip_jax.errors import UsageError
 from clip_jax.models.flops import train_step_flops
 
@@ -48,26 +49,7 @@ _HLO_OUT = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(["config", "topology"])
 
-GiB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU generation as libtpu describes it and as its datasheet rates it."""
-
-    kind: str  # jax's device_kind
-    chip_config: str  # libtpu's chip_config_name: "megacore" makes a chip's 2 TensorCores 1 device
-    hbm_bytes: int
-    peak_tflops: float  # dense bfloat16
-
-
-# Google Cloud's TPU pages: HBM per chip (GiB) and peak bf16 TFLOP/s.
-CHIPS = {
-    "v4": Chip("TPU v4", "megacore", 32 * GiB, 275.0),
-    "v5e": Chip("TPU v5 lite", "default", 16 * GiB, 197.0),
-    "v5p": Chip("TPU v5", "megacore", 95 * GiB, 459.0),
-    "v6e": Chip("TPU v6 lite", "default", 32 * GiB, 918.0),
-}
+CHIPS = chips.TPUS  # libtpu's generation name -> chips.Chip
 HOST_CHIPS = (2, 2, 1)  # chips per host of every generation above (libtpu's chips_per_host_bounds)
 TOPOLOGY = re.compile(r"^(v\w+):(\d+(?:x\d+)+)$")
 

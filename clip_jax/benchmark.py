@@ -49,7 +49,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from clip_jax import cli
+from clip_jax import chips, cli
 from clip_jax.errors import UsageError
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b32.py.")
@@ -143,23 +143,12 @@ def bench_input(config: ml_collections.ConfigDict, *, batch_size: int, steps: in
     }
 
 
-# Peak dense bf16 FLOP/s per chip, for MFU (`--peak_tflops` overrides; CPUs have none).
-PEAK_TFLOPS = {
-    "H100": 989.0,
-    "H200": 989.0,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
-}
-
-
 def _peak_flops() -> float | None:
+    """Peak FLOP/s per device for MFU: `--peak_tflops`, else the chip's (`clip_jax.chips`)."""
     if _PEAK.value > 0:
         return _PEAK.value * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    return next((t * 1e12 for name, t in PEAK_TFLOPS.items() if name.lower() in kind), None)
+    peak = chips.peak_tflops(jax.devices()[0].device_kind)
+    return None if peak is None else peak * 1e12
 
 
 def _random_batch(config, batch_size: int, mesh) -> dict:
@@ -496,7 +485,7 @@ def bench_patch_dropout(config: ml_collections.ConfigDict, *, batch_size: int, s
 
 class _Peer:
     """open_clip's training step in its own process (`clip_jax.openclip_peer`), stepped on
-    request: in this process torch's threads and JAX's slowed each other down."""
+    request, so that torch's threads and allocator never share this process with JAX's."""
 
     def __init__(self, name: str, batch_size: int, image_size: int, length: int):
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())

@@ -111,3 +111,25 @@ def test_vs_openclip_mode_times_both_steps_and_the_matmuls():
     assert result["ratio"] > 0 and result["mfu_of_matmul"] > 0
     assert result["model_flops_per_step"] == pytest.approx(88.66e9, rel=1e-3)
     assert set(result["matmul_tflops_per_sec"]) == {"1024", "2048", "3072"}
+
+
+@pytest.mark.parametrize(
+    "kind,peak",
+    [
+        ("TPU v5", 459.0),  # v5p, as JAX names it
+        ("TPU v5 lite", 197.0),
+        ("TPU v4", 275.0),
+        ("TPU v6 lite", 918.0),
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA A100-SXM4-40GB", 312.0),
+        ("cpu", None),
+        ("TPU v7", None),
+    ],
+)
+def test_mfu_and_pod_fit_read_one_chip_table(kind, peak):
+    from clip_jax import chips
+
+    assert chips.peak_tflops(kind) == peak
+    if kind.startswith("TPU") and peak is not None:
+        (chip,) = [c for c in chips.TPUS.values() if c.kind == kind]
+        assert chip.peak_tflops == peak
