@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from clip_jax import sharding
 from clip_jax import state as state_lib
-from clip_jax.models import layers
+from clip_jax.models import fsdp
 from tests.conftest import tiny_config
 
 
@@ -50,7 +50,7 @@ def test_a_dense_product_as_matrices_is_the_einsum(in_shape, out_shape):
     spec = f"xy{ins},{ins}{outs}->xy{outs}"
 
     def ours(x, k):
-        return layers.fsdp_dot(x, k, n_in, jnp.float32, None)
+        return fsdp.fsdp_dot(x, k, n_in, jnp.float32, None)
 
     def reference(x, k):
         return jnp.einsum(spec, x, k, precision="highest")
@@ -65,11 +65,11 @@ def test_a_dense_product_as_matrices_is_the_einsum(in_shape, out_shape):
 
 def test_a_kernel_is_merged_only_where_its_layout_allows():
     def layout(*used):
-        return layers.KernelLayout(PartitionSpec(*used), PartitionSpec(*used), None)
+        return fsdp.KernelLayout(PartitionSpec(*used), PartitionSpec(*used), None)
 
-    assert layers._as_matrices(None, 1, 4)
-    assert layers._as_matrices(layout("fsdp", None, None, None), 1, 4)  # first of its group
-    assert layers._as_matrices(layout(None, "mlp"), 1, 2)  # 2-D: nothing merged
-    assert layers._as_matrices(layout("tensor", None, None), 2, 3)  # out: heads lead [H, K]
-    assert not layers._as_matrices(layout(None, None, "tensor", None), 1, 4)  # qkv's heads
-    assert not layers._as_matrices(layout(None, "tensor", None), 2, 3)  # head_dim split
+    assert fsdp._as_matrices(None, 1, 4)
+    assert fsdp._as_matrices(layout("fsdp", None, None, None), 1, 4)  # first of its group
+    assert fsdp._as_matrices(layout(None, "mlp"), 1, 2)  # 2-D: nothing merged
+    assert fsdp._as_matrices(layout("tensor", None, None), 2, 3)  # out: heads lead [H, K]
+    assert not fsdp._as_matrices(layout(None, None, "tensor", None), 1, 4)  # qkv's heads
+    assert not fsdp._as_matrices(layout(None, "tensor", None), 2, 3)  # head_dim split

@@ -5,14 +5,11 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.errors import UsageError
+from clip_jax.models.fsdp import fsdp_add, fsdp_dot, fsdp_embed, kernel_layout
 from clip_jax.models.layers import (
     Dtype,
     Transformer,
     constrain,
-    fsdp_add,
-    fsdp_dot,
-    fsdp_embed,
-    kernel_layout,
     layer_norm,
     partitioned,
 )
@@ -105,7 +102,7 @@ class TextTransformer(nn.Module):
 
 class TokenEmbedding(nn.Module):
     """The token table [vocab, width] (nn.Embed's parameter, same name, init and layout), looked
-    up through `layers.fsdp_embed`: under FSDP the table is all-gathered in the compute dtype and
+    up through `fsdp.fsdp_embed`: under FSDP the table is all-gathered in the compute dtype and
     its gradient reduced in float32, as the kernels' are."""
 
     vocab_size: int

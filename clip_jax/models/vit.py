@@ -8,14 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.errors import UsageError
+from clip_jax.models.fsdp import fsdp_add, fsdp_dot, kernel_layout
 from clip_jax.models.layers import (
     Dtype,
     Transformer,
     check_init_scheme,
     constrain,
-    fsdp_add,
-    fsdp_dot,
-    kernel_layout,
     layer_norm,
     partitioned,
     symmetric_uniform,
@@ -103,7 +101,7 @@ class VisionTransformer(nn.Module):
         )
         dtype = jnp.dtype(self.dtype)
         # Under FSDP each embedding is all-gathered in `dtype` and its gradient reduced in float32
-        # (layers.fsdp_add), as the blocks' kernels are.
+        # (fsdp.fsdp_add), as the blocks' kernels are.
         cls = fsdp_add(jnp.zeros((b, 1, self.width), dtype), cls, dtype, _layout(cls, ("embed",)))
         x = jnp.concatenate([cls, x], axis=1)
         x = fsdp_add(x, pos, dtype, _layout(pos, ("pos", "embed")))  # [B, T, D]
@@ -146,7 +144,7 @@ class PatchEmbedding(nn.Module):
     """The patch convolution (kernel `patch_size`, stride `patch_size`, no bias) as what it is, a
     matrix product of each patch's pixels with a [p, p, 3, D] kernel (the layout of nn.Conv's,
     which this replaces bit for bit in its parameters): one dense product, all-gathered and
-    reduced like the blocks' kernels (`layers.fsdp_dot`), instead of a strided convolution.
+    reduced like the blocks' kernels (`fsdp.fsdp_dot`), instead of a strided convolution.
 
     Images [B, H, W, C] -> patch tokens [B, (H/p)*(W/p), D], row by row."""
 
