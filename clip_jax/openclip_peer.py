@@ -1,11 +1,10 @@
 """open_clip's training step in a process of its own, stepped on request: the peer that
 `python -m clip_jax.benchmark --what=vs_openclip` times against clip_jax's step.
 
-The peer runs apart from the JAX process, as `../shared/bench/openclip_train_step.py` does, because
-in one process the two libraries' thread pools slow each other down (on a 2-core machine,
-clip_jax's B/32 step took 8.5 s beside a torch that had just run and 5.3 s without it; the matmul
-rates fell alike). The two never run at once: the benchmark asks for one step, waits for its
-time, runs its own, and so on, so that drift and load hit both alike.
+The peer runs apart from the JAX process, as `../shared/bench/openclip_train_step.py` does, so
+that neither library's thread pools nor allocator share a process with the other's. The two never
+run at once: the benchmark asks for one step, waits for its time, runs its own, and so on, so
+that drift and load hit both alike.
 
     python -m clip_jax.openclip_peer MODEL BATCH IMAGE_SIZE LENGTH
 
