@@ -225,3 +225,22 @@ def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
         "times": 14,
         "op": "jit(train_step)/transpose(jvp(CLIP.encode_image))/visual/dot_general",
     }
+
+
+@needs_libtpu
+def test_products_keep_their_shapes_in_a_tpu_program_compiled_on_a_cpu():
+    # The CPU's matrix form (models/fsdp.py) would make a TPU re-tile activations to merge them.
+    code = textwrap.dedent(
+        """
+        import jax, numpy as np
+        from clip_jax import aot
+        from clip_jax.models import fsdp
+        _, devices = aot.topology_devices("v5e:2x2")
+        assert fsdp._on_cpu() and fsdp._as_matrices(None, 1, 4)
+        with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("data",))):
+            assert not fsdp._on_cpu() and not fsdp._as_matrices(None, 1, 4)
+        print("ok")
+        """
+    )
+    done = run_python(["-c", code])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -112,13 +112,17 @@ def _kernel_gradient(
     """sum over the rows of xc [rows..., *in] (x) dy [rows..., *out] -> [*in, *out] in float32,
     summed over the devices into the kernel's stored layout (`_sum_over_devices`).
 
-    The product is taken of the two as matrices, [rows, in] and [rows, out]: a matrix library
-    wants its left operand's contraction last, so XLA transposes xc first, and transposing a
-    matrix is fast where transposing [B, T, in] (fused with the activation that made it) reads
-    it a row of `in` apart at a time (on a CPU, the text tower's MLP backward took 1.3x longer).
+    On a CPU the product is taken of the two as matrices, [rows, in] and [rows, out]: its matrix
+    library wants the left operand's contraction last, so XLA transposes xc first, and a matrix
+    transposes fast where [B, T, in] (fused with the activation that made it) is read a row of
+    `in` apart at a time (the text tower's MLP backward took 1.3x longer). Elsewhere the arrays
+    stay as they are: a TPU would copy [B, 197, in] into another tiling to merge its rows.
     """
 
     def local(x, g):
+        if not _on_cpu():
+            dims = ((tuple(range(batch)), tuple(range(batch))), ((), ()))
+            return jax.lax.dot_general(x, g, dims, preferred_element_type=jnp.float32)
         rows = math.prod(x.shape[:batch])
         product = jax.lax.dot_general(
             x.reshape(rows, -1),
@@ -155,12 +159,23 @@ def _fsdp_dot(x, kernel, in_axes, dtype, layout):
     return _fsdp_dot_fwd(x, kernel, in_axes, dtype, layout)[0]
 
 
+def _on_cpu() -> bool:
+    """Whether what is being traced will run on a CPU: the active mesh's devices say (a TPU
+    program compiled ahead of time on a CPU host is a TPU's), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return (device.platform if device is not None else jax.default_backend()) == "cpu"
+
+
 def _as_matrices(layout: KernelLayout | None, in_axes: int, ndim: int) -> bool:
-    """Whether a kernel [*in, *out] may be used as the matrix [prod(in), prod(out)] (and x as
-    [..., prod(in)]): a CPU's matrix library takes its operands as matrices, and XLA's
-    transpose of a matrix is fast where a [768, 3, 12, 64] one was 7x slower than its copy.
+    """Whether a kernel [*in, *out] is used as the matrix [prod(in), prod(out)] (and x as
+    [..., prod(in)]): on a CPU, whose matrix library takes its operands as matrices, and where
+    XLA's transpose of a matrix is fast but a [768, 3, 12, 64] one was 7x slower than a copy.
     Merging dimensions keeps a layout only if no dimension but the first of each group is
-    split (the heads of `qkv`'s [3, heads, head_dim] under tensor parallelism are not)."""
+    split (the heads of `qkv`'s [3, heads, head_dim] under tensor parallelism are not).
+    Accelerators multiply the arrays as they are (a TPU would re-tile them to merge them)."""
+    if not _on_cpu():
+        return False
     if layout is None:
         return True
     used = tuple(layout.used) + (None,) * (ndim - len(layout.used))
