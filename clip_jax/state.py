@@ -205,12 +205,16 @@ COMPUTE_KEYS = ("model.dtype", "model.remat_policy", "model.attn_impl", "model.p
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses (a UsageError) a workdir whose config.json trained another model, data or batch
-    size than `config`: its checkpoints belong to another run."""
+    size than `config`: its checkpoints belong to another run. A model key that the saved config
+    lacks (written before the key existed) stands for the module's default, which is what that
+    run used: a run from before `model.scan_layers` resumed with it set is another run."""
     path = paths.path(workdir) / CONFIG_FILE
     if not path.exists():
         return
-    old = _flat(_read_config_file(path))
-    new = _flat(json.loads(config.to_json_best_effort()))
+    old, new = (
+        _flat({**c, "model": model_config(c["model"])} if "model" in c else c)
+        for c in (_read_config_file(path), json.loads(config.to_json_best_effort()))
+    )
     changed = [
         f"{k}: {old[k]!r} -> {new[k]!r}"
         for k in sorted(old.keys() & new.keys())

@@ -1,6 +1,7 @@
 """The command line as a user meets it: `--help` everywhere, one error line with exit status 2 for
 each kind of mistake, the default workdir, and the summaries that start and end a run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -209,6 +210,15 @@ def test_which_config_changes_make_another_run(tmp_path):
         with pytest.raises(UsageError, match=f"holds a run of another config \\({key}: "):
             state.check_same_run(tiny_config(**{key: value}), str(tmp_path))
     state.check_same_run(tiny_config(), str(tmp_path / "fresh"))  # no config.json yet
+
+
+def test_a_model_key_the_saved_run_lacks_stands_for_its_default(tmp_path):
+    saved = json.loads(tiny_config().to_json_best_effort())
+    del saved["model"]["scan_layers"]  # a run written before the key existed: unscanned
+    (tmp_path / state.CONFIG_FILE).write_text(json.dumps(saved))
+    state.check_same_run(tiny_config(), str(tmp_path))
+    with pytest.raises(UsageError, match=r"another config \(model.scan_layers: False -> True\)"):
+        state.check_same_run(tiny_config(**{"model.scan_layers": True}), str(tmp_path))
 
 
 def test_config_files_are_locked_but_evals_take_entries():
