@@ -37,8 +37,6 @@ cost analysis is shown beside it (it misses GPU library calls, and counts what a
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -49,7 +47,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from clip_jax import chips, cli
+from clip_jax import chips, cli, openclip_peer
 from clip_jax.errors import UsageError
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b32.py.")
@@ -483,44 +481,6 @@ def bench_patch_dropout(config: ml_collections.ConfigDict, *, batch_size: int, s
     }
 
 
-class _Peer:
-    """open_clip's training step in its own process (`clip_jax.openclip_peer`), stepped on
-    request, so that torch's threads and allocator never share this process with JAX's."""
-
-    def __init__(self, name: str, batch_size: int, image_size: int, length: int):
-        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
-        args = [str(a) for a in (name, batch_size, image_size, length)]
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "clip_jax.openclip_peer", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        first = self._read()
-        if "error" in first:
-            raise UsageError(f"--what=vs_openclip: open_clip {first['error']}")
-        self.parameters = first["parameters"]
-
-    def _read(self) -> dict:
-        line = self._proc.stdout.readline()
-        if not line:  # the peer died: its own traceback says why
-            self._log.seek(0)
-            raise RuntimeError(f"the open_clip peer process ended:\n{self._log.read()[-4000:]}")
-        return json.loads(line)
-
-    def step(self) -> float:
-        """Runs one of the peer's steps; its seconds, as the peer timed them."""
-        self._proc.stdin.write("step\n")
-        self._proc.stdin.flush()
-        return self._read()["seconds"]
-
-    def close(self) -> None:
-        self._proc.stdin.close()
-        self._proc.wait()
-        self._log.close()
-
-
 MATMUL_SIZES = (1024, 2048, 3072)
 
 
@@ -546,7 +506,7 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
     """clip_jax's train step against open_clip's on the same model, batch and CPU, and against
     the best matmul rate of this machine, timed alternately (rounds of one step of each and one
     of each matmul, so that drift and load hit all alike; medians). The peer runs in a process
-    of its own (`_Peer`), never at the same time as this one.
+    of its own (`openclip_peer.Peer`), never at the same time as this one.
 
     Model FLOPs are the architecture's (`models.flops`, forward x 3), XLA's count beside them;
     `mfu_of_matmul` is the step's model FLOP/s over the fastest matmul's FLOP/s.
@@ -564,7 +524,7 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
     spec = state_lib.build(config, mesh)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
     size, length = config.model.vision.image_size, config.model.text.context_length
-    peer = _Peer(_OPENCLIP_MODEL.value, batch_size, size, length)
+    peer = openclip_peer.Peer(_OPENCLIP_MODEL.value, batch_size, size, length)
     try:
         if abs(params - peer.parameters) > 1e-3 * peer.parameters:
             raise UsageError(

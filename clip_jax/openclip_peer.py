@@ -11,12 +11,17 @@ that drift and load hit both alike.
 The first line written is `{"parameters": N}` (or `{"error": "..."}` and exit 2); then each
 line `step` read from stdin runs one step (forward of both towers, open_clip's ClipLoss,
 backward, AdamW, as OpenCLIP trains) and answers `{"seconds": S}`. End of input ends it.
+`Peer` is the other end: it starts this process and asks for steps.
 """
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+
+from clip_jax.errors import UsageError
 
 
 def _reply(obj: dict) -> None:
@@ -47,6 +52,43 @@ def make_step(name: str, batch_size: int, image_size: int, length: int):
         return loss.item()
 
     return step, sum(p.numel() for p in model.parameters())
+
+
+class Peer:
+    """The benchmark's side: this module run as a child process, stepped on request."""
+
+    def __init__(self, name: str, batch_size: int, image_size: int, length: int):
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
+        args = [str(a) for a in (name, batch_size, image_size, length)]
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "clip_jax.openclip_peer", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        first = self._read()
+        if "error" in first:
+            raise UsageError(f"--what=vs_openclip: open_clip {first['error']}")
+        self.parameters = first["parameters"]
+
+    def _read(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:  # the peer died: its own traceback says why
+            self._log.seek(0)
+            raise RuntimeError(f"the open_clip peer process ended:\n{self._log.read()[-4000:]}")
+        return json.loads(line)
+
+    def step(self) -> float:
+        """Runs one of the peer's steps; its seconds, as the peer timed them."""
+        self._proc.stdin.write("step\n")
+        self._proc.stdin.flush()
+        return self._read()["seconds"]
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait()
+        self._log.close()
 
 
 def main(argv: list[str]) -> int:
