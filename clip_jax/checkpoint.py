@@ -13,6 +13,7 @@ Restoring takes the target's shardings, so a run saved on one mesh resumes on an
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,6 +33,16 @@ from clip_jax.errors import UsageError
 class CheckpointWriteError(UsageError):
     """An asynchronous checkpoint write failed (a full disk, lost access): one line, and the
     checkpoints written before it stay."""
+
+
+def _os_reason(e: BaseException) -> str | None:
+    """The operating system's words for a failed write: the error's errno, or the
+    `os_error_code` that TensorStore writes into its message ("No space left on device")."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"os_error_code='?(\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    return os.strerror(code) if code else None
 
 
 class Checkpointer:
@@ -97,6 +108,9 @@ class Checkpointer:
             kept = [s for s in self.all_steps() if s != failed]
             cause = " ".join(str(e).split())
             cause = cause[-240:] if len(cause) > 240 else cause  # the OS's reason comes last
+            reason = _os_reason(e)
+            if reason and reason not in cause:  # it came earlier: a long TensorStore spec after it
+                cause = f"{reason}: {cause}"
             previous = f"the checkpoint at step {max(kept)} is kept" if kept else "none is kept"
             raise CheckpointWriteError(
                 f"writing the checkpoint of step {failed} to {self.directory} failed "

@@ -294,3 +294,21 @@ def test_a_truncated_npz_is_one_line(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(UsageError, match="not a readable .npz file"):
         convert.read_state_dict(str(path))
+
+
+def test_a_failed_write_names_the_os_reason_even_after_a_long_spec(monkeypatch, tmp_path):
+    # TensorStore puts its JSON spec after the reason: a tail of the message would lose it.
+    import orbax.checkpoint as ocp
+
+    spec = '{"driver":"zarr3","kvstore":{"path":"' + "x" * 400 + '"}}'
+
+    def full_disk(self):
+        raise ValueError(f"to write: No space left on device [os_error_code='28'] {spec}")
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_disk)
+    ckpt._writing = 4
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device: "):
+        ckpt._check_previous_write()
+    monkeypatch.undo()
+    ckpt.close()
