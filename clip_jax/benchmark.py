@@ -489,17 +489,19 @@ def _matmul_rates() -> dict[int, Any]:
     call returning its seconds."""
     import jax.numpy as jnp
 
-    def timed(f, a) -> float:
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        return time.perf_counter() - t
-
     out = {}
     for n in MATMUL_SIZES:
         a = jnp.asarray(np.random.default_rng(n).standard_normal((n, n), np.float32))
         f = jax.jit(lambda x: x @ x)
-        out[n] = (lambda f=f, a=a: timed(f, a), 2.0 * n**3)
+        out[n] = (lambda f=f, a=a: _seconds(lambda: f(a)), 2.0 * n**3)
     return out
+
+
+def _seconds(fn) -> float:
+    """How long `fn()` takes, its results computed."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
 
 
 def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
@@ -524,7 +526,7 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
     spec = state_lib.build(config, mesh)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
     size, length = config.model.vision.image_size, config.model.text.context_length
-    peer = openclip_peer.Peer(_OPENCLIP_MODEL.value, batch_size, size, length)
+    peer = openclip_peer.Peer(_OPENCLIP_MODEL.value, batch_size, size, length, cpu_cores())
     try:
         if abs(params - peer.parameters) > 1e-3 * peer.parameters:
             raise UsageError(
@@ -536,12 +538,13 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
             batch = _random_batch(config, batch_size, mesh)
             compiled, xla_flops = state_lib.compile_train_step(spec, batch_size)
 
-            def ours() -> float:
+            def step():
                 nonlocal state
-                t = time.perf_counter()
                 state, metrics = compiled(state, batch)
-                jax.block_until_ready(metrics)
-                return time.perf_counter() - t
+                return metrics
+
+            def ours() -> float:
+                return _seconds(step)
 
             matmuls = _matmul_rates()
             runs = {"clip_jax": ours, "open_clip": peer.step}

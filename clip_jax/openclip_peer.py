@@ -6,7 +6,7 @@ that neither library's thread pools nor allocator share a process with the other
 run at once: the benchmark asks for one step, waits for its time, runs its own, and so on, so
 that drift and load hit both alike.
 
-    python -m clip_jax.openclip_peer MODEL BATCH IMAGE_SIZE LENGTH
+    python -m clip_jax.openclip_peer MODEL BATCH IMAGE_SIZE LENGTH THREADS
 
 The first line written is `{"parameters": N}` (or `{"error": "..."}` and exit 2); then each
 line `step` read from stdin runs one step (forward of both towers, open_clip's ClipLoss,
@@ -15,7 +15,6 @@ backward, AdamW, as OpenCLIP trains) and answers `{"seconds": S}`. End of input 
 """
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,13 @@ def _reply(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def make_step(name: str, batch_size: int, image_size: int, length: int):
+def make_step(name: str, batch_size: int, image_size: int, length: int, threads: int):
     """`(step, parameters)`: one open_clip training step on a randomly initialised `name`."""
     import open_clip
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    torch.set_num_threads(threads)
     model = open_clip.create_model(name, pretrained=None)
     model.train()
     loss_fn = open_clip.ClipLoss()
@@ -57,9 +56,9 @@ def make_step(name: str, batch_size: int, image_size: int, length: int):
 class Peer:
     """The benchmark's side: this module run as a child process, stepped on request."""
 
-    def __init__(self, name: str, batch_size: int, image_size: int, length: int):
+    def __init__(self, name: str, batch_size: int, image_size: int, length: int, threads: int):
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
-        args = [str(a) for a in (name, batch_size, image_size, length)]
+        args = [str(a) for a in (name, batch_size, image_size, length, threads)]
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "clip_jax.openclip_peer", *args],
             stdin=subprocess.PIPE,
@@ -92,9 +91,9 @@ class Peer:
 
 
 def main(argv: list[str]) -> int:
-    name, batch_size, image_size, length = argv[0], *(int(a) for a in argv[1:4])
+    name, batch_size, image_size, length, threads = argv[0], *(int(a) for a in argv[1:5])
     try:
-        step, parameters = make_step(name, batch_size, image_size, length)
+        step, parameters = make_step(name, batch_size, image_size, length, threads)
     except ImportError:
         _reply({"error": "needs torch and open_clip_torch: pip install -e '.[reference]'"})
         return 2
