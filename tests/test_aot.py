@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from clip_jax import hlo
 from tests.conftest import run_python
 
 needs_libtpu = pytest.mark.skipif(
@@ -197,18 +198,8 @@ ENTRY %main (a: f32[8], b: f32[4,4], w0: bf16[16,128], u: bf16[2,4], v: bf16[2,4
 """  # noqa: E501 (lines as XLA prints them)
 
 
-def test_collectives_are_counted_per_step_with_their_buffers(tmp_path):
-    (tmp_path / "module.hlo").write_text(HLO)
-    script = textwrap.dedent(
-        f"""
-        import json
-        from clip_jax import aot
-        print(json.dumps(aot.collectives(open({str(tmp_path / "module.hlo")!r}).read())))
-        """
-    )
-    done = run_python(["-c", script])
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+def test_collectives_are_counted_per_step_with_their_buffers():
+    found = hlo.collectives(HLO)
     assert found["collectives"] == {
         "all-reduce": {"count": 1, "bytes": 4 * (8 + 16), "dtypes": ["f32"]},
         # 12 + 2 iterations: the gathered bf16 weight, the f32 gradient before it is scattered;
