@@ -37,20 +37,22 @@ def _closing(text: str, start: int) -> int:
     return len(text)
 
 
-def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     """The (dtype, dims) of every array in an HLO shape, a tuple's in order."""
     return [(d, tuple(int(n) for n in dims.split(",") if n)) for d, dims in _ARRAY.findall(shape)]
 
 
-def _nbytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
+def _nbytes(buffers: list[tuple[str, tuple[int, ...]]]) -> int:
     def itemsize(dtype: str) -> float:
         bits = re.search(r"\d+", dtype)
         return _DTYPE_BYTES.get(dtype, int(bits[0]) / 8 if bits and dtype[0] in "su" else 1)
 
-    return int(sum(itemsize(d) * int(np.prod(dims)) for d, dims in arrays))
+    return int(sum(itemsize(d) * int(np.prod(dims)) for d, dims in buffers))
 
 
-class _Instruction(NamedTuple):
+class Instruction(NamedTuple):
+    """One HLO instruction as its text gives it."""
+
     computation: str
     name: str
     shape: str  # its result's
@@ -64,7 +66,7 @@ class _Instruction(NamedTuple):
         return re.findall(r"%([\w.\-]+)", self.args)
 
 
-def _instructions(hlo: str) -> Iterator[_Instruction]:
+def instructions(hlo: str) -> Iterator[Instruction]:
     """Every instruction of an HLO module's text, with the computation it belongs to."""
     computation = ""
     for line in hlo.splitlines():
@@ -83,9 +85,7 @@ def _instructions(hlo: str) -> Iterator[_Instruction]:
             continue
         close = _closing(rest, opcode.end())
         args, attributes = rest[opcode.end() + 1 : close - 1], rest[close:]
-        yield _Instruction(
-            computation, found[2], shape, opcode[0], args, attributes, found[1] != ""
-        )
+        yield Instruction(computation, found[2], shape, opcode[0], args, attributes, found[1] != "")
 
 
 def _executions(calls: dict[str, list[tuple[str, int]]], entry: str) -> dict[str, int]:
@@ -115,7 +115,7 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     loop counts once per iteration (XLA's known trip count, else the bound its condition compares
     the counter with, as JAX's scans and fori_loops count from 0)."""
     shapes, calls, found, loops, constants, bounds = {}, {}, [], [], {}, {}
-    for ins in _instructions(hlo):
+    for ins in instructions(hlo):
         shapes[ins.name] = ins.shape
         if ins.opcode == "constant" and re.match(r"[su]\d+\[\]", ins.shape):
             constants[ins.name] = int(ins.args) if re.fullmatch(r"-?\d+", ins.args) else None
@@ -152,9 +152,9 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     for group in pieces.values():
         ins, op_name = group[0]
         kind = ins.opcode.removesuffix("-start")
-        given = [a for op in ins.operands for a in _arrays(shapes.get(op, ""))]
+        given = [a for op in ins.operands for a in arrays(shapes.get(op, ""))]
         if kind == "all-gather":  # an async start's result holds its operands, then the results
-            buffers = _arrays(ins.shape)[len(given) if ins.opcode.endswith("-start") else 0 :]
+            buffers = arrays(ins.shape)[len(given) if ins.opcode.endswith("-start") else 0 :]
         else:
             buffers = given[:1] if kind == "collective-permute" else given
         times = max(runs.get(piece.computation, 1) for piece, _ in group)

@@ -235,3 +235,37 @@ def test_products_keep_their_shapes_in_a_tpu_program_compiled_on_a_cpu():
     )
     done = run_python(["-c", code])
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@needs_libtpu
+def test_fsdp_compiles_to_gathers_and_reduce_scatters_in_a_tpu_program(tmp_path):
+    # Width 256 over 4 chips: 64-row shards, which the TPU compiler keeps as asked (3-row
+    # shards, B/16's 768 over 256 chips, it writes as all-reduces: docs/performance.md).
+    program = tmp_path / "step.hlo"
+    r = last_json(
+        run_aot(
+            "--topology=v5e:2x2",
+            "--search_batch=0",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=-1",
+            "--config.model.dtype=bfloat16",
+            "--config.model.vision.width=256",
+            "--config.model.text.width=256",
+            f"--hlo_out={program}",
+        )
+    )
+    assert r["collectives"]["all-gather"]["dtypes"] == ["bf16"]
+    assert r["collectives"]["reduce-scatter"]["dtypes"] == ["f32"]
+    found: dict[str, set] = {"all-gather": set(), "reduce-scatter": set(), "all-reduce": set()}
+    for ins in hlo.instructions(program.read_text()):
+        kind = ins.opcode.removesuffix("-start")
+        if kind in found:
+            found[kind] |= set(hlo.arrays(ins.shape))
+    # Every transformer kernel (attention in and out, MLP in and out, both towers): gathered
+    # whole in bfloat16, its gradient reduce-scattered to a float32 shard, never all-reduced.
+    kernels = {(256, 3, 2, 128): 0, (2, 128, 256): 2, (256, 1024): 0, (1024, 256): 1}
+    for full, dim in kernels.items():
+        shard = tuple(n // 4 if i == dim else n for i, n in enumerate(full))
+        assert ("bf16", full) in found["all-gather"], full
+        assert ("f32", shard) in found["reduce-scatter"], shard
+        assert not {("f32", full), ("bf16", full)} & found["all-reduce"], full
