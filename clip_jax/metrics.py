@@ -11,9 +11,14 @@ from typing import Any
 from absl import logging
 
 from clip_jax import paths
+from clip_jax.errors import UsageError
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_EVERY_S = 30.0  # a console line at least this often, whatever log_every_steps is
+
+
+class MetricsWriteError(UsageError):
+    """metrics.jsonl could not be written (a full disk, lost access): one line."""
 
 
 class MetricsWriter:
@@ -23,13 +28,16 @@ class MetricsWriter:
     rows past it were logged by an earlier attempt after its last checkpoint and are dropped, so
     that a reader sees each step once. On an object store (no append) the file is rewritten
     whole, at most every `flush_secs` and at `flush` / `close`.
+
+    A write of metrics.jsonl that the OS refuses raises MetricsWriteError; one of TensorBoard's
+    events is a warning, and TensorBoard gets no more events this run (metrics.jsonl has them).
     """
 
     def __init__(
         self, workdir: str, enabled: bool = True, start_step: int = 0, flush_secs: float = 30.0
     ):
         self.enabled = enabled
-        self._tb = None
+        self._tb, self._tb_failed = None, False
         if not enabled:
             return
         self._workdir = str(paths.path(workdir))
@@ -62,33 +70,71 @@ class MetricsWriter:
             if time.monotonic() - self._flushed_at >= self._flush_secs:
                 self.flush()
         else:
-            with self._path.open("a") as f:
-                f.write(line)
-        if self._tb is None:
+            try:
+                with self._path.open("a") as f:
+                    f.write(line)
+            except OSError as e:
+                raise self._failed(e) from None
+        if self._tb is None and not self._tb_failed:
             from tensorboardX import SummaryWriter
 
             paths.register_tensorboard_schemes()
             self._tb = SummaryWriter(self._workdir, flush_secs=self._flush_secs)
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(key, value, global_step=int(step))
+        scalars = [
+            (key, value)
+            for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
+        ]
+        self._tensorboard(
+            lambda tb: [tb.add_scalar(k, v, global_step=int(step)) for k, v in scalars]
+        )
 
     def flush(self) -> None:
         """Makes every row written so far visible in the file (and TensorBoard's)."""
         if not self.enabled:
             return
         if self._dirty:
-            paths.write_text(self._path, self._text)
+            try:
+                paths.write_text(self._path, self._text)
+            except OSError as e:
+                raise self._failed(e) from None
             self._dirty = False
         self._flushed_at = time.monotonic()
-        if self._tb is not None:
-            self._tb.flush()
+        self._tensorboard(lambda tb: tb.flush())
 
     def close(self) -> None:
         self.flush()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._tensorboard(lambda tb: tb.close())
+        self._tb = None
+
+    def _failed(self, e: OSError) -> MetricsWriteError:
+        reason = e.strerror or str(e)
+        return MetricsWriteError(
+            f"writing {self._path} failed ({reason}): free space (or fix access) and rerun to "
+            "resume from the last checkpoint"
+        )
+
+    def _tensorboard(self, call) -> None:
+        """`call(writer)` on TensorBoard's writer; an OS error ends TensorBoard for this run
+        with a warning, and stops tensorboardX's thread and exit hook from flushing again."""
+        if self._tb is None:
+            return
+        try:
+            call(self._tb)
+        except OSError as e:
+            logging.warning(
+                "TensorBoard events in %s: %s; none more this run (metrics.jsonl has them all)",
+                self._workdir,
+                e.strerror or e,
+            )
+            for file_writer in (self._tb.all_writers or {}).values():
+                events = getattr(file_writer, "event_writer", None)
+                worker = getattr(events, "_worker", None)
+                if worker is not None:  # stop its thread without another flush
+                    worker._queue.put(worker._shutdown_signal)
+                if events is not None:
+                    events._closed = True  # tensorboardX's exit hook: nothing left to flush
+            self._tb, self._tb_failed = None, True
 
 
 def parse_rows(text: str, name: str) -> list[dict]:

@@ -51,6 +51,29 @@ def run(
             lock.release()
 
 
+def _close(*closers) -> None:
+    """Runs every closer, then raises the first error, a checkpoint write's before the others
+    (it says which checkpoint is kept): a full disk fails the metrics' last flush too."""
+    errors = []
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - raised below, after the others have run
+            errors.append(e)
+    if errors:
+        raise next((e for e in errors if isinstance(e, checkpoint.CheckpointWriteError)), errors[0])
+
+
+def _close_after_failure(*closers) -> None:
+    """Runs every closer while an error is on its way out; theirs are logged, not raised, so
+    that the error which stopped the run is the one reported."""
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the run's own error is being raised
+            logging.warning("while stopping after an error: %s", " ".join(str(e).split()))
+
+
 def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     is_main = jax.process_index() == 0
     if not config_change_ok:
@@ -159,10 +182,10 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             last, step, train_s = _loop(
                 config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
             )
-        finally:
-            watcher.close()
-            writer.close()
-            ckpt.close()  # waits for an asynchronous save in flight
+        except BaseException:
+            _close_after_failure(watcher.close, writer.close, ckpt.close)
+            raise
+        _close(watcher.close, writer.close, ckpt.close)  # ckpt: waits for a save in flight
     # Done once the last step and its evals are (a preemption at the last step skips them).
     done = step >= config.total_steps and not runner.missing(
         evaluators, workdir, step, config.total_steps

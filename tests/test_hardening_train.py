@@ -2,7 +2,8 @@
 checkpoint; a dead run under nonfinite=skip stops; metrics.jsonl shows each step once after a
 resume; config.json is replaced only by an accepted config; a finished run says so; a damaged
 latest checkpoint falls back to the one before; a periodic save never waits for the previous
-write; one run per workdir; a failed write (full disk) and an unwritable workdir are one line."""
+write; one run per workdir; a failed write (full disk: checkpoint, metrics.jsonl; TensorBoard warns)
+and an unwritable workdir are one line."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from absl import logging
 
-from clip_jax import checkpoint, runlock, state, train
+from clip_jax import checkpoint, metrics, runlock, state, train
 from clip_jax.errors import UsageError
 from tests.conftest import ROOT, read_rows, run_python, tiny_config
 
@@ -196,7 +197,10 @@ def test_object_store_lease(tmp_path, monkeypatch):
     assert not lock_file.exists()
 
 
-def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("metrics_fail_too", [False, True], ids=["", "metrics-fail-too"])
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(
+    tmp_path, monkeypatch, metrics_fail_too
+):
     import orbax.checkpoint as ocp
 
     save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
@@ -217,6 +221,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_pa
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", fake_save)
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_disk)
+    if metrics_fail_too:  # the same full disk fails the metrics' last flush, closed first
+
+        def failing_close(self):
+            raise metrics.MetricsWriteError("writing metrics.jsonl failed (No space left)")
+
+        monkeypatch.setattr(metrics.MetricsWriter, "close", failing_close)
     workdir = str(tmp_path)
     with pytest.raises(checkpoint.CheckpointWriteError) as failed:
         train.run(tiny_config(total_steps=4, checkpoint_every_steps=2), workdir)
@@ -226,6 +236,32 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_pa
     assert "the checkpoint at step 2 is kept" in message
     monkeypatch.undo()
     assert checkpoint.Checkpointer(workdir, create=False).all_steps()[0] == 2
+
+
+def test_tensorboard_refused_by_the_os_is_a_warning_and_metrics_go_on(tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    writer = metrics.MetricsWriter(str(tmp_path))
+    writer.write(1, {"loss": 1.0})
+    tb = writer._tb
+
+    def no_space():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tb, "flush", no_space)
+    writer.flush()  # a warning, not an error
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert all(w.event_writer._closed for w in tb.all_writers.values())  # nothing at exit
+    writer.write(2, {"loss": 0.5})
+    writer.close()
+    assert [r["step"] for r in read_rows(str(tmp_path))] == [1, 2]
+
+
+def test_metrics_refused_by_the_os_is_one_line(tmp_path):
+    writer = metrics.MetricsWriter(str(tmp_path))
+    writer._path = writer._path.parent / "gone" / "metrics.jsonl"  # its directory vanished
+    with pytest.raises(metrics.MetricsWriteError, match=r"^writing .*metrics.jsonl failed \(No "):
+        writer.write(1, {"loss": 1.0})
 
 
 def test_a_full_disk_for_real(tmp_path):
