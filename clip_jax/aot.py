@@ -32,7 +32,7 @@ from clip_jax import chips, cli, paths, sharding, validate
 from clip_jax import state as state_lib
 from clip_jax.chips import Chip, GiB
 from clip_jax.errors import UsageError
-from clip_jax.hlo import collectives
+from clip_jax.hlo import collectives, program_text
 from clip_jax.models.flops import train_step_flops
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b16.py.")
@@ -218,7 +218,8 @@ def fit_report(
       peak_flops_per_chip, est_step_s (the model FLOPs at `mfu` of the chips' peak);
       max_batch_size and min_batch_not_fitting (None when the search found none) and search
       (each compile's batch_size, fits, per_chip_bytes, compile_s); collectives and
-      largest_collectives (`collectives`); replicated_count and replicated_bytes (every
+      largest_collectives (`collectives`), collectives_error (why they are missing, "" when
+      they are not: `hlo.program_text`); replicated_count and replicated_bytes (every
       parameter each chip holds whole, `replicated_params`) and replicated_params (those of 2+
       dimensions, where the memory goes: vectors such as norms and biases are left out).
     """
@@ -239,8 +240,8 @@ def fit_report(
         )
     spec = state_lib.build(config, mesh)
     first = compile_at(spec, config.batch_size, chip.hbm_bytes)
-    hlo = first.compiled.as_text() if first.compiled else ""
-    if hlo_out:
+    hlo, hlo_error = program_text(first.compiled)
+    if hlo_out and hlo:
         paths.write_text(hlo_out, hlo)
     trials = search_batch(
         lambda b: compile_at(spec, b, chip.hbm_bytes), first, unit, search_compiles
@@ -281,6 +282,7 @@ def fit_report(
             for t in trials
         ],
         **collectives(hlo),
+        "collectives_error": hlo_error,
         "replicated_count": len(replicated),
         "replicated_bytes": sum(p["bytes"] for p in replicated),
         "replicated_params": [p for p in replicated if len(p["shape"]) >= 2],
@@ -354,7 +356,11 @@ def describe(r: dict[str, Any]) -> str:
         f"from {c['op'] or '?'}"
         for c in r["largest_collectives"]
     ]
-    if not r["collectives"]:
+    if r["collectives_error"]:
+        lines.append(
+            f"  unknown: the compiled program cannot be printed ({r['collectives_error']})"
+        )
+    elif not r["collectives"]:
         lines.append("  none")
     lines.append("")
     if r["mesh"]["fsdp"] * r["mesh"]["tensor"] == 1:

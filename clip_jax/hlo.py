@@ -1,15 +1,19 @@
 """Reading a compiled XLA program's text (HLO): its cross-device collectives per step.
 
-`collectives(hlo)` is what `clip_jax.aot` reports for a TPU program and what the docs' tables of
-collectives were counted with: each kind's count, bytes and dtypes, a collective inside a loop
-counted once per iteration, an async collective spread over several fusions counted once.
+`program_text(compiled)` is a compiled program's text (or why there is none); `collectives(hlo)`
+is what `clip_jax.aot` reports for a TPU program and what the docs' tables of collectives were
+counted with: each kind's count, bytes and dtypes, a collective inside a loop counted once per
+iteration, an async collective spread over several fusions counted once. `instructions` and
+`arrays` read any HLO text.
 """
 
 import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
+from absl import logging
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
@@ -169,3 +173,17 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
         single.append({"kind": kind, "shape": text, "bytes": size, "times": times, "op": op_name})
     single.sort(key=lambda c: -c["bytes"])
     return {"collectives": kinds, "largest_collectives": single[:largest]}
+
+
+def program_text(compiled: Any) -> tuple[str, str]:
+    """The compiled program's text (HLO), and why it is missing: libtpu 0.0.52 cannot print
+    some programs it compiles (v5p's L/14 at data=2 x fsdp=256 fails a RET_CHECK on an async
+    instruction), which costs the report its collectives, not its memory and verdict."""
+    if compiled is None:
+        return "", ""
+    try:
+        return compiled.as_text(), ""
+    except jax.errors.JaxRuntimeError as e:
+        reason = " ".join(str(e).split())[:300]
+        logging.warning("the compiled program cannot be printed, so no collectives: %s", reason)
+        return "", reason

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import textwrap
 
+import jax
 import pytest
 
 from clip_jax import hlo
@@ -269,3 +270,14 @@ def test_fsdp_compiles_to_gathers_and_reduce_scatters_in_a_tpu_program(tmp_path)
         assert ("bf16", full) in found["all-gather"], full
         assert ("f32", shard) in found["reduce-scatter"], shard
         assert not {("f32", full), ("bf16", full)} & found["all-reduce"], full
+
+
+def test_a_program_libtpu_cannot_print_costs_the_collectives_not_the_report():
+    class Unprintable:
+        def as_text(self):
+            raise jax.errors.JaxRuntimeError("INTERNAL: RET_CHECK failure (hlo_instruction.cc)")
+
+    assert hlo.program_text(None) == ("", "")
+    text, error = hlo.program_text(Unprintable())
+    assert text == "" and error.startswith("INTERNAL: RET_CHECK failure")
+    assert hlo.collectives(text) == {"collectives": {}, "largest_collectives": []}
