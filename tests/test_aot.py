@@ -22,6 +22,17 @@ def run_aot(*args: str):
     return run_python(["-m", "clip_jax.aot", "--config=configs/tiny.py", *args], timeout=600)
 
 
+def run_fsdp_aot(*args: str):
+    """The tiny config on v5e:2x2 with its 4 chips all on 'fsdp'."""
+    fsdp = (
+        "--topology=v5e:2x2",
+        "--search_batch=0",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=-1",
+    )
+    return run_aot(*fsdp, *args)
+
+
 def last_json(done) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -53,11 +64,7 @@ def test_the_tiny_step_fits_a_v5e_slice_and_the_search_doubles_the_batch():
 @needs_libtpu
 def test_fsdp_names_the_parameters_it_leaves_replicated(tmp_path):
     r = last_json(
-        run_aot(
-            "--topology=v5e:2x2",
-            "--search_batch=0",
-            "--config.mesh.data=1",
-            "--config.mesh.fsdp=-1",
+        run_fsdp_aot(
             "--config.model.vision.width=34",  # which 4 chips do not divide
             f"--hlo_out={tmp_path / 'step.hlo'}",
         )
@@ -244,11 +251,7 @@ def test_fsdp_compiles_to_gathers_and_reduce_scatters_in_a_tpu_program(tmp_path)
     # shards, B/16's 768 over 256 chips, it writes as all-reduces: docs/performance.md).
     program = tmp_path / "step.hlo"
     r = last_json(
-        run_aot(
-            "--topology=v5e:2x2",
-            "--search_batch=0",
-            "--config.mesh.data=1",
-            "--config.mesh.fsdp=-1",
+        run_fsdp_aot(
             "--config.model.dtype=bfloat16",
             "--config.model.vision.width=256",
             "--config.model.text.width=256",
