@@ -5,6 +5,7 @@ what tests and notebooks call directly.
 """
 
 import collections
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -51,10 +52,22 @@ def run(
             lock.release()
 
 
-def _close(*closers) -> None:
-    """Runs every closer, then raises the first error, a checkpoint write's before the others
-    (it says which checkpoint is kept): a full disk fails the metrics' last flush too."""
+@contextlib.contextmanager
+def _closing(*closers):
+    """Runs every closer when the block ends. After an error in the block, theirs are logged
+    and the block's is raised (the error that stopped the run); otherwise the first of theirs
+    is raised once all have run, a checkpoint write's before the others, as it says which
+    checkpoint is kept (a full disk fails the metrics' last flush too)."""
     errors = []
+    try:
+        yield
+    except BaseException:
+        for close in closers:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the block's own error is being raised
+                logging.warning("while stopping after an error: %s", " ".join(str(e).split()))
+        raise
     for close in closers:
         try:
             close()
@@ -62,16 +75,6 @@ def _close(*closers) -> None:
             errors.append(e)
     if errors:
         raise next((e for e in errors if isinstance(e, checkpoint.CheckpointWriteError)), errors[0])
-
-
-def _close_after_failure(*closers) -> None:
-    """Runs every closer while an error is on its way out; theirs are logged, not raised, so
-    that the error which stopped the run is the one reported."""
-    for close in closers:
-        try:
-            close()
-        except Exception as e:  # noqa: BLE001 - the run's own error is being raised
-            logging.warning("while stopping after an error: %s", " ".join(str(e).split()))
 
 
 def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
@@ -124,12 +127,10 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             if runner.missing(evaluators, workdir, latest, config.total_steps):
                 ckpt.close()
                 writer = MetricsWriter(workdir, enabled=is_main, start_step=latest)
-                try:
+                with _closing(writer.close):
                     results = _resumed_evals(
                         evaluators, state, latest, config.total_steps, workdir, writer
                     )
-                finally:
-                    writer.close()
                 if is_main:
                     mark_done(workdir, latest)
                 return results
@@ -176,16 +177,12 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
         )
         writer = MetricsWriter(workdir, enabled=is_main, start_step=latest or 0)
         watcher = checkpoint.PreemptionWatcher()
-        try:
+        with _closing(watcher.close, writer.close, ckpt.close):  # ckpt: waits for a save in flight
             if latest is not None:  # preempted while the evals of the restored step ran
                 _resumed_evals(evaluators, state, latest, config.total_steps, workdir, writer)
             last, step, train_s = _loop(
                 config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
             )
-        except BaseException:
-            _close_after_failure(watcher.close, writer.close, ckpt.close)
-            raise
-        _close(watcher.close, writer.close, ckpt.close)  # ckpt: waits for a save in flight
     # Done once the last step and its evals are (a preemption at the last step skips them).
     done = step >= config.total_steps and not runner.missing(
         evaluators, workdir, step, config.total_steps
