@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import losses, sharding
+from clip_jax import hlo, losses, sharding
 
 N, D = 48, 16
 
@@ -103,6 +103,58 @@ def test_sharded_forms_equal_reference(shape, name, chunk):
 
     fn = losses.make_loss_fn(name, mesh, sharding.BATCH_AXES, chunk_size=chunk)
     check(fn, name, seed=1, place=place)
+
+
+@pytest.mark.parametrize("name,chunk", [("softmax", 0), ("softmax", 7), ("sigmoid", 5)])
+def test_sharded_values_without_gradients_equal_reference(name, chunk):
+    # The value alone takes the loss's own forward, not the one that also computes gradients.
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    x, y = embeddings(2)
+    fn = jax.jit(losses.make_loss_fn(name, mesh, sharding.BATCH_AXES, chunk_size=chunk))
+    got = fn(jax.device_put(x, rows), jax.device_put(y, rows), 12.0, jnp.float32(-1.5))
+    np.testing.assert_allclose(got, reference(name, x, y, 12.0, -1.5)[0], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_gradients_follow_the_cotangent_and_the_input_dtype(name):
+    mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    x, y = embeddings(4)
+    fn = losses.make_loss_fn(name, mesh, sharding.BATCH_AXES)
+    xb, yb = (jax.device_put(jnp.asarray(a, jnp.bfloat16), rows) for a in (x, y))
+    value, vjp = jax.vjp(lambda a, b, s, c: fn(a, b, s, c), xb, yb, 9.0, jnp.float32(-2.0))
+    grads = vjp(jnp.float32(3.0))
+    assert [g.dtype for g in grads[:2]] == [jnp.bfloat16, jnp.bfloat16]
+    want = reference(name, np.asarray(xb, np.float64), np.asarray(yb, np.float64), 9.0, -2.0)
+    np.testing.assert_allclose(value, want[0], rtol=1e-5)
+    for got, expect in zip(grads, want[1:], strict=True):
+        expect = 3.0 * np.asarray(expect)
+        tol = 1e-2 * max(1.0, float(np.abs(expect).max()))  # bf16 cotangents: 8 mantissa bits
+        assert float(np.abs(np.asarray(got, np.float64) - expect).max()) <= tol
+
+
+@pytest.mark.parametrize("name,chunk", [("softmax", 0), ("softmax", 16), ("sigmoid", 0)])
+def test_the_backward_pass_moves_no_embeddings(name, chunk):
+    # Each device gets its rows' gradients from the blocks it holds: the compiled value and
+    # gradient gather the [N, D] embeddings (and, softmax, the [N] log-sum-exps) and reduce
+    # scalars, and nothing else crosses devices; no reduce-scatter of [b, D] gradients.
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    fn = losses.make_loss_fn(name, mesh, sharding.BATCH_AXES, chunk_size=chunk)
+    x = jax.ShapeDtypeStruct((N, D), jnp.float32, sharding=rows)
+    s = jax.ShapeDtypeStruct((), jnp.float32)
+    text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3))).lower(x, x, s, s).compile()
+    moved = {}
+    for ins in hlo.instructions(text.as_text()):
+        kind = ins.opcode.removesuffix("-start")
+        if kind in hlo.KINDS:
+            moved.setdefault(kind, []).extend(hlo.arrays(ins.shape))
+    gathered = moved.pop("all-gather", [])
+    assert gathered.count(("f32", (N, D))) == 2, gathered
+    assert gathered.count(("f32", (N,))) == (2 if name == "softmax" else 0), gathered
+    assert {dims for _, dims in moved.pop("all-reduce", [])} <= {()}, "only scalars are summed"
+    assert not moved, moved
 
 
 def test_bad_arguments_are_clear():
