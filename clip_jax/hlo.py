@@ -26,6 +26,9 @@ _CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 _CHAIN = re.compile(r'\bchain_id="(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')  # the JAX operation it came from
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# libtpu's reduce-scatter written as an all-reduce and a slice inside a fusion that runs as one
+# reduce-scatter (`"emitter":"SingleInputAllReduceScatterFusion"` or `"AllReduceScatterFusion"`).
+_REDUCE_SCATTER_FUSION = re.compile(r'"emitter":"\w*AllReduceScatterFusion"')
 _ARRAY = re.compile(r"\b(pred|bf16|f8e\w+|[fsuc]\d+)\[([\d,]*)\]")
 _PARENS = re.compile(r"[()]")
 _DTYPE_BYTES = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
@@ -114,11 +117,13 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     """The cross-device collectives of a compiled module's text, per step: for each kind (async
     `-start` forms counted once, as the op they start) its count, bytes and dtypes, and the
     `largest` single ones with the JAX operation each came from (`transpose(...)`: the backward
-    pass). Bytes are one device's whole buffer: an all-gather's result, the
+    pass). An all-reduce that libtpu fused with a slice into one reduce-scatter is counted as
+    the reduce-scatter it runs as. Bytes are one device's whole buffer: an all-gather's result, the
     operands of the others (a reduce-scatter's input before scattering); a collective inside a
     loop counts once per iteration (XLA's known trip count, else the bound its condition compares
     the counter with, as JAX's scans and fori_loops count from 0)."""
     shapes, calls, found, loops, constants, bounds = {}, {}, [], [], {}, {}
+    scatters: set[str] = set()  # computations that run as a reduce-scatter
     for ins in instructions(hlo):
         shapes[ins.name] = ins.shape
         if ins.opcode == "constant" and re.match(r"[su]\d+\[\]", ins.shape):
@@ -133,6 +138,8 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
         for _, targets in roles:
             for target in re.findall(r"%([\w.\-]+)", targets):
                 calls.setdefault(ins.computation, []).append((target, 1))
+        if ins.opcode == "fusion" and _REDUCE_SCATTER_FUSION.search(ins.attributes):
+            scatters.update(re.findall(r"calls=%([\w.\-]+)", ins.attributes))
         if ins.opcode.removesuffix("-start") in KINDS:
             op_name = _OP_NAME.search(ins.attributes)
             found.append((ins, op_name[1] if op_name else ""))
@@ -156,6 +163,8 @@ def collectives(hlo: str, largest: int = 5) -> dict[str, Any]:
     for group in pieces.values():
         ins, op_name = group[0]
         kind = ins.opcode.removesuffix("-start")
+        if kind == "all-reduce" and ins.computation in scatters:
+            kind = "reduce-scatter"
         given = [a for op in ins.operands for a in arrays(shapes.get(op, ""))]
         if kind == "all-gather":  # an async start's result holds its operands, then the results
             buffers = arrays(ins.shape)[len(given) if ins.opcode.endswith("-start") else 0 :]

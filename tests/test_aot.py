@@ -226,6 +226,44 @@ def test_collectives_are_counted_per_step_with_their_buffers():
     }
 
 
+FUSED_SCATTER_HLO = """\
+HloModule fused_scatter
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%all-reduce-scatter (input: f32[64,128]) -> f32[16,128] {
+  %input = f32[64,128]{1,0:T(8,128)S(1)} parameter(0)
+  %all-reduce.7 = f32[64,128]{1,0:T(8,128)} all-reduce(%input), channel_id=5, replica_groups={{0,1,2,3}}, use_global_device_ids=true, to_apply=%add
+  %partition-id.7 = u32[] partition-id()
+  %constant.8 = u32[] constant(16)
+  %multiply.9 = u32[]{:T(128)} multiply(%partition-id.7, %constant.8)
+  %constant.9 = u32[] constant(0)
+  ROOT %dynamic-slice.3 = f32[16,128]{1,0:T(8,128)S(1)} dynamic-slice(%all-reduce.7, %multiply.9, %constant.9), dynamic_slice_sizes={16,128}
+}
+
+ENTRY %main (g: f32[64,128], a: f32[8]) -> (f32[16,128], f32[8]) {
+  %g = f32[64,128]{1,0:T(8,128)} parameter(0)
+  %a = f32[8]{0} parameter(1)
+  %fusion = f32[16,128]{1,0:T(8,128)S(1)} fusion(%g), kind=kCustom, calls=%all-reduce-scatter, backend_config={"flag_configs":[],"collective_algorithm_config":{"emitter":"SingleInputAllReduceScatterFusion","strategy":"StrategyRing"}}
+  %ar = f32[8]{0} all-reduce(%a), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %out = (f32[16,128]{1,0}, f32[8]{0}) tuple(%fusion, %ar)
+}
+"""  # noqa: E501 (lines as libtpu prints them)
+
+
+def test_an_all_reduce_that_libtpu_runs_as_a_reduce_scatter_counts_as_one():
+    # libtpu writes some reduce-scatters as an all-reduce and a slice in a fusion that its
+    # reduce-scatter emitter runs: one reduce-scatter of the whole input, not an all-reduce.
+    assert hlo.collectives(FUSED_SCATTER_HLO)["collectives"] == {
+        "reduce-scatter": {"count": 1, "bytes": 64 * 128 * 4, "dtypes": ["f32"]},
+        "all-reduce": {"count": 1, "bytes": 8 * 4, "dtypes": ["f32"]},
+    }
+
+
 @needs_libtpu
 def test_products_keep_their_shapes_in_a_tpu_program_compiled_on_a_cpu():
     # The CPU's matrix form (models/fsdp.py) would make a TPU re-tile activations to merge them.
@@ -267,8 +305,10 @@ def test_fsdp_compiles_to_gathers_and_reduce_scatters_in_a_tpu_program(tmp_path)
             found[kind] |= set(hlo.arrays(ins.shape))
     # Every transformer kernel (attention in and out, MLP in and out, both towers): gathered
     # whole in bfloat16, its gradient reduce-scattered to a float32 shard, never all-reduced.
+    # So is the token table, whose gradient (a scatter's output, split along its width) the
+    # compiler would otherwise all-reduce whole (models/fsdp.py, `_reduce_scatter`).
     kernels = {(256, 3, 2, 128): 0, (2, 128, 256): 2, (256, 1024): 0, (1024, 256): 1}
-    for full, dim in kernels.items():
+    for full, dim in {**kernels, (49408, 256): 1}.items():
         shard = tuple(n // 4 if i == dim else n for i, n in enumerate(full))
         assert ("bf16", full) in found["all-gather"], full
         assert ("f32", shard) in found["reduce-scatter"], shard

@@ -67,11 +67,18 @@ def _gather(kernel: jax.Array, layout: KernelLayout | None) -> jax.Array:
     )(kernel)
 
 
-def _sum_over_devices(local: Callable, args: tuple, arg_specs: tuple, layout: KernelLayout):
+def _sum_over_devices(
+    local: Callable,
+    args: tuple,
+    arg_specs: tuple,
+    layout: KernelLayout,
+    *,
+    parts_as_rows: bool = False,
+):
     """`local(*args)` is this device's partial gradient of a parameter, in `layout.used`'s
     layout, from its rows of `args` (split over the batch axes as `arg_specs` say); the sum over
     all devices, in float32, in the parameter's stored layout: a psum over the batch axes that
-    do not store it split, after a reduce-scatter over 'fsdp' when it does."""
+    do not store it split, after a reduce-scatter over 'fsdp' when it does (`_reduce_scatter`)."""
     mesh = jax.sharding.get_abstract_mesh()
     scatter = layout.fsdp_dim is not None and mesh.shape["fsdp"] > 1
     summed = tuple(
@@ -81,7 +88,7 @@ def _sum_over_devices(local: Callable, args: tuple, arg_specs: tuple, layout: Ke
     def body(*local_args):
         grad = local(*local_args).astype(jnp.float32)
         if scatter:  # first, so that the psum moves a shard
-            grad = jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=layout.fsdp_dim, tiled=True)
+            grad = _reduce_scatter(grad, layout.fsdp_dim, mesh.shape["fsdp"], parts_as_rows)
         return jax.lax.psum(grad, summed) if summed else grad
 
     return jax.shard_map(
@@ -90,6 +97,25 @@ def _sum_over_devices(local: Callable, args: tuple, arg_specs: tuple, layout: Ke
         out_specs=layout.stored if scatter else layout.used,
         check_vma=False,  # summed over every batch axis of more than one device
     )(*args)
+
+
+def _reduce_scatter(grad: jax.Array, dim: int, parts: int, parts_as_rows: bool) -> jax.Array:
+    """`grad` summed over 'fsdp', each device keeping its block of dimension `dim`.
+
+    `parts_as_rows` first stacks the blocks along the leading dimension, [.., d, ..] ->
+    [parts·rows, .., d/parts, ..], and scatters that: the same sum, but the TPU compiler keeps it
+    a reduce-scatter. The token table's gradient, a scatter's [vocab, width] output split along
+    its width, it otherwise writes as an all-reduce of the whole table (f32 [49408, 512], 96.5 MiB
+    a step for B/16; docs/performance.md). Kernels, whose gradients come out of matmuls, stay
+    reduce-scatters as they are, and some stop being ones when rearranged so."""
+    if parts_as_rows and dim > 0:
+        shape = grad.shape
+        blocks = grad.reshape(*shape[:dim], parts, shape[dim] // parts, *shape[dim + 1 :])
+        grad = jnp.moveaxis(blocks, dim, 0).reshape(
+            parts * shape[0], *blocks.shape[1:dim], *blocks.shape[dim + 1 :]
+        )
+        dim = 0
+    return jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=dim, tiled=True)
 
 
 def _rows_split(x: jax.Array, layout: KernelLayout | None) -> bool:
@@ -279,7 +305,7 @@ def _fsdp_embed_bwd(dtype, layout, residuals, dy):
         grad = local(tokens, dy)
     else:
         specs = (_row_spec(tokens, ()), _row_spec(dy, (layout.used[1],)))
-        grad = _sum_over_devices(local, (tokens, dy), specs, layout)
+        grad = _sum_over_devices(local, (tokens, dy), specs, layout, parts_as_rows=True)
     return None, grad.astype(table.dtype)
 
 
