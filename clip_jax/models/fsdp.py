@@ -103,11 +103,13 @@ def _reduce_scatter(grad: jax.Array, dim: int, parts: int, parts_as_rows: bool) 
     """`grad` summed over 'fsdp', each device keeping its block of dimension `dim`.
 
     `parts_as_rows` first stacks the blocks along the leading dimension, [.., d, ..] ->
-    [parts·rows, .., d/parts, ..], and scatters that: the same sum, but the TPU compiler keeps it
-    a reduce-scatter. The token table's gradient, a scatter's [vocab, width] output split along
-    its width, it otherwise writes as an all-reduce of the whole table (f32 [49408, 512], 96.5 MiB
-    a step for B/16; docs/performance.md). Kernels, whose gradients come out of matmuls, stay
-    reduce-scatters as they are, and some stop being ones when rearranged so."""
+    [parts·rows, .., d/parts, ..], and scatters that: the same sum in another arrangement. It is
+    there for the token table, whose gradient (a scatter's [vocab, width] output, split along
+    its width) libtpu compiles as an all-reduce of the whole table on a v5e:2x2, and as a
+    reduce-scatter once so arranged (tests/test_aot.py). On larger slices libtpu chooses for
+    itself: B/16 on a v5e-256 at data=16 x fsdp=16 all-reduces the table either way
+    (docs/performance.md). Kernels are left as they come out of their matmuls: so arranged,
+    some of theirs became all-reduces."""
     if parts_as_rows and dim > 0:
         shape = grad.shape
         blocks = grad.reshape(*shape[:dim], parts, shape[dim] // parts, *shape[dim + 1 :])
