@@ -71,6 +71,25 @@ def test_fit_logistic_reaches_sklearn_objective(digits, C):
     assert agree_default >= 0.99
 
 
+@pytest.mark.parametrize("seed", [3, 5])
+def test_fit_logistic_reaches_the_optimum_at_the_smallest_c(seed):
+    # Separated features of 10 near-balanced classes at C=1e-6, the grid's first point: the
+    # penalty's curvature 1/(C·n) is ~800 times the bias's, and float32 L-BFGS on W itself
+    # stalled with the bias at its start, 2.6e-4 above the optimum: a nearest-mean classifier
+    # where the optimum predicts the largest class (the demo's C sweep chose it: top-1 0.07).
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(10, 32))
+    means *= 5.5 / np.linalg.norm(means, axis=1, keepdims=True)
+    counts = np.array([126, 118, 120, 121, 125, 119, 122, 116, 111, 119])
+    y = rng.permutation(np.repeat(np.arange(10), counts))
+    x = (means[y] + 0.8 * rng.normal(size=(len(y), 32))).astype(np.float32)
+    ref, _ = _sklearn_fit(x, y, 1e-6)
+    W, b = linear_probe.fit_logistic(x, y, 1e-6)
+    ratio = _objective64(W, b, x, y, 1e-6) / _objective64(ref.coef_.T, ref.intercept_, x, y, 1e-6)
+    assert ratio <= 1 + 1e-5, ratio
+    assert np.mean(_predict(W, b, x) == ref.predict(x)) >= 0.99
+
+
 def test_fit_logistic_class_missing_from_train(digits):
     x, y, x_test, _ = digits
     keep = y != 3
