@@ -1,5 +1,5 @@
 """The demo: a tiny CLIP learns real handwritten digits on a CPU, then names held-out ones with
-prompts it never saw in training. One command, no download, about two minutes on 2 CPU cores:
+prompts it never saw in training. One command, no download, two to three minutes on 2 CPU cores:
 
     python -m clip_jax.main --config=configs/demo.py        # workdir: runs/demo
 
@@ -21,8 +21,8 @@ weight decay 0.1, open_clip's crop (0.9-1.0 of the area; 0.6-1.0 did no better),
 Chosen on validation splits (300 of the 1,497 training digits, and 200 of another rendering's;
 other prompts), never on test digits.
 
-Measured on 2 shared cores (load 1-5): 109-163 s for the whole command; zero-shot top-1 0.983,
-0.977, 0.977 and probe top-1 0.983, 0.983, 0.970 for seeds 0, 1, 2 (the same seed repeats
+Measured on 2 shared cores (load 1-5): 129-174 s for the whole command; zero-shot top-1 0.973,
+0.983, 0.983 and probe top-1 0.987, 0.980, 0.967 for seeds 0, 1, 2 (the same seed repeats
 exactly). Other data: `--config.train_data.source=tfrecord:DIR/part-*.tfrecord` (shards from
 `python -m clip_jax.data.prepare`), and the evals' `source` / `train_source` (e.g.
 `--config.evals.digits.source=imagefolder:DIR/test`). On 5,000 MNIST digits (4,000 to train,
