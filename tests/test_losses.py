@@ -123,7 +123,7 @@ def test_gradients_follow_the_cotangent_and_the_input_dtype(name):
     x, y = embeddings(4)
     fn = losses.make_loss_fn(name, mesh, sharding.BATCH_AXES)
     xb, yb = (jax.device_put(jnp.asarray(a, jnp.bfloat16), rows) for a in (x, y))
-    value, vjp = jax.vjp(lambda a, b, s, c: fn(a, b, s, c), xb, yb, 9.0, jnp.float32(-2.0))
+    value, vjp = jax.vjp(fn, xb, yb, jnp.float32(9.0), jnp.float32(-2.0))
     grads = vjp(jnp.float32(3.0))
     assert [g.dtype for g in grads[:2]] == [jnp.bfloat16, jnp.bfloat16]
     want = reference(name, np.asarray(xb, np.float64), np.asarray(yb, np.float64), 9.0, -2.0)
