@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from clip_jax import chips, openclip_peer
 from clip_jax.errors import UsageError
@@ -29,6 +29,41 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+# glibc settings that keep XLA's per-step temporaries mapped on a CPU (docs/performance.md, "Page
+# faults"): one arena, no mmap, no trimming. glibc reads them at process start only.
+CPU_GLIBC_TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+)
+FAULTS_HINT = 25_000  # minor page faults per step (100 MB of 4 KiB pages) worth a hint
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (all threads); 0 where not reported."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def fault_report(faults_per_step: float) -> dict:
+    """The page faults of a CPU step, and a hint (logged) when glibc's defaults cause many: XLA
+    allocates the step's temporaries afresh every call, and glibc maps large blocks from worker
+    threads with mmap and unmaps them on free, so every page is faulted in again each step.
+    The hint is for one CPU device (a real CPU run): with many forced devices, one arena shared
+    by all their threads costs more than the faults."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    one_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
+    if faults_per_step > FAULTS_HINT and one_cpu and not tunables:
+        logging.warning(
+            "%d page faults a step (XLA's temporaries mapped afresh each call); on Linux with "
+            'glibc, GLIBC_TUNABLES=%s keeps them mapped (docs/performance.md, "Page faults")',
+            faults_per_step,
+            CPU_GLIBC_TUNABLES,
+        )
+    return {"minor_faults_per_step": int(round(faults_per_step)), "glibc_tunables": tunables}
 
 
 def _peak_flops() -> float | None:
@@ -77,11 +112,13 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times = []
+        faults = minor_faults()
         for _ in range(steps):
             t = time.perf_counter()
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t)
+        faults = (minor_faults() - faults) / steps
     step_s = float(np.median(times))
     peak = _peak_flops()
     model_flops = train_step_flops(spec.model_config, batch_size)
@@ -103,6 +140,7 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
         if peak and xla_flops
         else None,
         "loss": float(metrics["loss"]),
+        **fault_report(faults),
     }
 
 
@@ -252,8 +290,13 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
                 state, metrics = compiled(state, batch)
                 return metrics
 
+            faults: list[int] = []
+
             def ours() -> float:
-                return seconds(step)
+                before = minor_faults()
+                t = seconds(step)
+                faults.append(minor_faults() - before)
+                return t
 
             matmuls = _matmul_rates()
             runs = {"clip_jax": ours, "open_clip": peer.step}
@@ -262,6 +305,7 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
             for fn in runs.values():  # warm-up: compile, allocate
                 for _ in range(WARMUP_BATCHES - 1):
                     fn()
+            del faults[:]  # the warm-up's first touches
             for _ in range(steps):
                 for name, fn in runs.items():
                     times[name].append(fn())
@@ -292,4 +336,5 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
         "matmul_tflops_per_sec": {str(n): round(r / 1e12, 4) for n, r in matmul.items()},
         "mfu_of_matmul": round(flops / median["clip_jax"] / best, 4),
         "parameters": params,
+        **fault_report(float(np.median(faults))),
     }

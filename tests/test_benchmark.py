@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -10,8 +11,10 @@ import pytest
 from tests.conftest import ROOT
 
 
-def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+def run_benchmark(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("GLIBC_TUNABLES", None)
+    env.update(env_vars)
     return subprocess.run(
         [sys.executable, "-m", "clip_jax.benchmark", "--config=configs/tiny.py", *args],
         cwd=ROOT,
@@ -42,6 +45,30 @@ def test_train_step_mode_reports_pairs_per_second_and_flops():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["what"] == "train_step" and result["pairs_per_sec"] > 0
     assert result["flops_per_step"] > 0 and result["mfu"] is None  # no known peak on a CPU
+    assert result["minor_faults_per_step"] >= 0 and result["glibc_tunables"] == ""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_the_glibc_tunables_keep_the_steps_temporaries_mapped():
+    """At batch 1024 the tiny step's temporaries are large blocks that glibc maps afresh each
+    step (and the mode says how to stop it); with CPU_GLIBC_TUNABLES they stay mapped, so the
+    timed steps together fault in at most a step's worth of pages once (the heap's last growth
+    may fall after the warm-up). One CPU device, as a CPU run has (with many forced devices one
+    arena is shared by all their threads, and the tunables are not advised)."""
+    from clip_jax.benchmark_step import CPU_GLIBC_TUNABLES, FAULTS_HINT
+
+    steps = 6
+    args = ("--what=train_step", f"--steps={steps}", "--batch_size=1024")
+    default = run_benchmark(*args, XLA_FLAGS="")
+    assert default.returncode == 0, default.stderr[-2000:]
+    per_step = json.loads(default.stdout.splitlines()[-1])["minor_faults_per_step"]
+    assert per_step > FAULTS_HINT
+    assert f"GLIBC_TUNABLES={CPU_GLIBC_TUNABLES} keeps them mapped" in default.stderr
+    tuned = run_benchmark(*args, XLA_FLAGS="", GLIBC_TUNABLES=CPU_GLIBC_TUNABLES)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    result = json.loads(tuned.stdout.splitlines()[-1])
+    assert result["minor_faults_per_step"] * steps < 2 * per_step
+    assert result["glibc_tunables"] == CPU_GLIBC_TUNABLES and "GLIBC_TUNABLES=" not in tuned.stderr
 
 
 def test_loss_memory_mode_compares_gathered_and_chunked():
@@ -111,6 +138,7 @@ def test_vs_openclip_mode_times_both_steps_and_the_matmuls():
     assert result["ratio"] > 0 and result["mfu_of_matmul"] > 0
     assert result["model_flops_per_step"] == pytest.approx(88.66e9, rel=1e-3)
     assert set(result["matmul_tflops_per_sec"]) == {"1024", "2048", "3072"}
+    assert result["minor_faults_per_step"] >= 0
 
 
 @pytest.mark.parametrize(
