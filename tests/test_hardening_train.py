@@ -7,8 +7,10 @@ and an unwritable workdir are one line."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -180,6 +182,15 @@ time.sleep(600)
 
 def test_object_store_lease(tmp_path, monkeypatch):
     monkeypatch.setattr(runlock.paths, "is_remote", lambda p: True)  # the lease code path
+
+    # An object store's upload is atomic; on this local stand-in, a rename makes it so, else a
+    # read here (or a second RunLock's) can meet the renewer's half-written, empty file.
+    def atomic_write_text(p, text):
+        tmp = pathlib.Path(f"{p}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+
+    monkeypatch.setattr(runlock.paths, "write_text", atomic_write_text)
     lock_file = tmp_path / runlock.LOCK_FILE
     other = {"host": "worker-7", "pid": 4242, "started": time.time() - 60}
     lock_file.write_text(json.dumps({**other, "expires": time.time() + 300}))
@@ -187,13 +198,15 @@ def test_object_store_lease(tmp_path, monkeypatch):
         runlock.RunLock(str(tmp_path)).acquire()
     lock_file.write_text(json.dumps({**other, "expires": time.time() - 1}))  # its run died
     lock = runlock.RunLock(str(tmp_path), lease_seconds=0.3).acquire()
-    first = json.loads(lock_file.read_text())
-    assert first["pid"] == os.getpid()
-    time.sleep(0.5)  # renewed meanwhile
-    assert json.loads(lock_file.read_text())["expires"] > first["expires"]
-    with pytest.raises(runlock.WorkdirLockedError):
-        runlock.RunLock(str(tmp_path)).acquire()
-    lock.release()
+    try:  # a failure here must not leave the renewer writing on through the tests after it
+        first = json.loads(lock_file.read_text())
+        assert first["pid"] == os.getpid()
+        time.sleep(0.5)  # renewed meanwhile
+        assert json.loads(lock_file.read_text())["expires"] > first["expires"]
+        with pytest.raises(runlock.WorkdirLockedError):
+            runlock.RunLock(str(tmp_path)).acquire()
+    finally:
+        lock.release()
     assert not lock_file.exists()
 
 
