@@ -45,7 +45,7 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "ml-collections>=1.0,<2",
         "absl-py>=2.1,<3",
-        "etils[epath]>=1.7",  # the path layer (clip_jax.paths), as orbax uses it
+        "etils[epath]>=1.7",  # the path layer (clip_jax.infra.paths), as orbax uses it
         "tensorboardX>=2.6,<3",
         "safetensors>=0.4.3,<1",
         "numpy>=1.26,<3",

@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_pretrained": "clip_jax.convert",
     "save_pretrained": "clip_jax.convert",
-    "list_pretrained": "clip_jax.pretrained",
-    "create_model_and_transforms": "clip_jax.pretrained",
+    "list_pretrained": "clip_jax.weights.pretrained",
+    "create_model_and_transforms": "clip_jax.weights.pretrained",
     "preprocess": "clip_jax.data.preprocess",
     "CLIP": "clip_jax.models.clip",
     "create_model": "clip_jax.models.clip",

@@ -28,12 +28,15 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from clip_jax import chips, cli, paths, sharding, validate
-from clip_jax import state as state_lib
-from clip_jax.chips import Chip, GiB
-from clip_jax.errors import UsageError
-from clip_jax.hlo import collectives, program_text
+from clip_jax.infra import cli, paths
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.flops import train_step_flops
+from clip_jax.parallel import sharding
+from clip_jax.tools import chips
+from clip_jax.tools.chips import Chip, GiB
+from clip_jax.tools.hlo import collectives, program_text
+from clip_jax.training import state as state_lib
+from clip_jax.training import validate
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b16.py.")
 _TOPOLOGY = flags.DEFINE_string(

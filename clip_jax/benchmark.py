@@ -26,7 +26,7 @@ Modes (`MODES`, one function each, `fn(config, *, batch_size, steps) -> dict`):
 - vs_openclip: the train step against open_clip's (PyTorch, `--openclip_model`) on the same
   model, batch and CPU, and against this machine's best float32 matmul rate, timed alternately
   (open_clip in a process of its own); their ratio and the fraction of the matmul rate the step
-  reaches, in one line. The three step modes live in `clip_jax.benchmark_step`.
+  reaches, in one line. The three step modes live in `clip_jax.tools.benchmark_step`.
 
     python -m clip_jax.benchmark --what=vs_openclip --config=configs/b32.py \
         --config.model.dtype=float32 --batch_size=16 --openclip_model=ViT-B-32 --steps=5
@@ -47,8 +47,9 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from clip_jax import cli
-from clip_jax.benchmark_step import (
+from clip_jax.infra import cli
+from clip_jax.infra.errors import UsageError
+from clip_jax.tools.benchmark_step import (
     WARMUP_BATCHES,
     bench_patch_dropout,
     bench_train_step,
@@ -56,7 +57,6 @@ from clip_jax.benchmark_step import (
     cpu_cores,
     random_batch,
 )
-from clip_jax.errors import UsageError
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b32.py.")
 _WHAT = flags.DEFINE_string("what", "input", "What to measure: one of MODES.")
@@ -141,7 +141,8 @@ def bench_loss_memory(config: ml_collections.ConfigDict, *, batch_size: int, ste
     """Temporary bytes per device of loss + gradient, gathered vs chunked, at the global batch."""
     import jax.numpy as jnp
 
-    from clip_jax import losses, sharding
+    from clip_jax.parallel import sharding
+    from clip_jax.training import losses
 
     del steps
     batch_size = batch_size or config.batch_size
@@ -166,9 +167,9 @@ def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps:
     tower, logits against a 1000-class classifier, top-5) against the image tower's forward alone
     on the same batch, timed alternately; and, end to end, examples per second of the whole
     zero-shot evaluation over JPEG shards (decoding on this host's cores included)."""
-    from clip_jax import sharding
-    from clip_jax import state as state_lib
     from clip_jax.evals import extract, zeroshot
+    from clip_jax.parallel import sharding
+    from clip_jax.training import state as state_lib
 
     batch_size = batch_size or 256
     mesh = sharding.config_mesh(config.mesh)
@@ -221,9 +222,9 @@ def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps:
 
 def _zeroshot_end_to_end(config, spec, variables, classifier, batch_size, steps) -> dict:
     """Examples per second of `extract.run` with zero-shot over JPEG shards of labelled images."""
-    from clip_jax import sharding
     from clip_jax.data.prepare import ShardWriter, make_example
     from clip_jax.evals import data, extract, zeroshot
+    from clip_jax.parallel import sharding
 
     model, mesh = spec.model, spec.mesh
     size = config.model.vision.image_size
@@ -266,8 +267,9 @@ def bench_checkpoint(config: ml_collections.ConfigDict, *, batch_size: int, step
     host's cores). `steps` saves, medians reported."""
     import flax.linen as nn
 
-    from clip_jax import checkpoint, sharding
-    from clip_jax import state as state_lib
+    from clip_jax.parallel import sharding
+    from clip_jax.training import checkpoint
+    from clip_jax.training import state as state_lib
 
     batch_size = batch_size or config.batch_size
     mesh = sharding.config_mesh(config.mesh)

@@ -6,7 +6,7 @@ maps each to a leaf of our Flax variables by its path, with one of three transfo
 reshapes (biases, fused-QKV biases, everything already in place). Every transform is a transpose
 or reshape, so import followed by export reproduces the tensors bit for bit.
 
-The files themselves (`.safetensors`, `.npz`, `.pt`, `.bin`) are `clip_jax.weight_files`'s.
+The files themselves (`.safetensors`, `.npz`, `.pt`, `.bin`) are `clip_jax.weights.files`'s.
 
 Writer: `save_pretrained`, an OpenCLIP-layout file with our model config in its metadata; a
 training run's checkpoint becomes one with `export_run`, or from the shell:
@@ -30,11 +30,12 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
-from clip_jax import cli, paths, weight_files
-from clip_jax.errors import UsageError
+from clip_jax.infra import cli, paths
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.clip import CLIP, complete_config, is_resnet, layers_layout
-from clip_jax.pretrained import resolve
-from clip_jax.weight_files import read_state_dict
+from clip_jax.weights import files as weight_files
+from clip_jax.weights.files import read_state_dict
+from clip_jax.weights.pretrained import resolve
 
 # Entries of PyTorch state dicts that carry no weight: OpenAI's TorchScript extras, attention-mask
 # buffers, BatchNorm's step counters.
@@ -287,7 +288,7 @@ def load_pretrained(
     the file is downloaded into the cache (`cache_dir`, default `$CLIP_JAX_CACHE/weights` or
     `~/.cache/clip_jax/weights`) and checked against its sha256 on first use, and the QuickGELU
     setting comes with the weights; `verify=False` also accepts a file no checksum is known for
-    (`clip_jax.pretrained` has the details).
+    (`clip_jax.weights.pretrained` has the details).
 
     The architecture is inferred from tensor shapes (or read from our own files' metadata).
     OpenAI-layout files without our metadata are assumed to use QuickGELU, as OpenAI's models do;
@@ -307,7 +308,7 @@ def load_pretrained(
     path, needs = resolve(path, pretrained, cache_dir=cache_dir, verify=verify)
     overrides = {**needs, **overrides}
     if paths.path(path).is_dir():  # a training run's directory, local or gs://
-        from clip_jax import state
+        from clip_jax.training import state
 
         model, variables, _ = state.load_run(path, step, **overrides)
         return model, layers_layout(variables, model.scan_layers)  # `scan_layers=` may flip it
@@ -349,7 +350,7 @@ def export_run(workdir: str, out_path: str, step: int | None = None) -> int:
     Returns:
       the exported step.
     """
-    from clip_jax import state  # state builds on this module: import it only when called
+    from clip_jax.training import state  # state builds on this module: import it only when called
 
     _, variables, step = state.load_run(workdir, step)
     model_cfg = state.model_config(state.read_run_config(workdir, step).model)

@@ -16,8 +16,8 @@ import json
 
 from absl import flags
 
-from clip_jax import cli
-from clip_jax.evals import jobs
+from clip_jax.inference import jobs
+from clip_jax.infra import cli
 
 _CONFIG = cli.define_config_flag("Config file (default: the run's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")

@@ -19,9 +19,10 @@ import os
 
 from absl import flags
 
-from clip_jax import cli
-from clip_jax.errors import UsageError
-from clip_jax.evals import entries, jobs
+from clip_jax.evals import entries
+from clip_jax.inference import jobs
+from clip_jax.infra import cli
+from clip_jax.infra.errors import UsageError
 
 _CONFIG = cli.define_config_flag("Config (mesh, tokenizer); optional.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")

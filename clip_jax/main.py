@@ -12,7 +12,7 @@ TPU pods and SLURM jobs are detected by `jax.distributed.initialize()`, else one
 from absl import flags, logging
 from ml_collections import config_flags
 
-from clip_jax import cli
+from clip_jax.infra import cli
 
 _CONFIG = cli.define_config_flag("Config file, e.g. configs/b16.py (configs/b16.py:smoke: tiny).")
 _WORKDIR = flags.DEFINE_string(
@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv: list[str]) -> None:
     cli.quiet_libraries()
-    from clip_jax import train
+    from clip_jax.training import trainer as train
 
     try:
         with cli.user_errors():

@@ -7,11 +7,11 @@ from `config.optim`, the mesh from `config.mesh`, the input pipeline from `confi
 
 import ml_collections
 
-from clip_jax import sharding
 from clip_jax.data import captions
 from clip_jax.data.preprocess import MAX_IMAGE_PIXELS
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
+from clip_jax.parallel import sharding
 
 # Paper: 32 epochs of 400M pairs at batch 32,768.
 PAPER_BATCH = 32768

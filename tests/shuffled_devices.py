@@ -13,9 +13,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clip_jax import sharding, train
-from clip_jax import state as state_lib
 from clip_jax.data import pipeline
+from clip_jax.parallel import sharding
+from clip_jax.training import state as state_lib
+from clip_jax.training import trainer as train
 from tests.conftest import tiny_config
 
 STEPS = 3

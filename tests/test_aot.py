@@ -9,7 +9,7 @@ import textwrap
 import jax
 import pytest
 
-from clip_jax import hlo
+from clip_jax.tools import hlo
 from tests.conftest import run_python
 
 needs_libtpu = pytest.mark.skipif(
@@ -271,7 +271,7 @@ def test_products_keep_their_shapes_in_a_tpu_program_compiled_on_a_cpu():
         """
         import jax, numpy as np
         from clip_jax import aot
-        from clip_jax.models import fsdp
+        from clip_jax.parallel import fsdp
         _, devices = aot.topology_devices("v5e:2x2")
         assert fsdp._on_cpu() and fsdp._as_matrices(None, 1, 4)
         with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("data",))):

@@ -55,7 +55,7 @@ def test_the_glibc_tunables_keep_the_steps_temporaries_mapped():
     timed steps together fault in at most a step's worth of pages once (the heap's last growth
     may fall after the warm-up). One CPU device, as a CPU run has (with many forced devices one
     arena is shared by all their threads, and the tunables are not advised)."""
-    from clip_jax.benchmark_step import CPU_GLIBC_TUNABLES, FAULTS_HINT
+    from clip_jax.tools.benchmark_step import CPU_GLIBC_TUNABLES, FAULTS_HINT
 
     steps = 6
     args = ("--what=train_step", f"--steps={steps}", "--batch_size=1024")
@@ -155,7 +155,7 @@ def test_vs_openclip_mode_times_both_steps_and_the_matmuls():
     ],
 )
 def test_mfu_and_pod_fit_read_one_chip_table(kind, peak):
-    from clip_jax import chips
+    from clip_jax.tools import chips
 
     assert chips.peak_tflops(kind) == peak
     if kind.startswith("TPU") and peak is not None:

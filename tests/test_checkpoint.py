@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import checkpoint, convert, sharding, train
-from clip_jax import state as state_lib
+from clip_jax import convert
+from clip_jax.parallel import sharding
+from clip_jax.training import checkpoint
+from clip_jax.training import state as state_lib
+from clip_jax.training import trainer as train
 from tests.conftest import (
     ROOT,
     cpu_env,
@@ -152,7 +155,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data, sig, reaso
 
 TWO_CTRL_C = """
 import os, signal, time
-from clip_jax import checkpoint
+from clip_jax.training import checkpoint
 watcher = checkpoint.PreemptionWatcher()
 assert not watcher.reached(1)
 os.kill(os.getpid(), signal.SIGINT)
@@ -175,7 +178,7 @@ def test_first_ctrl_c_asks_for_a_save_and_the_second_aborts():
 
 KILL_DURING_SAVE = """
 import json, os, signal, sys
-from clip_jax import checkpoint, train
+from clip_jax.training import checkpoint, trainer as train
 from tests.conftest import tiny_config
 
 save = checkpoint.Checkpointer.save

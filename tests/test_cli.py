@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from clip_jax import cli, metrics, state
-from clip_jax.errors import UsageError
 from clip_jax.evals import entries
+from clip_jax.infra import cli
+from clip_jax.infra.errors import UsageError
+from clip_jax.training import metrics, state
 from configs import common, tiny
 from tests.conftest import CONFIGS, ROOT, cpu_env, load_config, read_rows, tiny_config
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import sharding
-from clip_jax import state as state_lib
+from clip_jax.parallel import sharding
+from clip_jax.training import state as state_lib
 from tests.conftest import tiny_config
 
 # Sizes that no activation of a batch of 16 shares with a parameter: widths 48 and 32, joint
@@ -158,8 +158,8 @@ def test_fsdp_gives_the_data_parallel_gradients():
     data x fsdp x tensor."""
     import flax.linen as nn
 
-    from clip_jax import losses
-    from clip_jax.train_step import make_loss_and_grad
+    from clip_jax.training import losses
+    from clip_jax.training.train_step import make_loss_and_grad
 
     out = []
     for mesh_cfg in (

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import convert, weight_files
-from clip_jax.errors import UsageError
+from clip_jax import convert
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
+from clip_jax.weights import files as weight_files
 
 
 def init_variables(cfg, seed=0):

@@ -12,10 +12,11 @@ import threading
 import pytest
 from PIL import Image
 
-from clip_jax import cache, plots
 from clip_jax.data import digits
-from clip_jax.errors import UsageError
 from clip_jax.evals import prompts
+from clip_jax.infra import cache
+from clip_jax.infra.errors import UsageError
+from clip_jax.training import plots
 from tests.conftest import PNG_SIGNATURE, ROOT
 
 

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import metrics, sharding, state, train
-from clip_jax.errors import UsageError
-from clip_jax.evals import entries, jobs, runner
+from clip_jax.evals import entries, runner
+from clip_jax.inference import jobs
+from clip_jax.infra.errors import UsageError
+from clip_jax.parallel import sharding
+from clip_jax.training import metrics, state
+from clip_jax.training import trainer as train
 from tests.conftest import (
     ROOT,
     cpu_env,

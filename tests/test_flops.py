@@ -6,11 +6,11 @@ import importlib
 import jax
 import pytest
 
-from clip_jax import sharding
-from clip_jax import state as state_lib
 from clip_jax.models import model_config
 from clip_jax.models.clip import complete_config
 from clip_jax.models.flops import train_step_flops
+from clip_jax.parallel import sharding
+from clip_jax.training import state as state_lib
 
 
 def test_vit_b32_by_hand():

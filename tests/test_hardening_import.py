@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clip_jax import convert
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
 
 
@@ -237,7 +237,7 @@ def test_damaged_archives_are_refused_with_one_line(archives, tmp_path):
 def test_tensors_must_lie_within_their_storage():
     import pickle
 
-    from clip_jax import torch_files
+    from clip_jax.weights import torch_files
 
     storage = np.arange(12, dtype=np.float32)
     view = torch_files._rebuild_tensor(storage, 2, (2, 3), (4, 1), False, {})

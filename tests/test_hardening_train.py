@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from absl import logging
 
-from clip_jax import checkpoint, metrics, runlock, state, train
-from clip_jax.errors import UsageError
+from clip_jax.infra import runlock
+from clip_jax.infra.errors import UsageError
+from clip_jax.training import checkpoint, metrics, state
+from clip_jax.training import trainer as train
 from tests.conftest import ROOT, read_rows, run_python, tiny_config
 
 
@@ -173,7 +175,7 @@ def test_a_workdir_in_use_is_refused_with_one_line_naming_its_owner(tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from clip_jax import runlock
+from clip_jax.infra import runlock
 lock = runlock.RunLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)

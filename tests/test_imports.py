@@ -11,10 +11,15 @@ from tests.conftest import ROOT
 
 # Package or module -> what it must not import (prefixes of module names).
 FORBIDDEN = {
-    "clip_jax.data": ("clip_jax.evals", "clip_jax.models", "clip_jax.train", "clip_jax.state"),
-    "clip_jax.models": ("clip_jax.data", "clip_jax.evals", "clip_jax.train", "configs"),
-    "clip_jax.losses": ("clip_jax.models", "clip_jax.data", "clip_jax.evals", "configs"),
-    "clip_jax.evals": ("clip_jax.train", "configs"),
+    "clip_jax.data": (
+        "clip_jax.evals",
+        "clip_jax.models",
+        "clip_jax.training.trainer",
+        "clip_jax.training.state",
+    ),
+    "clip_jax.models": ("clip_jax.data", "clip_jax.evals", "clip_jax.training.trainer", "configs"),
+    "clip_jax.training.losses": ("clip_jax.models", "clip_jax.data", "clip_jax.evals", "configs"),
+    "clip_jax.evals": ("clip_jax.training.trainer", "configs"),
 }
 
 

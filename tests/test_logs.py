@@ -11,8 +11,8 @@ import subprocess
 import sys
 import warnings
 
-from clip_jax import cli, logs
-from clip_jax.errors import UsageError
+from clip_jax.infra import cli, logs
+from clip_jax.infra.errors import UsageError
 
 LINE = re.compile(r"^[IWEF]\d{4} ")  # absl's line prefix: level letter, month and day
 

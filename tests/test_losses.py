@@ -8,7 +8,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import hlo, losses, sharding
+from clip_jax.parallel import sharding
+from clip_jax.tools import hlo
+from clip_jax.training import losses
 
 N, D = 48, 16
 

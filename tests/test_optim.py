@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import convert, optim
+from clip_jax import convert
 from clip_jax.convert import abstract_variables
 from clip_jax.models import model_config
+from clip_jax.training import optim
 from tests.conftest import load_config, with_overrides
 
 

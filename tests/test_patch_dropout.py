@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import losses, sharding, train, validate
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import CLIP, l2_normalize, model_config
 from clip_jax.models.vit import drop_patches, patches_kept
-from clip_jax.train_step import make_loss_and_grad, split_micro_batches
+from clip_jax.parallel import sharding
+from clip_jax.training import losses, validate
+from clip_jax.training import trainer as train
+from clip_jax.training.train_step import make_loss_and_grad, split_micro_batches
 from tests.conftest import load_config, read_losses, tiny_config, with_overrides
 
 P = 0.5

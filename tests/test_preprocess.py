@@ -12,7 +12,7 @@ from PIL import Image
 import clip_jax
 from clip_jax.data import image_ops
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD, preprocess
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 # (width, height): landscape, portrait, smaller than S, exactly S, odd margins, much larger.
 SIZES = [(300, 200), (150, 401), (100, 80), (224, 224), (225, 224), (224, 301), (640, 427)]

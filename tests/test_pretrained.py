@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import convert, pretrained
-from clip_jax.errors import UsageError
+from clip_jax import convert
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
-from clip_jax.pretrained import Source, Weights
+from clip_jax.weights import pretrained
+from clip_jax.weights.pretrained import Source, Weights
 
 
 class Server:

@@ -1,8 +1,8 @@
 """The tiny config's whole life cycle with its workdir on `gs://`: train, resume, export,
 evaluate, on a fake Google Cloud Storage server on 127.0.0.1 (tests/fake_gcs.py), while every
 local-file call (`open`, `os.makedirs`, `os.path.exists`, ...) that sees a `gs:` path fails the
-test: everything a run reads and writes goes through the path layer (clip_jax.paths: etils.epath)
-and orbax/tensorstore.
+test: everything a run reads and writes goes through the path layer (clip_jax.infra.paths:
+etils.epath) and orbax/tensorstore.
 
 Routing: tensorstore (checkpoint arrays) follows TENSORSTORE_GCS_HTTP_URL; etils.epath's fsspec
 backend (gcsfs) follows STORAGE_EMULATOR_HOST. With TensorFlow installed epath would take TF's
@@ -27,8 +27,11 @@ pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
 import clip_jax  # noqa: E402
-from clip_jax import checkpoint, convert, paths, state, train  # noqa: E402
-from clip_jax.evals import jobs  # noqa: E402
+from clip_jax import convert
+from clip_jax.inference import jobs  # noqa: E402
+from clip_jax.infra import paths
+from clip_jax.training import checkpoint, state  # noqa: E402
+from clip_jax.training import trainer as train
 from tests.conftest import free_port, tiny_config  # noqa: E402
 
 BUCKET = "clip-jax-test"

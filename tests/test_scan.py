@@ -16,10 +16,13 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from clip_jax import convert, optim, sharding, state, train
-from clip_jax.errors import UsageError
+from clip_jax import convert
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import CLIP, model_config
 from clip_jax.models.clip import layers_layout, stack_layers, unstack_layers
+from clip_jax.parallel import sharding
+from clip_jax.training import optim, state
+from clip_jax.training import trainer as train
 from tests.conftest import ROOT, cpu_env, read_losses, tiny_config
 from tests.test_convert import assert_trees_equal, init_variables
 
@@ -172,7 +175,7 @@ def test_a_scanned_run_trains_and_loads_in_either_layout(tmp_path):
 
 
 def test_the_key_is_required_and_a_bool():
-    from clip_jax import validate
+    from clip_jax.training import validate
 
     config = tiny_config()
     with config.unlocked():
@@ -188,7 +191,8 @@ def test_the_key_is_required_and_a_bool():
 COMPILE_TIMES = """
 import json, time
 import jax
-from clip_jax import sharding, state
+from clip_jax.parallel import sharding
+from clip_jax.training import state
 from tests.conftest import tiny_config
 times = {}
 for scan in (False, True):

@@ -10,9 +10,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import sharding, state, train
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import CLIP, model_config
+from clip_jax.parallel import sharding
+from clip_jax.training import state
+from clip_jax.training import trainer as train
 from tests.conftest import read_losses, run_processes, run_python, tiny_config
 
 

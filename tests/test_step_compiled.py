@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from clip_jax import sharding
-from clip_jax import state as state_lib
-from clip_jax.models import fsdp
+from clip_jax.parallel import fsdp, sharding
+from clip_jax.training import state as state_lib
 from tests.conftest import tiny_config
 
 

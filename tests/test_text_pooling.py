@@ -12,10 +12,13 @@ import pytest
 from PIL import Image
 
 import clip_jax
-from clip_jax import convert, state, train
+from clip_jax import convert
 from clip_jax.data import prepare, tokenizers
-from clip_jax.errors import UsageError
-from clip_jax.evals import entries, evaluator, jobs
+from clip_jax.evals import entries, evaluator
+from clip_jax.inference import jobs
+from clip_jax.infra.errors import UsageError
+from clip_jax.training import state
+from clip_jax.training import trainer as train
 from tests.conftest import tiny_config
 
 CAPTIONS = [

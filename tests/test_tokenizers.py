@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clip_jax.data import tokenizers
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 # Ids from open_clip 3.3's tokenizer (up to and including the end token).
 GOLDEN = {

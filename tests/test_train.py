@@ -10,9 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from clip_jax import losses, sharding, train
 from clip_jax.models import CLIP, model_config
-from clip_jax.train_step import make_loss_and_grad
+from clip_jax.parallel import sharding
+from clip_jax.training import losses
+from clip_jax.training import trainer as train
+from clip_jax.training.train_step import make_loss_and_grad
 from configs import tiny
 from tests.conftest import (
     read_losses,

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from clip_jax import validate
 from clip_jax.convert import abstract_variables
-from clip_jax.errors import UsageError
 from clip_jax.evals import entries
+from clip_jax.infra.errors import UsageError
+from clip_jax.training import validate
 from configs import common, tiny
 from tests.conftest import CONFIGS, ROOT, load_config, run_python, with_overrides
 

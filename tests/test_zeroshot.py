@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import sharding
 from clip_jax.evals import extract, zeroshot
+from clip_jax.parallel import sharding
 
 LONG_NAME = " ".join(["the", "very", "long", "and", "winding", "road"] * 20)  # 120 words
 CLASSNAMES = [

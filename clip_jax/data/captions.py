@@ -5,7 +5,7 @@ text) varied captions; each template holds `{}` once, where the class name goes.
 evaluation prompts are `clip_jax.evals.prompts`.)
 """
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 CAPTION_TEMPLATES = (
     "a photo of a {}.",

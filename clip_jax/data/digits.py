@@ -11,7 +11,7 @@ and `DIR/classnames.txt`, the class names in label order. Train with
 `--config.train_data.source='tfrecord:DIR/train-*.tfrecord'`.
 
 The sources `digits:train` and `digits:test` (of training and of evals) need no such step: they
-read shards that `cached_shards` writes on first use into the cache (`clip_jax.cache`:
+read shards that `cached_shards` writes on first use into the cache (`clip_jax.infra.cache`:
 `$CLIP_JAX_CACHE/digits/`, else `~/.cache/clip_jax/digits/`), once, at 32 px (the input pipeline
 resizes to the model's resolution).
 
@@ -29,8 +29,8 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from clip_jax import cache, cli
 from clip_jax.data.prepare import ShardWriter, UsageError, make_example
+from clip_jax.infra import cache, cli
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (

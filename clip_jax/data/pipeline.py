@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from clip_jax.data.sources import SyntheticSource
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 SOURCE_HELP = (
     "use synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT, or several sources joined by ',' "

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from absl import flags
 from PIL import Image
 
-from clip_jax import cli
-from clip_jax.errors import UsageError
+from clip_jax.infra import cli
+from clip_jax.infra.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "jpg")

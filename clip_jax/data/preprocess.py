@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB, of pixels in [0, 1]
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -18,7 +18,7 @@ record; `TFDSReader` uses `tfds.even_splits`.
 import tensorflow as tf
 
 from clip_jax.data import captions
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 MAX_CYCLE = 16  # files read at once, interleaved record by record
 READ_BUFFER = 4 << 20  # bytes buffered per open file; large reads suit gs:// as well as disks

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 Batch = dict[str, np.ndarray]
 

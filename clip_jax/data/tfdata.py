@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from clip_jax.data import image_ops
 from clip_jax.data.sources import Batch, batch_rows
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 EPOCHS = 2**40  # "forever", as a range that tf.data can hold
 PREFETCH_BATCHES = 2

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 from absl import flags
 
-from clip_jax import cli, paths
-from clip_jax.errors import UsageError
+from clip_jax.infra import cli, paths
+from clip_jax.infra.errors import UsageError
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 256 bytes x 2, merges, 2 special tokens

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from clip_jax.data import image_ops, prepare
 from clip_jax.data.sources import batch_rows
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_SEPARATOR = "\x1f"  # joins an image's captions into one string inside tf.data

@@ -4,7 +4,7 @@ one place they are stated), and `entry_config`, which fills an entry in and chec
 from collections.abc import Mapping
 from typing import Any
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 # Each type's keys and their defaults: the one place they are stated. `source` is the dataset
 # evaluated (the test split of probes); `every_steps=0` runs an eval at the end of training only.

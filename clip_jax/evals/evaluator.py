@@ -21,9 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from clip_jax import paths, sharding
 from clip_jax.data import tokenizers
-from clip_jax.errors import UsageError
 from clip_jax.evals import (
     extract,
     fewshot,
@@ -33,7 +31,10 @@ from clip_jax.evals import (
     suites,
     zeroshot,
 )
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.clip import l2_normalize
+from clip_jax.parallel import sharding
 
 
 class Evaluator:

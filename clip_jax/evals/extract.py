@@ -23,8 +23,9 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import paths, sharding
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from clip_jax.infra import paths
+from clip_jax.parallel import sharding
 
 PASSED_THROUGH = ("mask", "index", "label", "num_captions", "image_key")
 PROGRESS_EVERY_S = 30.0

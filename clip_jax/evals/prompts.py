@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from clip_jax.data import digits
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 DATA_DIR = epath.Path(__file__).parent / "prompt_data"
 

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from clip_jax import paths
 from clip_jax.evals import extract
 from clip_jax.evals.entries import entry_config
 from clip_jax.evals.evaluator import Evaluator
+from clip_jax.infra import paths
 
 RESULTS_DIR = "evals"  # workdir/evals/step_N/NAME.json: what ran, for resumes and people
 TASKS = {  # CLIP_benchmark's task names

@@ -26,7 +26,7 @@ last 20% of tfds's train split (VTAB's test split) and are close to, not equal t
 
 import re
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 PAPER = {
     "imagenet": {

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from clip_jax import sharding
-from clip_jax.errors import UsageError
 from clip_jax.evals import extract
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.clip import l2_normalize
+from clip_jax.parallel import sharding
 
 PROMPTS_PER_BATCH = 1024  # text rows embedded at once while building a classifier
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import sizes
 from clip_jax.models.layers import Dtype
 from clip_jax.models.resnet import ModifiedResNet

@@ -1,7 +1,7 @@
 """Building blocks shared by the towers: pre-LN residual attention blocks, MLP, activations.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...) that
-`clip_jax.sharding` maps onto the device mesh; activations are constrained with
+`clip_jax.parallel.sharding` maps onto the device mesh; activations are constrained with
 `act_batch`, `act_seq`, `act_embed`. Without a mesh these annotations are no-ops.
 """
 
@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.errors import UsageError
-from clip_jax.models.fsdp import Dtype, fsdp_dot, kernel_layout
+from clip_jax.infra.errors import UsageError
+from clip_jax.parallel.fsdp import Dtype, fsdp_dot, kernel_layout
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, which every CLIP checkpoint was trained with.
 

@@ -7,7 +7,7 @@ selects QuickGELU as OpenAI trained with (and as open_clip's `*-quickgelu` names
 import copy
 from typing import Any
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 _OPENAI_TEXT = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
 

@@ -4,8 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.errors import UsageError
-from clip_jax.models.fsdp import fsdp_add, fsdp_dot, fsdp_embed, kernel_layout
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.layers import (
     Dtype,
     Transformer,
@@ -13,6 +12,7 @@ from clip_jax.models.layers import (
     layer_norm,
     partitioned,
 )
+from clip_jax.parallel.fsdp import fsdp_add, fsdp_dot, fsdp_embed, kernel_layout
 
 POOL_TYPES = ("argmax", "eot")
 

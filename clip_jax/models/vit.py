@@ -7,8 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.errors import UsageError
-from clip_jax.models.fsdp import fsdp_add, fsdp_dot, kernel_layout
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.layers import (
     Dtype,
     Transformer,
@@ -18,6 +17,7 @@ from clip_jax.models.layers import (
     partitioned,
     symmetric_uniform,
 )
+from clip_jax.parallel.fsdp import fsdp_add, fsdp_dot, kernel_layout
 
 
 class VisionTransformer(nn.Module):

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from clip_jax import losses, sharding
 from clip_jax.data.preprocess import AUGMENTATIONS
-from clip_jax.errors import UsageError
 from clip_jax.evals import entries
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.layers import INIT_SCHEMES, REMAT_POLICIES
 from clip_jax.models.text import POOL_TYPES
+from clip_jax.parallel import sharding
+from clip_jax.training import losses
 
 NONFINITE_POLICIES = ("halt", "skip")
 SCHEDULES = ("cosine", "constant")  # optim.make_schedule's

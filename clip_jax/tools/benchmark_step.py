@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from clip_jax import chips, openclip_peer
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
+from clip_jax.tools import chips, openclip_peer
 
 _OPENCLIP_MODEL = flags.DEFINE_string(
     "openclip_model", "", "--what=vs_openclip: open_clip's name of the config's model (ViT-B-32)."
@@ -67,7 +67,7 @@ def fault_report(faults_per_step: float) -> dict:
 
 
 def _peak_flops() -> float | None:
-    """Peak FLOP/s per device for MFU: `--peak_tflops`, else the chip's (`clip_jax.chips`)."""
+    """Peak FLOP/s per device for MFU: `--peak_tflops`, else the chip's (`clip_jax.tools.chips`)."""
     if _PEAK.value > 0:
         return _PEAK.value * 1e12
     peak = chips.peak_tflops(jax.devices()[0].device_kind)
@@ -75,7 +75,7 @@ def _peak_flops() -> float | None:
 
 
 def random_batch(config, batch_size: int, mesh) -> dict:
-    from clip_jax import sharding
+    from clip_jax.parallel import sharding
 
     rng = np.random.default_rng(0)
     size, length = config.model.vision.image_size, config.model.text.context_length
@@ -95,9 +95,9 @@ def bench_train_step(config: ml_collections.ConfigDict, *, batch_size: int, step
     all devices, its FLOPs from XLA's cost analysis, and MFU where the chip's peak is known."""
     import flax.linen as nn
 
-    from clip_jax import sharding
-    from clip_jax import state as state_lib
     from clip_jax.models.flops import train_step_flops
+    from clip_jax.parallel import sharding
+    from clip_jax.training import state as state_lib
 
     batch_size = batch_size or config.batch_size
     mesh = sharding.config_mesh(config.mesh)
@@ -156,9 +156,9 @@ def bench_patch_dropout(config: ml_collections.ConfigDict, *, batch_size: int, s
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from clip_jax import sharding
-    from clip_jax import state as state_lib
     from clip_jax.models.vit import patches_kept
+    from clip_jax.parallel import sharding
+    from clip_jax.training import state as state_lib
 
     batch_size = batch_size or config.batch_size
     p = config.model.patch_dropout or PATCH_DROPOUT
@@ -262,9 +262,9 @@ def bench_vs_openclip(config: ml_collections.ConfigDict, *, batch_size: int, ste
     """
     import flax.linen as nn
 
-    from clip_jax import sharding
-    from clip_jax import state as state_lib
     from clip_jax.models.flops import train_step_flops
+    from clip_jax.parallel import sharding
+    from clip_jax.training import state as state_lib
 
     if not _OPENCLIP_MODEL.value:
         raise UsageError("--what=vs_openclip needs --openclip_model, e.g. ViT-B-32")

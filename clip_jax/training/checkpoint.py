@@ -26,8 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from clip_jax import paths
-from clip_jax.errors import UsageError
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
 
 
 class CheckpointWriteError(UsageError):

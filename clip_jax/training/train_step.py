@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 from clip_jax.models import l2_normalize
-from clip_jax.sharding import BATCH_AXES
+from clip_jax.parallel.sharding import BATCH_AXES
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 

@@ -15,9 +15,11 @@ import numpy as np
 from absl import logging
 
 import clip_jax
-from clip_jax import cache, paths, sharding, state
-from clip_jax.errors import UsageError
 from clip_jax.evals import entries, evaluator, extract, runner, suites
+from clip_jax.infra import cache, paths
+from clip_jax.infra.errors import UsageError
+from clip_jax.parallel import sharding
+from clip_jax.training import state
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 (with the model config clip_jax stores beside the tensors), and writing `.safetensors` / `.npz`.
 
 `.safetensors` and `.npz` need no torch; `.pt` / `.bin` files are read without running code they
-carry (`clip_jax.torch_files`): plain state dicts and OpenCLIP training checkpoints by
+carry (`clip_jax.weights.torch_files`): plain state dicts and OpenCLIP training checkpoints by
 `torch.load(weights_only=True)`, OpenAI's TorchScript archives as data, with no torch at all.
 What the tensors mean (their names and layouts) is `clip_jax.convert`'s.
 """
@@ -17,8 +17,9 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read it)
 import numpy as np
 
-from clip_jax import paths, torch_files
-from clip_jax.errors import UsageError
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
+from clip_jax.weights import torch_files
 
 CONFIG_KEY = "clip_jax_model"  # safetensors metadata / npz entry holding our model config as JSON
 
@@ -32,8 +33,8 @@ def read_state_dict(
 
     `allow_torchscript_code=True` reads TorchScript archives with `torch.jit.load`, which runs
     the code inside them: unsafe, for files you trust as programs. By default they are read as
-    data (`clip_jax.torch_files`), as OpenAI's released models need. A file on an object store
-    (`gs://...`) is copied to a local temporary file first.
+    data (`clip_jax.weights.torch_files`), as OpenAI's released models need. A file on an
+    object store (`gs://...`) is copied to a local temporary file first.
     """
     if paths.is_remote(path):
         if not paths.path(path).exists():

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 
 def _reply(obj: dict) -> None:
@@ -60,7 +60,7 @@ class Peer:
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by close())
         args = [str(a) for a in (name, batch_size, image_size, length, threads)]
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "clip_jax.openclip_peer", *args],
+            [sys.executable, "-m", "clip_jax.tools.openclip_peer", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -18,13 +18,22 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from clip_jax import checkpoint, convert, paths, runlock, sharding, validate
-from clip_jax import state as state_lib
+from clip_jax import convert
 from clip_jax.data import pipeline
-from clip_jax.errors import UsageError
 from clip_jax.evals import runner
-from clip_jax.metrics import MetricsWriter, Progress, end_summary, format_flops, start_summary
-from clip_jax.train_step import TrainState
+from clip_jax.infra import paths, runlock
+from clip_jax.infra.errors import UsageError
+from clip_jax.parallel import sharding
+from clip_jax.training import checkpoint, validate
+from clip_jax.training import state as state_lib
+from clip_jax.training.metrics import (
+    MetricsWriter,
+    Progress,
+    end_summary,
+    format_flops,
+    start_summary,
+)
+from clip_jax.training.train_step import TrainState
 
 
 class NonFiniteLossError(RuntimeError):

@@ -11,7 +11,7 @@ and keeps its traceback.
     cli.run_tool(argv, define_flags, body, doc)    small tools (prepare, digits, tokenizers,
                                                    convert export), callable in-process
 
-Logs (which process prints what, `--log_dir`, the libraries' chatter) are `clip_jax.logs`.
+Logs (which process prints what, `--log_dir`, the libraries' chatter) are `clip_jax.infra.logs`.
 """
 
 import contextlib
@@ -30,9 +30,9 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
 
-from clip_jax import logs
-from clip_jax.errors import UsageError
-from clip_jax.logs import quiet_libraries, start_process_logs  # noqa: F401 (entry points' API)
+from clip_jax.infra import logs
+from clip_jax.infra.errors import UsageError
+from clip_jax.infra.logs import quiet_libraries, start_process_logs  # noqa: F401 (entry points' API)
 
 HELP_FLAGS = ("-h", "-?", "-help", "--help", "-helpshort", "--helpshort", "-helpfull", "--helpfull")
 KEYS_HINT = "python -m clip_jax.main --config=FILE --show_config lists every key"

@@ -16,7 +16,7 @@ import traceback
 from absl import logging
 from etils import epath
 
-from clip_jax import paths
+from clip_jax.infra import paths
 
 # absl already defines --log_dir ("directory to write logfiles into"), but only its opt-in
 # `use_absl_log_file` reads it, which no entry point calls: the flag does nothing today. Its file

@@ -26,7 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 StateDict = dict[str, np.ndarray]
 

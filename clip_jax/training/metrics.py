@@ -10,8 +10,8 @@ from typing import Any
 
 from absl import logging
 
-from clip_jax import paths
-from clip_jax.errors import UsageError
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
 
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_EVERY_S = 30.0  # a console line at least this often, whatever log_every_steps is
@@ -302,7 +302,7 @@ def end_summary(config, workdir: str, checkpoints: str, last: dict, step: int, s
 def _plot(workdir: str) -> str:
     """The PNG of the run's curves (`plots.plot_run`), or "" when matplotlib is missing."""
     try:
-        from clip_jax import plots
+        from clip_jax.training import plots
 
         return plots.plot_run(workdir)
     except ImportError as e:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 LossFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 

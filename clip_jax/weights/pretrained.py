@@ -35,9 +35,9 @@ from collections.abc import Callable
 from email.message import Message
 from typing import Any, NamedTuple
 
-from clip_jax import cache, paths
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
-from clip_jax.errors import UsageError
+from clip_jax.infra import cache, paths
+from clip_jax.infra.errors import UsageError
 
 _TIMEOUT_S = 60  # per socket operation, so a dead mirror fails over instead of hanging
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 # Leaves never decayed (the paper: "gains or biases" are excluded; so are the class token and the
 # temperature, whose decay would pull them to zero for no reason).

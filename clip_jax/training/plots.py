@@ -11,9 +11,9 @@ import io
 import math
 import re
 
-from clip_jax import paths
-from clip_jax.errors import UsageError
-from clip_jax.metrics import is_eval_value, parse_rows
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
+from clip_jax.training.metrics import is_eval_value, parse_rows
 
 CURVES_FILE = "curves.png"
 # Eval metrics drawn: accuracies and recalls, which share the [0, 1] axis (not C, ranks, times).

@@ -1,11 +1,11 @@
 """Where clip_jax keeps what it writes or downloads for itself: `$CLIP_JAX_CACHE` when set, else
 `~/.cache/clip_jax`. Inside it: `digits/` (the demo's data, written on first use by
 `clip_jax.data.digits.cached_shards`), `weights/` (pretrained checkpoints,
-`clip_jax.pretrained`) and `features/` (the linear-probe job's features of weight files)."""
+`clip_jax.weights.pretrained`) and `features/` (the linear-probe job's features of weight files)."""
 
 import os
 
-from clip_jax.errors import UsageError
+from clip_jax.infra.errors import UsageError
 
 ENV = "CLIP_JAX_CACHE"
 

@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 
-from clip_jax import paths
-from clip_jax.errors import UsageError
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
 
 LOCK_FILE = "lock.json"
 LEASE_SECONDS = 120.0  # renewed every 40 s; a relaunch after a hard kill waits at most this

@@ -23,10 +23,12 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax import losses, optim, paths, sharding
-from clip_jax.errors import UsageError
+from clip_jax.infra import paths
+from clip_jax.infra.errors import UsageError
 from clip_jax.models.clip import CLIP, complete_config, is_resnet
-from clip_jax.train_step import TrainState, create_state, make_train_step
+from clip_jax.parallel import sharding
+from clip_jax.training import losses, optim
+from clip_jax.training.train_step import TrainState, create_state, make_train_step
 
 CONFIG_FILE = "config.json"  # what train.run writes into the workdir
 
@@ -242,7 +244,7 @@ def read_run_config(workdir: str, step: int | None = None) -> ml_collections.Con
     """The config a run was trained with: the one saved with the checkpoint at `step` when it
     has one, else `workdir/config.json` (the latest accepted config of the run)."""
     if step is not None:
-        from clip_jax import checkpoint
+        from clip_jax.training import checkpoint
 
         ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
         try:
@@ -304,7 +306,8 @@ def load_run(
     Returns:
       (model, variables, step).
     """
-    from clip_jax import checkpoint, convert
+    from clip_jax import convert
+    from clip_jax.training import checkpoint
 
     if mesh is None:
         mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from clip_jax import sharding
+from clip_jax.parallel import sharding
 
 Dtype = Any
 

@@ -1,0 +1,1 @@
+"""The device mesh: mesh from config, logical-axis rules, shardings, FSDP inside the layers."""

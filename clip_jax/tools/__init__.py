@@ -1,0 +1,1 @@
+"""Measurement tools: benchmark steps, the open_clip peer, compiled-program reading, chips."""

@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, train step, state, checkpoints, metrics and the trainer."""

@@ -1,0 +1,1 @@
+"""Weights of other frameworks: reading files, state dicts <-> params, the pretrained registry."""
