@@ -13,10 +13,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_pretrained": "clip_jax.convert",
-    "save_pretrained": "clip_jax.convert",
+    "load_pretrained": "clip_jax.inference.load",
+    "save_pretrained": "clip_jax.inference.load",
     "list_pretrained": "clip_jax.weights.pretrained",
-    "create_model_and_transforms": "clip_jax.weights.pretrained",
+    "create_model_and_transforms": "clip_jax.inference.load",
     "preprocess": "clip_jax.data.preprocess",
     "CLIP": "clip_jax.models.clip",
     "create_model": "clip_jax.models.clip",

@@ -19,7 +19,8 @@ import os
 
 from absl import flags
 
-from clip_jax.evals import entries
+from clip_jax.evals.evaluator import FEATURES
+from clip_jax.evals.linear_probe import LinearProbe
 from clip_jax.inference import jobs
 from clip_jax.infra import cli
 from clip_jax.infra.errors import UsageError
@@ -34,16 +35,16 @@ _TEST = flags.DEFINE_string("test", "", "Test source (instead of --dataset).")
 _TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "tfds split to train on.")
 _TEST_SPLIT = flags.DEFINE_string("test_split", "test", "tfds split to test on.")
 _VAL_SPLIT = flags.DEFINE_string("val_split", "", "tfds validation split ('': held out).")
-_PROBE = entries.DEFAULTS["linear_probe"]  # the flags' defaults are an eval entry's
+_PROBE = LinearProbe.keys()  # the flags' defaults are an eval entry's
 _FEATURES = flags.DEFINE_enum(
-    "features", _PROBE["features"], list(entries.FEATURES), "Before/after the projection."
+    "features", _PROBE["features"].default, list(FEATURES), "Before/after the projection."
 )
 _VAL_FRACTION = flags.DEFINE_float(
-    "val_fraction", _PROBE["val_fraction"], "Share of train held out to choose C."
+    "val_fraction", _PROBE["val_fraction"].default, "Share of train held out to choose C."
 )
 _FEWSHOT = flags.DEFINE_string("fewshot", "", "k-shot probes too, e.g. 1,5,10,25.")
 _BATCH = flags.DEFINE_integer(
-    "batch_size", entries.COMMON["batch_size"], "Global batch for feature extraction."
+    "batch_size", _PROBE["batch_size"].default, "Global batch for feature extraction."
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "", "Feature cache (default: beside the model).")

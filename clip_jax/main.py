@@ -32,13 +32,13 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv: list[str]) -> None:
     cli.quiet_libraries()
-    from clip_jax.training import trainer as train
+    from clip_jax.training import trainer, validate
 
     try:
         with cli.user_errors():
             cli.no_arguments(argv)
             if _SHOW_CONFIG.value:
-                print(cli.describe_config(_CONFIG.value, cli.config_meanings()))
+                print(cli.describe_config(_CONFIG.value, validate.config_meanings()))
                 return
             workdir = _WORKDIR.value
             if not workdir:
@@ -46,8 +46,8 @@ def main(argv: list[str]) -> None:
                 workdir = cli.default_workdir(config_arg)
                 logging.info("workdir: %s (the default; --workdir chooses another)", workdir)
             _JOIN()
-            train.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
-    except train.NonFiniteLossError as e:
+            trainer.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
+    except trainer.NonFiniteLossError as e:
         cli.exit_with_error(str(e), 3)
 
 

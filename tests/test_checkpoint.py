@@ -14,6 +14,7 @@ import pytest
 
 import clip_jax
 from clip_jax import convert
+from clip_jax.inference import load
 from clip_jax.parallel import sharding
 from clip_jax.training import checkpoint
 from clip_jax.training import state as state_lib
@@ -292,7 +293,7 @@ def test_export_init_from_and_lit(tmp_path):
     lit = str(tmp_path / "lit")
     train.run(make_config(total_steps=3, init_from=exported, **{"optim.frozen": ("visual",)}), lit)
     lit_file = str(tmp_path / "lit.safetensors")
-    assert convert.export_run(lit, lit_file) == 3
+    assert load.export_run(lit, lit_file) == 3
     _, after = clip_jax.load_pretrained(lit_file)
     for a, b in zip(
         jax.tree.leaves(after["params"]["visual"]),

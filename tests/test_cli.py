@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from clip_jax.evals import entries
+from clip_jax.evals import registry
 from clip_jax.infra import cli
 from clip_jax.infra.errors import UsageError
-from clip_jax.training import metrics, state
+from clip_jax.training import metrics, runs, summary
 from configs import common, tiny
 from tests.conftest import CONFIGS, ROOT, cpu_env, load_config, read_rows, tiny_config
 
@@ -190,7 +190,7 @@ def test_a_workdir_holding_another_run_is_refused(tmp_path):
     other = tiny.get_config()
     other.model.vision.width = 64
     (tmp_path / "w").mkdir()
-    (tmp_path / "w" / state.CONFIG_FILE).write_text(other.to_json_best_effort())
+    (tmp_path / "w" / runs.CONFIG_FILE).write_text(other.to_json_best_effort())
     line = main_error("--config=configs/tiny.py", tmp_path=tmp_path)
     assert line == (
         f"error: {tmp_path}/w holds a run of another config (model.vision.width: 64 -> 32): give "
@@ -199,27 +199,27 @@ def test_a_workdir_holding_another_run_is_refused(tmp_path):
 
 
 def test_which_config_changes_make_another_run(tmp_path):
-    (tmp_path / state.CONFIG_FILE).write_text(tiny_config().to_json_best_effort())
+    (tmp_path / runs.CONFIG_FILE).write_text(tiny_config().to_json_best_effort())
     for same in (
         {"total_steps": 99},
         {"model.dtype": "bfloat16"},
         {"optim.learning_rate": 1.0},
         {"model.patch_dropout": 0.5},  # FLIP's unmasked tuning resumes the masked run
     ):
-        state.check_same_run(tiny_config(**same), str(tmp_path))  # schedule, compute: same run
+        runs.check_same_run(tiny_config(**same), str(tmp_path))  # schedule, compute: same run
     for key, value in [("batch_size", 64), ("model.embed_dim", 16), ("train_data.source", "x")]:
         with pytest.raises(UsageError, match=f"holds a run of another config \\({key}: "):
-            state.check_same_run(tiny_config(**{key: value}), str(tmp_path))
-    state.check_same_run(tiny_config(), str(tmp_path / "fresh"))  # no config.json yet
+            runs.check_same_run(tiny_config(**{key: value}), str(tmp_path))
+    runs.check_same_run(tiny_config(), str(tmp_path / "fresh"))  # no config.json yet
 
 
 def test_a_model_key_the_saved_run_lacks_stands_for_its_default(tmp_path):
     saved = json.loads(tiny_config().to_json_best_effort())
     del saved["model"]["scan_layers"]  # a run written before the key existed: unscanned
-    (tmp_path / state.CONFIG_FILE).write_text(json.dumps(saved))
-    state.check_same_run(tiny_config(), str(tmp_path))
+    (tmp_path / runs.CONFIG_FILE).write_text(json.dumps(saved))
+    runs.check_same_run(tiny_config(), str(tmp_path))
     with pytest.raises(UsageError, match=r"another config \(model.scan_layers: False -> True\)"):
-        state.check_same_run(tiny_config(**{"model.scan_layers": True}), str(tmp_path))
+        runs.check_same_run(tiny_config(**{"model.scan_layers": True}), str(tmp_path))
 
 
 def test_config_files_are_locked_but_evals_take_entries():
@@ -231,15 +231,16 @@ def test_config_files_are_locked_but_evals_take_entries():
 
 
 def test_every_config_key_has_a_meaning():
-    meanings = {**common.MEANINGS, **{f"evals.*.{k}": v for k, v in entries.MEANINGS.items()}}
+    eval_keys = registry.keys()
+    meanings = {**common.MEANINGS, **{f"evals.*.{k}": v.meaning for k, v in eval_keys.items()}}
     for name in CONFIGS:
         config = load_config(name)
         lines = cli.describe_config(config, meanings).splitlines()
         assert len(lines) == len(cli.config_keys(config))
         for line in lines:
             assert "  # " in line and line.split("  # ")[1].strip(), (name, line)
-    keys = set(entries.COMMON).union(*entries.DEFAULTS.values(), {"type"})
-    assert keys <= set(entries.MEANINGS), keys - set(entries.MEANINGS)
+    for kind in registry.TYPES:  # every key of every type says what it is
+        assert all(key.meaning for key in registry.keys(kind).values()), kind
 
 
 def test_show_config_prints_every_key_value_and_meaning():
@@ -303,4 +304,4 @@ def test_progress_line_leaves_compilation_and_evals_out(monkeypatch):
     assert progress.line(2, 3.0) == "step 2/10 (20.0%) loss 3.0000 8 pairs/s ETA 0:00:12"
     clock[0] += metrics.PROGRESS_EVERY_S
     assert progress.due(3)
-    assert metrics.format_flops(2.5e12) == "2.50 TFLOPs" and metrics.format_flops(None) == "unknown"
+    assert summary.format_flops(2.5e12) == "2.50 TFLOPs" and summary.format_flops(None) == "unknown"

@@ -3,8 +3,8 @@ paper's recipe."""
 
 import pytest
 
-from clip_jax.convert import abstract_variables
 from clip_jax.models import CLIP, model_config
+from clip_jax.weights.state_dicts import abstract_variables
 from tests.conftest import load_config
 
 # Each shipped paper config: its model (whose size tests/test_models.py checks against the published

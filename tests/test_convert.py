@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 
 from clip_jax import convert
+from clip_jax.inference import load
 from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
 from clip_jax.weights import files as weight_files
+from clip_jax.weights import state_dicts
 
 
 def init_variables(cfg, seed=0):
     """Random float32 values in the model's variable shapes (no compilation, no zeros)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), convert.abstract_variables(cfg)
+        lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), state_dicts.abstract_variables(cfg)
     )
 
 
@@ -51,12 +53,12 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, name, ext):
     cfg = model_config(name)
     variables = randomize_batch_stats(init_variables(cfg))
     path = str(tmp_path / f"model{ext}")
-    convert.save_pretrained(path, variables, cfg)
-    model, loaded = convert.load_pretrained(path)
+    load.save_pretrained(path, variables, cfg)
+    model, loaded = load.load_pretrained(path)
     assert_trees_equal(variables, loaded)
     # And the file itself: import then export reproduces every tensor bit for bit.
-    sd, _ = convert.read_state_dict(path)
-    again = convert.to_state_dict(loaded, cfg)
+    sd, _ = weight_files.read_state_dict(path)
+    again = state_dicts.to_state_dict(loaded, cfg)
     assert sorted(sd) == sorted(again)
     for key in sd:
         np.testing.assert_array_equal(sd[key], again[key], err_msg=key)
@@ -68,10 +70,10 @@ def test_export_import_round_trip_is_bit_exact(tmp_path, name, ext):
 )
 def test_infer_config_from_shapes(name):
     cfg = model_config(name)
-    shapes = convert.to_state_dict(
-        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), convert.abstract_variables(cfg)), cfg
+    shapes = state_dicts.to_state_dict(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state_dicts.abstract_variables(cfg)), cfg
     )
-    inferred = convert.infer_config(shapes)
+    inferred = state_dicts.infer_config(shapes)
     assert inferred["embed_dim"] == cfg["embed_dim"]
     for tower in ("vision", "text"):
         for key, value in cfg[tower].items():
@@ -82,28 +84,28 @@ def test_load_pretrained_overrides_and_errors(tmp_path):
     cfg = model_config("tiny")
     variables = init_variables(cfg)
     path = str(tmp_path / "m.safetensors")
-    convert.save_pretrained(path, variables, cfg)
-    model, _ = convert.load_pretrained(path, dtype="bfloat16", text=dict(pool_type="argmax"))
+    load.save_pretrained(path, variables, cfg)
+    model, _ = load.load_pretrained(path, dtype="bfloat16", text=dict(pool_type="argmax"))
     assert model.dtype == "bfloat16" and model.text["heads"] == 2
     with pytest.raises(ValueError, match="unknown model override"):
-        convert.load_pretrained(path, colour="blue")
+        load.load_pretrained(path, colour="blue")
     with pytest.raises(UsageError, match="no checkpoint at"):
-        convert.load_pretrained(str(tmp_path / "absent.safetensors"))
+        load.load_pretrained(str(tmp_path / "absent.safetensors"))
     (tmp_path / "m.txt").write_text("")
     with pytest.raises(ValueError, match="unknown checkpoint format"):
-        convert.load_pretrained(str(tmp_path / "m.txt"))
+        load.load_pretrained(str(tmp_path / "m.txt"))
 
 
 def test_mismatched_checkpoint_names_the_tensors(tmp_path):
     cfg = model_config("tiny")
-    sd = convert.to_state_dict(init_variables(cfg), cfg)
+    sd = state_dicts.to_state_dict(init_variables(cfg), cfg)
     del sd["ln_final.weight"]
     sd["visual.extra"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="missing ln_final.weight"):
-        convert.from_state_dict(sd, cfg)
+        state_dicts.from_state_dict(sd, cfg)
     sd["ln_final.weight"] = np.zeros(32, np.float32)
     with pytest.raises(ValueError, match="unused tensors: visual.extra"):
-        convert.from_state_dict(sd, cfg)
+        state_dicts.from_state_dict(sd, cfg)
 
 
 def test_openai_layout_without_metadata_defaults_to_quick_gelu(tmp_path):
@@ -112,11 +114,11 @@ def test_openai_layout_without_metadata_defaults_to_quick_gelu(tmp_path):
     cfg = model_config("ViT-B-32")
     cfg["vision"] = {**cfg["vision"], "layers": 1}
     cfg["text"] = {**cfg["text"], "layers": 1}
-    sd = convert.to_state_dict(init_variables(cfg), cfg)
+    sd = state_dicts.to_state_dict(init_variables(cfg), cfg)
     save_file(sd, str(tmp_path / "openai.safetensors"))
-    model, _ = convert.load_pretrained(str(tmp_path / "openai.safetensors"))
+    model, _ = load.load_pretrained(str(tmp_path / "openai.safetensors"))
     assert model.quick_gelu and model.vision["patch_size"] == 32 and model.text["layers"] == 1
-    model, _ = convert.load_pretrained(str(tmp_path / "openai.safetensors"), quick_gelu=False)
+    model, _ = load.load_pretrained(str(tmp_path / "openai.safetensors"), quick_gelu=False)
     assert not model.quick_gelu
 
 
@@ -134,7 +136,7 @@ def test_metadata_is_json_config(tmp_path):
     from safetensors import safe_open
 
     cfg = model_config("tiny-rn", dtype="bfloat16")
-    convert.save_pretrained(str(tmp_path / "m.safetensors"), init_variables(cfg), cfg)
+    load.save_pretrained(str(tmp_path / "m.safetensors"), init_variables(cfg), cfg)
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as f:
         stored = json.loads(f.metadata()[weight_files.CONFIG_KEY])
     assert stored["vision"]["layers"] == [1, 1, 1, 1] and stored["dtype"] == "bfloat16"

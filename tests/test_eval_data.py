@@ -12,7 +12,7 @@ from PIL import Image
 import clip_jax
 from clip_jax.data.prepare import ShardWriter, make_example
 from clip_jax.evals import data
-from clip_jax.evals.evaluator import group_captions
+from clip_jax.evals.retrieval import group_captions
 
 SIZE, CROP, BATCH, LENGTH = 16, 8, 8, 16  # stored pixels, eval crop, global batch, tokens
 N = 37  # 5 batches of 8, the last one with 5 real rows

@@ -7,17 +7,21 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import ClassVar
 
 import jax
 import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax.evals import entries, runner
+from clip_jax.data.image_ops import eval_image
+from clip_jax.evals import data, extract, registry, runner
+from clip_jax.evals.evaluator import Evaluator, Key
 from clip_jax.inference import jobs
 from clip_jax.infra.errors import UsageError
+from clip_jax.infra.rules import POSITIVE_INT
 from clip_jax.parallel import sharding
-from clip_jax.training import metrics, state
+from clip_jax.training import metrics, runs, validate
 from clip_jax.training import trainer as train
 from tests.conftest import (
     ROOT,
@@ -170,8 +174,8 @@ def test_load_pretrained_and_tokenizer_of_a_run(run_dir):
 
 def one_device_results(run_dir):
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    model, variables, _ = state.load_run(run_dir, mesh=mesh)
-    config = state.read_run_config(run_dir)
+    model, variables, _ = runs.load_run(run_dir, mesh=mesh)
+    config = runs.read_run_config(run_dir)
     results = {}
     for e in runner.make_evaluators(config, model, mesh, sharding.DEFAULT_RULES):
         results.update(e.run(variables))
@@ -207,7 +211,7 @@ def test_evaluate_job_on_two_processes_matches_one_device(tmp_path, run_dir):
     for returncode, out in run_processes("clip_jax.evaluate", args, devices=4):
         assert returncode == 0, out[-3000:]
     records = json.loads(output.read_text())
-    kind = {task: kind for kind, task in runner.TASKS.items()}
+    kind = {cls.TASK: kind for kind, cls in registry.TYPES.items()}
     got = {
         f"{kind[r['task']]}/{r['dataset']}/{k}": v for r in records for k, v in r["metrics"].items()
     }
@@ -270,10 +274,9 @@ def test_evaluate_user_errors_are_one_line(run_dir, args, message):
 def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir):
     """Digits shards hold one caption per record under a unique key: retrieval over them equals
     `retrieval.metrics` of the embeddings computed directly."""
-    from clip_jax.data.image_ops import eval_image
-    from clip_jax.evals import data, retrieval
+    from clip_jax.evals import retrieval
 
-    config = state.read_run_config(run_dir)
+    config = runs.read_run_config(run_dir)
     config.evals = {
         "r": dict(
             type="retrieval",
@@ -284,7 +287,7 @@ def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir
         )
     }
     mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
-    model, variables, _ = state.load_run(run_dir, mesh=mesh)
+    model, variables, _ = runs.load_run(run_dir, mesh=mesh)
     got = runner.make_evaluators(config, model, mesh, sharding.DEFAULT_RULES)[0].run(variables)
     source = data.open_source(f"tfrecord:{digits_dir}/test-*.tfrecord")
     records = list(source.records().as_numpy_iterator())
@@ -323,13 +326,65 @@ def test_suite_results_get_a_mean_record():
 def test_bad_eval_entries_are_clear(digits_dir):
     test = f"tfrecord:{digits_dir}/test-*.tfrecord"
     with pytest.raises(ValueError, match="choose one of"):
-        entries.entry_config("x", dict(type="zero_shot", source=test))
+        registry.entry_config("x", dict(type="zero_shot", source=test))
     with pytest.raises(ValueError, match="unknown key"):
-        entries.entry_config("x", dict(type="zeroshot", source=test, every=5))
+        registry.entry_config("x", dict(type="zeroshot", source=test, every=5))
     with pytest.raises(ValueError, match="train_source is empty"):
-        entries.entry_config("x", dict(type="linear_probe", source=test))
+        registry.entry_config("x", dict(type="linear_probe", source=test))
     with pytest.raises(ValueError, match="features="):
-        entries.entry_config(
+        registry.entry_config(
             "x", dict(type="fewshot", source=test, train_source=test, features="mid")
         )
     assert jobs.select_evals(None, "paper", "/data", 0)["cifar10"]["data_dir"] == "/data"
+
+
+class ImageNorm(Evaluator):
+    """A new eval type, whole: the mean p-norm of the image embeddings of a source."""
+
+    KEYS: ClassVar[dict[str, Key]] = {"order": Key(2, "the norm's order p", POSITIVE_INT)}
+    TASK = "image_norm"
+
+    def _predict(self):
+        model = self.model
+
+        def predict(variables, batch, extra):
+            del extra
+            images = extract.normalize(batch["image"])
+            return {"emb": model.apply(variables, images, method="encode_image")}
+
+        return predict
+
+    def evaluate(self, variables, model_id, cache_root):
+        out, _ = self.extract("emb", self._predict, variables, self.source)
+        norms = np.linalg.norm(out["emb"].astype(np.float64), ord=self.cfg["order"], axis=1)
+        return {"value": float(norms.mean())}
+
+
+def test_a_new_eval_type_is_one_class_and_one_registry_line(
+    monkeypatch, tmp_path, run_dir, digits_dir
+):
+    monkeypatch.setitem(registry.TYPES, "image_norm", ImageNorm)  # the one registry line
+    test = f"tfrecord:{digits_dir}/test-*.tfrecord"
+    entry = dict(type="image_norm", source=test, order=1, batch_size=48, every_steps=1)
+    config = tiny_config(total_steps=2, checkpoint_every_steps=2, **{"evals.norm": entry})
+    validate.validate(config)  # its keys have their rules and meanings with the class
+    assert validate.config_meanings()["evals.*.order"] == "the norm's order p"
+    with pytest.raises(UsageError, match=r"^evals.norm.order=0: use a positive integer$"):
+        validate.validate(tiny_config(**{"evals.norm": {**entry, "order": 0}}))
+    with pytest.raises(UsageError, match="unknown key"):
+        registry.entry_config("norm", {**entry, "ks": (1,)})
+
+    train.run(config, str(tmp_path))  # scheduled, logged and recorded like the others
+    rows = [r for r in read_rows(str(tmp_path)) if "image_norm/norm/value" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    with open(tmp_path / "evals" / "step_2" / "norm.json") as f:
+        assert json.load(f)["task"] == "image_norm"
+
+    model, variables = clip_jax.load_pretrained(str(tmp_path))
+    source = data.open_source(test)
+    images = np.stack(
+        [eval_image(r["image"], 32).numpy() for r in source.records().as_numpy_iterator()]
+    )
+    emb = np.asarray(model.apply(variables, images, method="encode_image"), np.float64)
+    expected = np.abs(emb).sum(axis=1).mean()
+    np.testing.assert_allclose(rows[-1]["image_norm/norm/value"], expected, rtol=1e-5)

@@ -6,18 +6,20 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import convert
+from clip_jax.inference import load
 from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
+from clip_jax.weights import files as weight_files
+from clip_jax.weights import state_dicts
 
 
 def tiny_state_dict(name="tiny"):
     cfg = model_config(name)
     rng = np.random.default_rng(0)
     variables = jax.tree.map(
-        lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), convert.abstract_variables(cfg)
+        lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), state_dicts.abstract_variables(cfg)
     )
-    return convert.to_state_dict(variables, cfg), cfg
+    return state_dicts.to_state_dict(variables, cfg), cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def test_a_tensor_of_the_right_size_but_the_wrong_shape_is_refused(key, stored):
     sd[key] = np.ascontiguousarray(stored(sd[key]))
     assert sd[key].size == np.prod(want) and sd[key].shape != want
     with pytest.raises(UsageError) as e:
-        convert.from_state_dict(sd, cfg)
+        state_dicts.from_state_dict(sd, cfg)
     message = str(e.value)
     assert "\n" not in message
     assert f"{key} has shape {sd[key].shape}, the model needs {want}" in message
@@ -47,11 +49,11 @@ def test_a_tensor_of_the_right_size_but_the_wrong_shape_is_refused(key, stored):
 def test_the_expected_shapes_are_what_export_writes_and_size_one_axes_may_differ():
     for name in ("tiny", "tiny-rn"):
         sd, cfg = tiny_state_dict(name)
-        convert.from_state_dict(sd, cfg)  # every exported shape is accepted as it is
+        state_dicts.from_state_dict(sd, cfg)  # every exported shape is accepted as it is
     sd, cfg = tiny_state_dict()
     sd["logit_scale"] = sd["logit_scale"].reshape(1)  # [] vs [1]: the same values in order
     sd["visual.class_embedding"] = sd["visual.class_embedding"][None]
-    variables = convert.from_state_dict(sd, cfg)
+    variables = state_dicts.from_state_dict(sd, cfg)
     np.testing.assert_array_equal(variables["params"]["logit_scale"].reshape(1), sd["logit_scale"])
 
 
@@ -160,13 +162,13 @@ def test_torchscript_archives_are_read_as_data_with_jit_loads_names_and_values(a
     torch = pytest.importorskip("torch")
     root, _ = archives
     want = torch.jit.load(str(root / name)).state_dict()
-    sd, cfg = convert.read_state_dict(str(root / name))
+    sd, cfg = weight_files.read_state_dict(str(root / name))
     assert cfg is None and list(sd) == list(want)
     for key, value in want.items():
         value = value.float() if value.is_floating_point() else value
         assert sd[key].dtype == value.numpy().dtype, key
         np.testing.assert_array_equal(sd[key], value.numpy(), err_msg=key)
-    opted_in, _ = convert.read_state_dict(str(root / name), allow_torchscript_code=True)
+    opted_in, _ = weight_files.read_state_dict(str(root / name), allow_torchscript_code=True)
     assert list(opted_in) == list(sd)
 
 
@@ -175,7 +177,7 @@ def test_torchscript_needs_no_torch_to_be_read(archives, monkeypatch):
 
     root, _ = archives
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
-    sd, _ = convert.read_state_dict(str(root / "traced.pt"))
+    sd, _ = weight_files.read_state_dict(str(root / "traced.pt"))
     assert "lin.weight" in sd and sd["low.weight"].dtype == np.float32
 
 
@@ -195,13 +197,13 @@ def test_files_whose_loading_runs_code_are_refused_and_run_nothing(
     root, _ = archives
     monkeypatch.chdir(tmp_path)  # where the crafted code would create its file
     path = str(root / name)
-    for load in (convert.read_state_dict, clip_jax.load_pretrained):
+    for read_fn in (weight_files.read_state_dict, clip_jax.load_pretrained):
         with pytest.raises(UsageError) as e:
-            load(path)
+            read_fn(path)
         assert message in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / created).exists()
     if name == "setstate.pt":  # the file is truly hostile: the opt-in runs its code
-        convert.read_state_dict(path, allow_torchscript_code=True)
+        weight_files.read_state_dict(path, allow_torchscript_code=True)
         assert (tmp_path / created).exists()
 
 
@@ -227,7 +229,7 @@ def test_damaged_archives_are_refused_with_one_line(archives, tmp_path):
             for name, value in entries.items():
                 dst.writestr(name, bytes(data) if name == target else value)
         try:
-            convert.read_state_dict(str(path))
+            weight_files.read_state_dict(str(path))
         except UsageError as e:
             assert "\n" not in str(e) and str(path) in str(e)
             refused += 1
@@ -261,12 +263,12 @@ def test_a_truncated_safetensors_file_is_one_line(tmp_path, keep):
     cfg = model_config("tiny")
     sd, _ = tiny_state_dict()
     path = tmp_path / "m.safetensors"
-    convert.save_pretrained(str(path), convert.from_state_dict(sd, cfg), cfg)
+    load.save_pretrained(str(path), state_dicts.from_state_dict(sd, cfg), cfg)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
-    for load in (convert.read_state_dict, convert.load_pretrained):
+    for read_fn in (weight_files.read_state_dict, load.load_pretrained):
         with pytest.raises(UsageError, match="not a readable safetensors file") as e:
-            load(str(path))
+            read_fn(str(path))
         assert str(path) in str(e.value) and "truncated" in str(e.value)
         assert "\n" not in str(e.value)
 
@@ -277,11 +279,11 @@ def test_a_truncated_pytorch_file_is_one_line(archives, tmp_path, name):
     path = tmp_path / name
     path.write_bytes((root / name).read_bytes()[:300])
     with pytest.raises(UsageError, match="not a readable PyTorch file") as e:
-        convert.read_state_dict(str(path))
+        weight_files.read_state_dict(str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UsageError, match="not a PyTorch file"):
-        convert.read_state_dict(str(path))
+        weight_files.read_state_dict(str(path))
 
 
 def test_a_bad_sentencepiece_model_is_one_line(tmp_path):

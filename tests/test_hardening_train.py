@@ -19,8 +19,9 @@ from absl import logging
 
 from clip_jax.infra import runlock
 from clip_jax.infra.errors import UsageError
-from clip_jax.training import checkpoint, metrics, state
+from clip_jax.training import checkpoint, metrics, runs
 from clip_jax.training import trainer as train
+from clip_jax.weights import files as weight_files
 from tests.conftest import ROOT, read_rows, run_python, tiny_config
 
 
@@ -89,9 +90,9 @@ def test_config_json_is_replaced_only_once_accepted_and_each_checkpoint_keeps_it
     with pytest.raises(ValueError):  # orbax: the shapes differ
         train.run(other, workdir, config_change_ok=True)
     assert (tmp_path / "config.json").read_text() == before
-    saved = state.read_run_config(workdir, 2)
+    saved = runs.read_run_config(workdir, 2)
     assert saved.model.to_dict() == json.loads(before)["model"]
-    model, variables, step = state.load_run(workdir)
+    model, variables, step = runs.load_run(workdir)
     assert step == 2 and model.embed_dim == saved.model.embed_dim
 
 
@@ -334,17 +335,16 @@ def test_a_garbage_config_json_is_one_line(tmp_path):
         train.run(tiny_config(total_steps=2), str(tmp_path))
     assert "\n" not in str(refused.value)
     with pytest.raises(UsageError, match="config.json is not a run's config"):
-        state.read_run_config(str(tmp_path))
+        runs.read_run_config(str(tmp_path))
 
 
 def test_a_truncated_npz_is_one_line(tmp_path):
-    from clip_jax import convert
 
     path = tmp_path / "weights.npz"
     np.savez(path, a=np.arange(1000.0))
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(UsageError, match="not a readable .npz file"):
-        convert.read_state_dict(str(path))
+        weight_files.read_state_dict(str(path))
 
 
 def test_a_failed_write_names_the_os_reason_even_after_a_long_spec(monkeypatch, tmp_path):

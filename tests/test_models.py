@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax.convert import abstract_variables
 from clip_jax.models import CLIP, MODELS, model_config
+from clip_jax.weights.state_dicts import abstract_variables
 
 # Parameter counts of the published models (OpenCLIP's model table, docs/model_profile.csv, in
 # millions; BatchNorm running statistics are buffers and not counted).

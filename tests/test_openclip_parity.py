@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import convert
+from clip_jax.inference import load
+from clip_jax.weights import files as weight_files
+from clip_jax.weights import state_dicts
 from tests.conftest import worst_rel_err
 
 torch = pytest.importorskip("torch")
@@ -39,7 +41,7 @@ def test_encoders_match_open_clip(tmp_path, name):
     ref = perturbed_openclip(name)
     path = str(tmp_path / "model.safetensors")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
-    model, variables = convert.load_pretrained(path, quick_gelu=name.endswith("-quickgelu"))
+    model, variables = load.load_pretrained(path, quick_gelu=name.endswith("-quickgelu"))
 
     size = ref.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -71,10 +73,10 @@ def test_export_loads_into_open_clip_strictly(tmp_path, name):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
-    _, variables = convert.load_pretrained(path)
-    cfg = convert.infer_config(convert.read_state_dict(path)[0])
+    _, variables = load.load_pretrained(path)
+    cfg = state_dicts.infer_config(weight_files.read_state_dict(path)[0])
     out = str(tmp_path / "exported.safetensors")
-    convert.save_pretrained(out, variables, cfg)
+    load.save_pretrained(out, variables, cfg)
 
     from safetensors.torch import load_file
 
@@ -109,7 +111,7 @@ def test_reads_torch_files(tmp_path, layout):
         torch.save({"epoch": 3, "name": "run", "state_dict": sd}, path)
     else:  # OpenAI released TorchScript archives
         torch.jit.save(torch.jit.trace(ref, (images, tokens), strict=False), path)
-    model, variables = convert.load_pretrained(path)
+    model, variables = load.load_pretrained(path)
     with torch.no_grad():
         ref_image = ref.encode_image(images).numpy()
     ours = model.apply(variables, images.permute(0, 2, 3, 1).numpy(), method="encode_image")

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import convert
-from clip_jax.convert import abstract_variables
 from clip_jax.models import model_config
 from clip_jax.training import optim
+from clip_jax.weights import state_dicts
+from clip_jax.weights.state_dicts import abstract_variables
 from tests.conftest import load_config, with_overrides
 
 
@@ -94,7 +94,7 @@ def test_decay_mask_is_open_clips(name):
     filled = jax.tree.map(
         lambda m, x: np.full(x.shape, float(m), np.float32), mask, variables["params"]
     )
-    sd = convert.to_state_dict({"params": filled}, cfg)
+    sd = state_dicts.to_state_dict({"params": filled}, cfg)
 
     def open_clip_excludes(key: str, ndim: int) -> bool:
         return ndim < 2 or any(s in key for s in ("bn", "ln", "bias", "logit_scale"))

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import convert
+from clip_jax.inference import load
 from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
-from clip_jax.weights import pretrained
+from clip_jax.weights import pretrained, state_dicts
 from clip_jax.weights.pretrained import Source, Weights
 
 
@@ -75,10 +75,10 @@ def weights_file(tmp_path_factory):
     cfg = model_config("tiny")
     rng = np.random.default_rng(0)
     variables = jax.tree.map(
-        lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), convert.abstract_variables(cfg)
+        lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), state_dicts.abstract_variables(cfg)
     )
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    convert.save_pretrained(str(path), variables, cfg)
+    load.save_pretrained(str(path), variables, cfg)
     data = path.read_bytes()
     return data, hashlib.sha256(data).hexdigest()
 

@@ -27,10 +27,12 @@ pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
 
 import clip_jax  # noqa: E402
-from clip_jax import convert
-from clip_jax.inference import jobs  # noqa: E402
+from clip_jax.inference import (
+    jobs,  # noqa: E402
+    load,
+)
 from clip_jax.infra import paths
-from clip_jax.training import checkpoint, state  # noqa: E402
+from clip_jax.training import checkpoint, runs  # noqa: E402
 from clip_jax.training import trainer as train
 from tests.conftest import free_port, tiny_config  # noqa: E402
 
@@ -148,13 +150,13 @@ def test_tiny_life_cycle_on_gs(fake_gcs, no_local_calls_on_gs, tmp_path, monkeyp
 
     # Export, and evaluate the run as a batch job writing its results to gs:// too.
     out = f"{workdir}/export/tiny.safetensors"
-    assert convert.export_run(workdir, out) == 6
+    assert load.export_run(workdir, out) == 6
     assert paths.path(out).stat().length > 0
     records = jobs.evaluate(None, workdir=workdir, output=f"{workdir}/eval/results.json")
     top1 = {r["dataset"]: r["metrics"]["top1"] for r in records}
     assert top1["digits"] == pytest.approx(last["zeroshot/digits/top1"], abs=1e-6)
     assert json.loads((root / "eval" / "results.json").read_text())[0]["dataset"] == "digits"
-    model, variables, step = state.load_run(workdir)
+    model, variables, step = runs.load_run(workdir)
     assert step == 6 and model.embed_dim == config.model.embed_dim
     # The one-line loaders read both from gs:// too: the run's directory and the export.
     _, from_run = clip_jax.load_pretrained(workdir)

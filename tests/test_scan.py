@@ -16,13 +16,14 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec
 
-from clip_jax import convert
+from clip_jax.inference import load
 from clip_jax.infra.errors import UsageError
 from clip_jax.models import CLIP, model_config
 from clip_jax.models.clip import layers_layout, stack_layers, unstack_layers
 from clip_jax.parallel import sharding
-from clip_jax.training import optim, state
+from clip_jax.training import optim, runs, state
 from clip_jax.training import trainer as train
+from clip_jax.weights import state_dicts
 from tests.conftest import ROOT, cpu_env, read_losses, tiny_config
 from tests.test_convert import assert_trees_equal, init_variables
 
@@ -93,8 +94,8 @@ def test_the_stacked_layout():
     """One `resblocks` per tower, its leaves [layers, ...], the layer axis replicated on an FSDP
     mesh; the same parameters as the unrolled layout, in other places."""
     cfg = model_config("tiny", scan_layers=True)
-    plain = convert.abstract_variables(model_config("tiny"))["params"]
-    scanned = convert.abstract_variables(cfg)["params"]
+    plain = state_dicts.abstract_variables(model_config("tiny"))["params"]
+    scanned = state_dicts.abstract_variables(cfg)["params"]
     layers = cfg["vision"]["layers"]
     blocks = scanned["visual"]["transformer"]
     assert list(blocks) == ["resblocks"]
@@ -116,8 +117,8 @@ def test_the_stacked_layout():
 
 def test_decay_mask_is_the_same_in_both_layouts():
     """Stacked biases and norm scales are 2-D, and still not decayed: the mask goes by name."""
-    plain = convert.abstract_variables(model_config("tiny"))["params"]
-    scanned = convert.abstract_variables(model_config("tiny", scan_layers=True))["params"]
+    plain = state_dicts.abstract_variables(model_config("tiny"))["params"]
+    scanned = state_dicts.abstract_variables(model_config("tiny", scan_layers=True))["params"]
     want = traverse_util.flatten_dict(optim.decay_mask(plain))
     got = traverse_util.flatten_dict(optim.decay_mask(scanned))
     as_scanned = {
@@ -135,18 +136,21 @@ def test_weight_files_are_the_same_in_both_layouts(tmp_path, name):
     scanned_cfg = {**cfg, "scan_layers": True}
     variables = init_variables(cfg)
     stacked = stack_layers(variables)
-    want, got = convert.to_state_dict(variables, cfg), convert.to_state_dict(stacked, scanned_cfg)
+    want, got = (
+        state_dicts.to_state_dict(variables, cfg),
+        state_dicts.to_state_dict(stacked, scanned_cfg),
+    )
     assert sorted(got) == sorted(want)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     # An open_clip-layout file imports into either layout; the scanned one is the stacked one.
-    assert_trees_equal(convert.from_state_dict(want, scanned_cfg), stacked)
+    assert_trees_equal(state_dicts.from_state_dict(want, scanned_cfg), stacked)
     path = str(tmp_path / "scanned.safetensors")
-    convert.save_pretrained(path, stacked, scanned_cfg)
-    model, loaded = convert.load_pretrained(path)
+    load.save_pretrained(path, stacked, scanned_cfg)
+    model, loaded = load.load_pretrained(path)
     assert model.scan_layers
     assert_trees_equal(loaded, stacked)
-    model, loaded = convert.load_pretrained(path, scan_layers=False)
+    model, loaded = load.load_pretrained(path, scan_layers=False)
     assert not model.scan_layers
     assert_trees_equal(loaded, variables)
     assert_trees_equal(layers_layout(variables, False), variables)
@@ -159,8 +163,8 @@ def test_a_scanned_run_trains_and_loads_in_either_layout(tmp_path):
     got = read_losses(workdir)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(v) for v in got.values()) and got[6] < got[1], got
-    scanned, variables = convert.load_pretrained(workdir)
-    plain, unstacked = convert.load_pretrained(workdir, scan_layers=False)
+    scanned, variables = load.load_pretrained(workdir)
+    plain, unstacked = load.load_pretrained(workdir, scan_layers=False)
     assert scanned.scan_layers and not plain.scan_layers
     images, _ = batch(model_config("tiny"))
     np.testing.assert_allclose(
@@ -171,7 +175,7 @@ def test_a_scanned_run_trains_and_loads_in_either_layout(tmp_path):
     )
     # The checkpoints hold the scanned tree: a resume without scan_layers is another run.
     with pytest.raises(UsageError, match=r"model.scan_layers: True -> False"):
-        state.check_same_run(tiny_config(), workdir)
+        runs.check_same_run(tiny_config(), workdir)
 
 
 def test_the_key_is_required_and_a_bool():

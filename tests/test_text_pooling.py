@@ -12,12 +12,11 @@ import pytest
 from PIL import Image
 
 import clip_jax
-from clip_jax import convert
 from clip_jax.data import prepare, tokenizers
-from clip_jax.evals import entries, evaluator
-from clip_jax.inference import jobs
+from clip_jax.evals import registry
+from clip_jax.inference import jobs, load
 from clip_jax.infra.errors import UsageError
-from clip_jax.training import state
+from clip_jax.training import runs
 from clip_jax.training import trainer as train
 from tests.conftest import tiny_config
 
@@ -65,7 +64,7 @@ def test_a_sentencepiece_run_pools_at_its_end_token(sentencepiece_run):
         saved = json.load(f)["model"]["text"]
     assert (saved["pool_type"], saved["eot_token_id"]) == ("eot", sp.eot_token_id)
 
-    model, variables, _ = state.load_run(workdir)
+    model, variables, _ = runs.load_run(workdir)
     tokens = sp.tokenize(CAPTIONS[:6])
     pooled = model.bind(variables).text_tower.pool_index(jax.numpy.asarray(tokens))
     np.testing.assert_array_equal(pooled, [list(row).index(sp.eot_token_id) for row in tokens])
@@ -115,12 +114,14 @@ def test_evaluating_a_model_with_another_tokenizer_is_refused(sentencepiece_run,
     # A weight file exported from the run, evaluated with the default tokenizer (the CLIP BPE):
     # the evals that embed text refuse it; a linear probe, which embeds none, takes it.
     exported = str(tmp_path / "sp.safetensors")
-    convert.export_run(workdir, exported)
+    load.export_run(workdir, exported)
     subject = jobs.prepare(None, None, None, exported)
     assert subject.tokenizer.eot_token_id == 49407
-    entry = entries.entry_config("zs", {"type": "zeroshot", "source": "digits:test"})
+    entry = {"type": "zeroshot", "source": "digits:test"}
     with pytest.raises(UsageError, match="but the text tower pools at the first token 3: evaluate"):
-        evaluator.Evaluator(entry, subject.model, subject.tokenizer, subject.mesh, subject.rules)
+        registry.make_evaluator(
+            "zs", entry, subject.model, subject.tokenizer, subject.mesh, subject.rules
+        )
 
 
 def test_synthetic_data_runs_any_pooling(sentencepiece_run, tmp_path):

@@ -8,16 +8,21 @@ l2_reg; score top-1 on the whole test set. The draw is big_vision's too: with
 `np.random.default_rng(seed)`, a permutation of each class's indices in class order, its first k.
 A class with fewer than k training examples contributes all it has (one with none still gets a
 classifier column, regressed onto -1 everywhere).
+
+The eval type `fewshot` (`FewShot`) runs these probes on frozen image features.
 """
 
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clip_jax.evals.evaluator import FeatureProbe, Key
 from clip_jax.evals.linear_probe import accuracy
+from clip_jax.infra.rules import POSITIVE_INTS, Rule, is_int, is_seq
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -119,3 +124,37 @@ def fewshot_accuracies(
             top1.append(accuracy(W, b, test_x, test_y))
         results[f"{k}shot"] = float(np.mean(top1))
     return results
+
+
+class FewShot(FeatureProbe):
+    """k-shot ridge probes (`fewshot_accuracies`) on frozen image features, for each k of `shots`,
+    averaged over `seeds`: metrics `1shot`, `5shot`, ..."""
+
+    KEYS: ClassVar[dict[str, Key]] = {
+        **FeatureProbe.KEYS,
+        "shots": Key(
+            (1, 5, 10, 25),
+            "examples per class of each k-shot probe",
+            POSITIVE_INTS,
+        ),
+        "seeds": Key(
+            (0, 1, 2),
+            "seeds of the k-shot draws, averaged",
+            Rule(lambda v: is_seq(v, is_int) and len(v) > 0, "a list of integers"),
+        ),
+    }
+    TASK = "fewshot"
+
+    def evaluate(self, variables, model_id, cache_root) -> dict:
+        (train_x, train_y), _, (test_x, test_y) = self.probe_data(variables, model_id, cache_root)
+        if jax.process_index() != 0:
+            return {}
+        return fewshot_accuracies(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            shots=tuple(self.cfg["shots"]),
+            seeds=tuple(self.cfg["seeds"]),
+            num_classes=self.num_classes(train_y, test_y),
+        )

@@ -14,12 +14,20 @@ on the device once, memory is O(n·(dim + classes)).
 1e-6 to 1e6 at 8 steps per decade, searched on a validation split by a "parametric binary
 search" (every second decade first, then halving the interval around the peak), then a refit on
 train + validation at the chosen C, scored on the test split.
+
+The eval type `linear_probe` (`LinearProbe`) runs that protocol on frozen image features;
+`python -m clip_jax.linear_probe` is its batch job.
 """
+
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from clip_jax.evals.evaluator import FeatureProbe, Key
+from clip_jax.infra.rules import INT, STRING, Rule, is_number
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -255,3 +263,36 @@ def sweep_and_evaluate(
         "val_top1": val_top1[peak],
         "sweep": {float(C_GRID[i]): val_top1[i] for i in sorted(val_top1)},
     }
+
+
+class LinearProbe(FeatureProbe):
+    """CLIP's linear probe (`sweep_and_evaluate`) on frozen image features: C chosen on
+    `val_source`, or on a `val_fraction` of `train_source` held out with `seed`."""
+
+    KEYS: ClassVar[dict[str, Key]] = {
+        **FeatureProbe.KEYS,
+        "val_source": Key("", "the split choosing C ('': held out from train_source)", STRING),
+        "val_fraction": Key(
+            0.2,
+            "share of train_source held out to choose C",
+            Rule(lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+        ),
+        "seed": Key(0, "seeds the held-out split", INT),
+    }
+    TASK = "linear_probe"
+
+    def evaluate(self, variables, model_id, cache_root) -> dict:
+        (train_x, train_y), val, (test_x, test_y) = self.probe_data(variables, model_id, cache_root)
+        if jax.process_index() != 0:  # the fit runs once; its result is broadcast
+            return {}
+        result = sweep_and_evaluate(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            val_fraction=self.cfg["val_fraction"],
+            seed=self.cfg["seed"],
+            num_classes=self.num_classes(train_y, test_y),
+            **({"val_x": val[0], "val_y": val[1]} if val is not None else {}),
+        )
+        return {"top1": result["top1"], "C": result["C"], "val_top1": result["val_top1"]}

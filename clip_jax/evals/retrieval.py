@@ -8,14 +8,24 @@ candidate that scores exactly as high as the best correct one ranks above it.
 
 Scores are computed in float32 at the highest matmul precision, a chunk of query rows against all
 candidates at a time, so the full [num_texts, num_images] matrix never exists at once.
+
+The eval type `retrieval` (`Retrieval`) embeds a captioned source's images and captions and
+reports these metrics.
 """
 
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clip_jax.evals import extract
+from clip_jax.evals.evaluator import Evaluator, Key
+from clip_jax.infra.errors import UsageError
+from clip_jax.infra.rules import POSITIVE_INT, POSITIVE_INTS
+from clip_jax.models.clip import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -141,3 +151,71 @@ def _image_to_text_ranks(images, image_index, candidates) -> jax.Array:
     correct = text_image_ids[None, :] == image_index[:, None]  # [C, T]
     best = jnp.max(jnp.where(correct, scores, -jnp.inf), axis=1, keepdims=True)  # [C, 1]
     return 1 + jnp.sum(~correct & (scores >= best), axis=1, dtype=jnp.int32)
+
+
+class Retrieval(Evaluator):
+    """Image-to-text and text-to-image retrieval over a captioned source: recall@K for each K of
+    `ks`, both ways."""
+
+    KEYS: ClassVar[dict[str, Key]] = {
+        "ks": Key(
+            (1, 5, 10),
+            "recall@K for these K",
+            POSITIVE_INTS,
+        ),
+        "max_captions": Key(7, "captions kept per image", POSITIVE_INT),
+    }
+    TASK = "zeroshot_retrieval"
+    TEXT = True
+
+    def __init__(self, cfg, model, tokenizer, mesh, rules):
+        super().__init__(cfg, model, tokenizer, mesh, rules)
+        if not self.source.has_captions:
+            raise UsageError(f"evals.{self.name}: {self.source.name} has no captions to retrieve")
+
+    def _predict(self):
+        model = self.model
+
+        def predict(variables, batch, extra):
+            del extra
+            images = extract.normalize(batch["image"])
+            zimg = model.apply(variables, images, method="encode_image")
+            tokens = batch["tokens"]  # [B, M, L]
+            b, m, length = tokens.shape
+            ztxt = model.apply(variables, tokens.reshape(b * m, length), method="encode_text")
+            return {
+                "image_emb": l2_normalize(zimg),
+                "text_emb": l2_normalize(ztxt).reshape(b, m, -1),
+            }
+
+        return predict
+
+    def evaluate(self, variables, model_id, cache_root) -> dict:
+        # Shards of one caption per record (grouped by image id) need one row each.
+        max_captions = 1 if self.source.has_image_ids else self.cfg["max_captions"]
+        out, _ = self.extract(
+            "retrieval", self._predict, variables, self.source, max_captions=max_captions
+        )
+        image_emb, text_emb, text_ids = group_captions(out)
+        result = metrics(image_emb, text_emb, text_ids, ks=tuple(self.cfg["ks"]))
+        if self.dropped_captions:
+            result["dropped_captions"] = self.dropped_captions
+        return result
+
+
+def group_captions(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-example outputs of retrieval's predict -> (image_emb [I, E], text_emb [T, E],
+    text_image_ids [T]). Examples sharing an image id (TFRecord shards of one caption per
+    record) are one image; tfds examples carry all their captions and no id."""
+    counts = out["num_captions"]
+    texts = np.concatenate([out["text_emb"][i, :c] for i, c in enumerate(counts)])
+    example_of_text = np.repeat(np.arange(len(counts)), counts)
+    ids = out.get("image_key")
+    if ids is None:
+        return out["image_emb"], texts, example_of_text
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True, axis=0)
+    order = np.argsort(first)  # images in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    image_of_example = rank[inverse.reshape(-1)]
+    return out["image_emb"][first[order]], texts, image_of_example[example_of_text]

@@ -9,18 +9,11 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from clip_jax.evals import extract
-from clip_jax.evals.entries import entry_config
+from clip_jax.evals import extract, registry
 from clip_jax.evals.evaluator import Evaluator
 from clip_jax.infra import paths
 
 RESULTS_DIR = "evals"  # workdir/evals/step_N/NAME.json: what ran, for resumes and people
-TASKS = {  # CLIP_benchmark's task names
-    "zeroshot": "zeroshot_classification",
-    "retrieval": "zeroshot_retrieval",
-    "linear_probe": "linear_probe",
-    "fewshot": "fewshot",
-}
 
 
 def make_evaluators(
@@ -38,7 +31,7 @@ def make_evaluators(
             config.train_data.tokenizer, config.model.text.context_length
         )
     return [
-        Evaluator(entry_config(name, entry), model, tokenizer, mesh, rules)
+        registry.make_evaluator(name, entry, model, tokenizer, mesh, rules)
         for name, entry in config.evals.items()
     ]
 
@@ -86,7 +79,7 @@ def record(evaluator: Evaluator, metrics: Mapping[str, float], model_name: str) 
         "dataset": evaluator.name,
         "source": evaluator.source.name,
         "model": model_name,
-        "task": TASKS[evaluator.kind],
+        "task": evaluator.TASK,
         "metrics": {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)},
         "seconds": metrics[f"eval/{evaluator.name}/seconds"],
     }

@@ -10,7 +10,7 @@ ensembling, section 3.1.4).
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from clip_jax.evals import extract
+from clip_jax.evals import extract, prompts, suites
+from clip_jax.evals.evaluator import Evaluator, Key
 from clip_jax.infra.errors import UsageError
+from clip_jax.infra.rules import NAMES, Rule
 from clip_jax.models.clip import l2_normalize
 from clip_jax.parallel import sharding
 
@@ -141,3 +143,84 @@ def classification_metrics(top: np.ndarray, labels: np.ndarray, num_classes: int
         "top5": float(hit5.mean()),
         "mean_per_class_recall": float(np.mean(recall)),
     }
+
+
+class ZeroShot(Evaluator):
+    """Zero-shot classification of `source` with a classifier built from its class names and
+    prompt templates; with `class_subset` (ImageNet-R/A) only the subset's classes are scored and
+    the dataset's labels are mapped onto them."""
+
+    KEYS: ClassVar[dict[str, Key]] = {
+        "classnames": Key(
+            "", "class names: a known name, a list or a file ('': the dataset's own)", NAMES
+        ),
+        "templates": Key(
+            "imagenet",
+            "prompt templates with {}: a known name, a list or a file",
+            Rule(lambda v: NAMES.ok(v) and len(v) > 0, "a name, a file or a list of strings"),
+        ),
+        "class_subset": Key(
+            "", "score only these classes of ImageNet (imagenet_r, imagenet_a)", NAMES
+        ),
+    }
+    TASK = "zeroshot_classification"
+    TEXT = True
+
+    def __init__(self, cfg, model, tokenizer, mesh, rules):
+        super().__init__(cfg, model, tokenizer, mesh, rules)
+        names = (
+            cfg["classnames"] or suites.classnames_for(self.source.name) or self.source.classnames
+        )
+        if not names:
+            raise UsageError(
+                f"evals.{self.name}: {self.source.name} carries no class names; set classnames "
+                "(a known dataset name, a list, or a file with one name per line)"
+            )
+        self.classnames = prompts.classnames(names)
+        if any(suites.WNID.fullmatch(n) for n in self.classnames):
+            raise UsageError(
+                f"evals.{self.name}: the class names of {self.source.name} are WordNet ids "
+                f"({self.classnames[0]}, ...), not words; set classnames (e.g. 'imagenet')"
+            )
+        self.templates = prompts.templates(cfg["templates"])
+        self.label_map = None
+        if cfg["class_subset"]:
+            subset = prompts.class_subset(cfg["class_subset"])
+            if max(subset) >= len(self.classnames):
+                raise UsageError(
+                    f"evals.{self.name}: class_subset {cfg['class_subset']!r} indexes up to "
+                    f"{max(subset)}, but there are {len(self.classnames)} class names"
+                )
+            self.label_map = np.full(len(self.classnames), -1, np.int64)
+            self.label_map[subset] = np.arange(len(subset))
+            self.classnames = [self.classnames[i] for i in subset]
+        self.require_labels(self.source)
+
+    def evaluate(self, variables, model_id, cache_root) -> dict:
+        classifier = build_classifier(
+            self.model,
+            variables,
+            self.tokenizer,
+            self.classnames,
+            self.templates,
+            mesh=self.mesh,
+            rules=self.rules,
+        )
+        classifier = extract.replicate(classifier, self.mesh)
+        out, skipped = self.extract(
+            "zeroshot",
+            lambda: make_predict_fn(self.model, len(self.classnames)),
+            variables,
+            self.source,
+            extra=classifier,
+        )
+        labels = out["label"]
+        if self.label_map is not None:
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_map)):
+                raise UsageError(
+                    f"evals.{self.name}: labels range over [{labels.min()}, {labels.max()}], "
+                    f"outside the {len(self.label_map)} classes that class_subset maps"
+                )
+            labels = self.label_map[labels]
+        metrics = classification_metrics(out["top"], labels, len(self.classnames))
+        return {**metrics, **({"skipped": skipped} if skipped else {})}

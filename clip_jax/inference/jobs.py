@@ -14,12 +14,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import clip_jax
-from clip_jax.evals import entries, evaluator, extract, runner, suites
+from clip_jax.data.tokenizers import get_tokenizer
+from clip_jax.evals import extract, registry, runner, suites
+from clip_jax.inference.load import load_pretrained
 from clip_jax.infra import cache, paths
 from clip_jax.infra.errors import UsageError
 from clip_jax.parallel import sharding
-from clip_jax.training import state
+from clip_jax.training import runs
 
 
 @dataclasses.dataclass
@@ -48,13 +49,13 @@ def prepare(
     if bool(workdir) == bool(pretrained):
         raise UsageError("give either --workdir (a training run) or --pretrained (a weight file)")
     if config is None and workdir:
-        config = state.read_run_config(workdir)
+        config = runs.read_run_config(workdir)
     if config is None:  # a weight file alone: every device data-parallel, the default layout
         mesh, rules = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)), sharding.DEFAULT_RULES
     else:
         mesh, rules = sharding.config_mesh(config.mesh), sharding.check_rules(config.mesh.rules)
     if workdir:
-        model, variables, step = state.load_run(workdir, step, mesh=mesh)
+        model, variables, step = runs.load_run(workdir, step, mesh=mesh)
         return Subject(
             config,
             mesh,
@@ -63,9 +64,9 @@ def prepare(
             variables,
             f"{workdir}@{step}",
             f"{paths.path(workdir)}@{step}",
-            clip_jax.get_tokenizer(workdir),
+            get_tokenizer(workdir),
         )
-    model, variables = clip_jax.load_pretrained(pretrained)
+    model, variables = load_pretrained(pretrained)
     name = tokenizer or (config.train_data.tokenizer if config is not None else "clip_bpe")
     info = paths.path(pretrained).stat()
     return Subject(
@@ -76,17 +77,13 @@ def prepare(
         extract.replicate(variables, mesh),
         paths.path(pretrained).name,
         f"{paths.path(pretrained)}:{info.length}:{info.mtime}",
-        clip_jax.get_tokenizer(name, model.text["context_length"]),
+        get_tokenizer(name, model.text["context_length"]),
     )
 
 
 def make_evaluator(subject: Subject, name: str, entry: Mapping[str, Any]) -> Any:
-    return evaluator.Evaluator(
-        entries.entry_config(name, entry),
-        subject.model,
-        subject.tokenizer,
-        subject.mesh,
-        subject.rules,
+    return registry.make_evaluator(
+        name, entry, subject.model, subject.tokenizer, subject.mesh, subject.rules
     )
 
 

@@ -298,16 +298,6 @@ def default_workdir(config_arg: str) -> str:
     return os.path.join("runs", re.sub(r"[^\w.-]+", "_", name).strip("_"))
 
 
-def config_meanings() -> dict[str, str]:
-    """One line per config key: the config files' (`configs/common.py`, when the config came
-    from there) and the eval entries' (`evals.NAME.KEY`, next to their defaults)."""
-    from clip_jax.evals import entries
-
-    common = sys.modules.get("configs.common")
-    evals = {f"evals.*.{key}": meaning for key, meaning in entries.MEANINGS.items()}
-    return {**getattr(common, "MEANINGS", {}), **evals}
-
-
 def describe_config(config: ml_collections.ConfigDict, meanings: Mapping[str, str]) -> str:
     """`key = value  # meaning` for every key of `config`; `meanings` maps dotted keys (`*` as a
     wildcard component, e.g. `evals.*.source`) to one line each."""

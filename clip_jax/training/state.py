@@ -1,18 +1,15 @@
 """The one place that builds a model and its train state from a config: the model, the optimizer,
-the abstract train state and its shardings over a mesh, a fresh state born sharded, and a run's
-parameters read back from its checkpoints. Training, evaluation, the benchmark, export and tests
-all call these, so that none of them rebuilds the layout on its own.
+the abstract train state and its shardings over a mesh, and a fresh state born sharded.
+Training, evaluation, the benchmark, AOT compiles, export and tests all call these, so that none
+of them rebuilds the layout on its own (a run's checkpoints are read back by `runs`).
 
     spec = state.build(config, mesh)        # model, optimizer, abstract state, shardings, and
                                             # the jitted train and init steps, touching no device
     step, flops = state.compile_train_step(spec, batch_size)   # what training runs
     train_state = state.init(spec, seed)    # parameters created in place, already sharded
-    model, variables = state.load_run(workdir, step=None)   # a training run's weights
-    state.check_same_run(config, workdir)   # a UsageError if workdir trained another run
 """
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,14 +20,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clip_jax.infra import paths
-from clip_jax.infra.errors import UsageError
 from clip_jax.models.clip import CLIP, complete_config, is_resnet
 from clip_jax.parallel import sharding
 from clip_jax.training import losses, optim
 from clip_jax.training.train_step import TrainState, create_state, make_train_step
-
-CONFIG_FILE = "config.json"  # what train.run writes into the workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,139 +189,3 @@ def variables_of(train_state: TrainState) -> dict[str, Any]:
     if train_state.batch_stats:
         variables["batch_stats"] = train_state.batch_stats
     return variables
-
-
-# Keys that make a workdir's checkpoints another run's: the model's shapes, the data and the
-# batch. Compute-only model keys, the schedule, logging and evals may change on a resume.
-RUN_KEYS = ("model.", "batch_size", "train_data.source", "train_data.tokenizer", "loss.name")
-# Patch dropout too: FLIP's last phase trains on without it (0), on the same parameters.
-COMPUTE_KEYS = ("model.dtype", "model.remat_policy", "model.attn_impl", "model.patch_dropout")
-
-
-def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses (a UsageError) a workdir whose config.json trained another model, data or batch
-    size than `config`: its checkpoints belong to another run. A model key that the saved config
-    lacks (written before the key existed) stands for the module's default, which is what that
-    run used: a run from before `model.scan_layers` resumed with it set is another run."""
-    path = paths.path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return
-    old, new = (
-        _flat({**c, "model": model_config(c["model"])} if "model" in c else c)
-        for c in (_read_config_file(path), json.loads(config.to_json_best_effort()))
-    )
-    changed = [
-        f"{k}: {old[k]!r} -> {new[k]!r}"
-        for k in sorted(old.keys() & new.keys())
-        if k.startswith(RUN_KEYS) and not k.startswith(COMPUTE_KEYS) and old[k] != new[k]
-    ]
-    if changed:
-        raise UsageError(
-            f"{workdir} holds a run of another config ({'; '.join(changed[:3])}"
-            f"{'; ...' if len(changed) > 3 else ''}): give another --workdir, or pass "
-            "--config_change_ok to train on in this one"
-        )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def read_run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
-    """The config a run was trained with: the one saved with the checkpoint at `step` when it
-    has one, else `workdir/config.json` (the latest accepted config of the run)."""
-    if step is not None:
-        from clip_jax.training import checkpoint
-
-        ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
-        try:
-            saved = ckpt.config(step)
-        finally:
-            ckpt.close()
-        if saved is not None:
-            return _saved_config(saved)
-    path = paths.path(workdir) / CONFIG_FILE
-    if not path.exists():
-        raise UsageError(f"{path} is missing: is {workdir} a clip_jax run directory?")
-    return _saved_config(_read_config_file(path))
-
-
-# Keys that a run's saved config lacks when it was written before they existed, with what such
-# runs did (the rules only lay parameters out: a run restores the same under today's).
-# A model's missing keys are its modules' defaults: `complete_config`.
-ADDED_KEYS = {"mesh.rules": sharding.DEFAULT_RULES, "mesh.allow_split_physical_axes": False}
-
-
-def _saved_config(saved: dict) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(saved)
-    for key, value in ADDED_KEYS.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            node[leaf] = value
-    return config
-
-
-def _read_config_file(path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not a run's config ({e}): restore it, or remove it") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} is not a run's config (no JSON object): restore it, or remove it")
-    return config
-
-
-def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Makes `config` the run's `workdir/config.json` (once it has been accepted)."""
-    paths.write_text(paths.path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2))
-
-
-def load_run(
-    workdir: str, step: int | None = None, mesh: Mesh | None = None, **overrides: Any
-) -> tuple[CLIP, dict[str, Any], int]:
-    """A training run's model and variables at `step` (the latest checkpoint by default).
-
-    Args:
-      workdir: the run's directory.
-      step: the checkpoint step; None for the latest.
-      mesh: where to put the variables, laid out as training lays them out; None: this process's
-        first device.
-      overrides: model fields to change (`dtype="bfloat16"`), as `convert.merge_config` takes.
-    Returns:
-      (model, variables, step).
-    """
-    from clip_jax import convert
-    from clip_jax.training import checkpoint
-
-    if mesh is None:
-        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.local_devices()[:1])
-    config_file = paths.path(workdir) / CONFIG_FILE
-    if not config_file.exists():
-        raise UsageError(f"{config_file} is missing: is {workdir} a clip_jax run directory?")
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
-    try:
-        available = ckpt.all_steps()
-        if not available:
-            raise UsageError(f"no checkpoint in {ckpt.directory}")
-        step = max(available) if step is None else int(step)
-        if step not in available:
-            raise UsageError(
-                f"no checkpoint at step {step} in {ckpt.directory}; there are {sorted(available)}"
-            )
-        saved = ckpt.config(step)  # the config that wrote this step, whatever came later
-        config = _saved_config(saved) if saved else read_run_config(workdir)
-        spec = build(config, mesh)
-        restored, _ = ckpt.restore(step, spec.abstract_with_shardings())
-    finally:
-        ckpt.close()
-    cfg = convert.merge_config(spec.model_config, overrides)
-    return CLIP(**cfg), variables_of(restored), step

@@ -18,22 +18,18 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from clip_jax import convert
 from clip_jax.data import pipeline
 from clip_jax.evals import runner
 from clip_jax.infra import paths, runlock
 from clip_jax.infra.errors import UsageError
 from clip_jax.parallel import sharding
-from clip_jax.training import checkpoint, validate
+from clip_jax.training import checkpoint, runs, validate
 from clip_jax.training import state as state_lib
-from clip_jax.training.metrics import (
-    MetricsWriter,
-    Progress,
-    end_summary,
-    format_flops,
-    start_summary,
-)
+from clip_jax.training.metrics import MetricsWriter, Progress
+from clip_jax.training.summary import end_summary, format_flops, start_summary
 from clip_jax.training.train_step import TrainState
+from clip_jax.weights import files as weight_files
+from clip_jax.weights import state_dicts
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,7 +85,7 @@ def _closing(*closers):
 def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     is_main = jax.process_index() == 0
     if not config_change_ok:
-        state_lib.check_same_run(config, workdir)
+        runs.check_same_run(config, workdir)
 
     # --- Mesh --------------------------------------------------------------------------------
     mesh = sharding.config_mesh(config.mesh)
@@ -177,7 +173,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             if config.init_from:
                 state = _init_from(state, state_shardings, config)
         if is_main:  # accepted: it restored (or started) the run
-            state_lib.write_run_config(config, workdir)
+            runs.write_run_config(config, workdir)
             (paths.path(workdir) / DONE_FILE).unlink(missing_ok=True)  # more steps to come
 
         # --- Loop ----------------------------------------------------------------------------
@@ -239,10 +235,10 @@ def _resumed_evals(evaluators, state, step: int, total_steps: int, workdir: str,
 
 def _init_from(state: TrainState, shardings: TrainState, config) -> TrainState:
     """Parameters (and BatchNorm statistics) from OpenAI / OpenCLIP / clip_jax weights."""
-    sd, _ = convert.read_state_dict(
+    sd, _ = weight_files.read_state_dict(
         config.init_from, allow_torchscript_code=config.init_from_allow_torchscript_code
     )
-    variables = convert.from_state_dict(sd, config.model.to_dict())
+    variables = state_dicts.from_state_dict(sd, config.model.to_dict())
     logging.info("initialised parameters from %s", config.init_from)
     return state.replace(
         params=jax.device_put(variables["params"], shardings.params),

@@ -8,17 +8,36 @@ source's files, the tokenizer's file) is checked where those are known: `shardin
 `sharding.local_rows` and `pipeline.make_source`, which name the key too.
 """
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+import sys
+from collections.abc import Mapping
+from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
 from clip_jax.data.preprocess import AUGMENTATIONS
-from clip_jax.evals import entries
+from clip_jax.evals import registry
 from clip_jax.infra.errors import UsageError
+from clip_jax.infra.rules import (
+    BETA,
+    BOOL,
+    COUNT,
+    FLOAT_DTYPE,
+    FRACTION,
+    INT,
+    NAME,
+    NON_NEGATIVE,
+    NUMBER,
+    POSITIVE,
+    POSITIVE_INT,
+    STRING,
+    Rule,
+    choices,
+    is_int,
+    is_number,
+    is_seq,
+    one_of,
+)
 from clip_jax.models.layers import INIT_SCHEMES, REMAT_POLICIES
 from clip_jax.models.text import POOL_TYPES
 from clip_jax.parallel import sharding
@@ -30,60 +49,12 @@ ATTN_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's `implement
 FROZEN_GROUPS = ("visual", "text_tower", "logit_scale", "logit_bias")  # CLIP's top-level params
 
 
-class Rule(NamedTuple):
-    ok: Callable[[Any], bool]
-    allowed: str  # what the error line says is allowed
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _seq(v: Any, item: Callable[[Any], bool]) -> bool:
-    return isinstance(v, (tuple, list)) and all(item(x) for x in v)
-
-
-def _float_dtype(v: Any) -> bool:
-    try:
-        return jnp.issubdtype(jnp.dtype(v), jnp.floating)
-    except TypeError:
-        return False
-
-
-def _one_of(choices: Sequence[Any]) -> Rule:
-    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices), _choices(choices))
-
-
-def _choices(choices: Sequence[Any]) -> str:
-    return "one of " + ", ".join(repr(c) for c in choices)
-
-
-INT = Rule(_int, "an integer")
-POSITIVE_INT = Rule(lambda v: _int(v) and v > 0, "a positive integer")
-COUNT = Rule(lambda v: _int(v) and v >= 0, "an integer >= 0")
-POSITIVE = Rule(lambda v: _number(v) and v > 0, "a positive number")
-NON_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number >= 0")
-NUMBER = Rule(_number, "a finite number")
-BETA = Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
-FRACTION = Rule(lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
-BOOL = Rule(lambda v: isinstance(v, bool), "True or False")
-STRING = Rule(lambda v: isinstance(v, str), "a string")
-NAME = Rule(lambda v: isinstance(v, str) and bool(v), "a non-empty string")
-FLOAT_DTYPE = Rule(_float_dtype, "a floating dtype: 'float32', 'bfloat16' or 'float16'")
-NAMES = Rule(
-    lambda v: isinstance(v, str) or _seq(v, lambda x: isinstance(x, str)),
-    "a string or a list of strings",
-)
-MESH_AXIS = Rule(lambda v: _int(v) and (v > 0 or v == -1), "a positive integer, or -1 (the rest)")
+MESH_AXIS = Rule(lambda v: is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 (the rest)")
 
 VIT_KEYS = ("model.vision.patch_size", "model.vision.mlp_ratio")  # a ResNet has neither
 
 # One rule per key of a training config (`configs/common.py`'s base_config); `evals` entries have
-# theirs below. A config must have every key but a ResNet's missing ViT ones.
+# their types' (`evals/registry.py`). A config must have every key but a ResNet's missing ViT ones.
 RULES: dict[str, Rule] = {
     "seed": INT,
     "batch_size": POSITIVE_INT,
@@ -92,7 +63,7 @@ RULES: dict[str, Rule] = {
     "checkpoint_every_steps": POSITIVE_INT,
     "keep_checkpoints": POSITIVE_INT,
     "keep_period": Rule(COUNT.ok, "an integer >= 0 (0: none)"),
-    "nonfinite": _one_of(NONFINITE_POLICIES),
+    "nonfinite": one_of(NONFINITE_POLICIES),
     "nonfinite_max_consecutive": POSITIVE_INT,
     "nonfinite_max_fraction": FRACTION,
     "init_from": STRING,
@@ -102,43 +73,43 @@ RULES: dict[str, Rule] = {
     "mesh.tensor": MESH_AXIS,
     "mesh.allow_split_physical_axes": BOOL,
     "mesh.rules": Rule(
-        lambda v: _seq(v, lambda e: _seq(e, lambda _: True) and len(e) == 2),
+        lambda v: is_seq(v, lambda e: is_seq(e, lambda _: True) and len(e) == 2),
         "a list of (logical axis, mesh axes) pairs",
     ),
     "model.embed_dim": POSITIVE_INT,
     "model.quick_gelu": BOOL,
     "model.dtype": FLOAT_DTYPE,
     "model.param_dtype": FLOAT_DTYPE,
-    "model.remat_policy": _one_of(tuple(REMAT_POLICIES)),
-    "model.attn_impl": _one_of(ATTN_IMPLS),
+    "model.remat_policy": one_of(tuple(REMAT_POLICIES)),
+    "model.attn_impl": one_of(ATTN_IMPLS),
     "model.patch_dropout": Rule(BETA.ok, "a number in [0, 1): the fraction of patches dropped"),
     "model.scan_layers": BOOL,
     "model.init_logit_scale": NUMBER,
-    "model.init_logit_bias": Rule(lambda v: v is None or _number(v), "None or a finite number"),
+    "model.init_logit_bias": Rule(lambda v: v is None or is_number(v), "None or a finite number"),
     "model.vision.image_size": POSITIVE_INT,
     "model.vision.patch_size": POSITIVE_INT,
     "model.vision.width": POSITIVE_INT,
     "model.vision.layers": Rule(
-        lambda v: POSITIVE_INT.ok(v) or (_seq(v, POSITIVE_INT.ok) and len(v) == 4),
+        lambda v: POSITIVE_INT.ok(v) or (is_seq(v, POSITIVE_INT.ok) and len(v) == 4),
         "a positive integer (ViT) or 4 positive integers (ResNet: blocks per stage)",
     ),
     "model.vision.heads": POSITIVE_INT,
     "model.vision.mlp_ratio": POSITIVE,
-    "model.vision.init_scheme": _one_of(INIT_SCHEMES),
+    "model.vision.init_scheme": one_of(INIT_SCHEMES),
     "model.text.context_length": POSITIVE_INT,
     "model.text.vocab_size": POSITIVE_INT,
     "model.text.width": POSITIVE_INT,
     "model.text.layers": POSITIVE_INT,
     "model.text.heads": POSITIVE_INT,
     "model.text.mlp_ratio": POSITIVE,
-    "model.text.pool_type": _one_of(POOL_TYPES),
+    "model.text.pool_type": one_of(POOL_TYPES),
     "model.text.eot_token_id": Rule(lambda v: v is None or COUNT.ok(v), "None or a token id"),
-    "loss.name": _one_of(tuple(losses.LOSSES)),
+    "loss.name": one_of(tuple(losses.LOSSES)),
     "loss.chunk_size": Rule(COUNT.ok, "an integer >= 0 (0: not chunked)"),
     "loss.max_logit_scale": POSITIVE,
     "optim.learning_rate": POSITIVE,
     "optim.warmup_steps": COUNT,
-    "optim.schedule": _one_of(SCHEDULES),
+    "optim.schedule": one_of(SCHEDULES),
     "optim.b1": BETA,
     "optim.b2": BETA,
     "optim.eps": POSITIVE,
@@ -147,8 +118,8 @@ RULES: dict[str, Rule] = {
     "optim.mu_dtype": FLOAT_DTYPE,
     "optim.accum_steps": POSITIVE_INT,
     "optim.frozen": Rule(
-        lambda v: _seq(v, lambda x: x in FROZEN_GROUPS),
-        f"a list of parameter groups, each {_choices(FROZEN_GROUPS)}",
+        lambda v: is_seq(v, lambda x: x in FROZEN_GROUPS),
+        f"a list of parameter groups, each {choices(FROZEN_GROUPS)}",
     ),
     # The source's form and files, and the tokenizer's, are checked when the data opens.
     "train_data.source": STRING,
@@ -157,43 +128,16 @@ RULES: dict[str, Rule] = {
     "train_data.tokenizer": NAME,
     "train_data.shuffle_buffer": Rule(COUNT.ok, "an integer >= 0 (0 or 1: no shuffling)"),
     "train_data.crop_scale": Rule(
-        lambda v: _seq(v, _number) and len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+        lambda v: is_seq(v, is_number) and len(v) == 2 and 0 < v[0] <= v[1] <= 1,
         "(low, high) with 0 < low <= high <= 1: the kept area fraction",
     ),
     "train_data.data_dir": STRING,
-    "train_data.augmentation": _one_of(AUGMENTATIONS),
+    "train_data.augmentation": one_of(AUGMENTATIONS),
     "train_data.templates": Rule(
-        lambda v: _seq(v, lambda t: isinstance(t, str) and t.count("{}") == 1) and len(v) > 0,
+        lambda v: is_seq(v, lambda t: isinstance(t, str) and t.count("{}") == 1) and len(v) > 0,
         "a non-empty list of strings, each holding {} once",
     ),
     "train_data.max_image_pixels": POSITIVE_INT,
-}
-
-# One rule per key of an eval entry (`evals/entries.py`); `type` and the empty sources are
-# `entries.entry_config`'s.
-EVAL_RULES: dict[str, Rule] = {
-    "type": STRING,
-    "source": STRING,
-    "every_steps": Rule(COUNT.ok, "an integer >= 0 (0: at the end only)"),
-    "batch_size": POSITIVE_INT,
-    "data_dir": STRING,
-    "image_key": STRING,
-    "label_key": STRING,
-    "text_key": STRING,
-    "image_id_key": STRING,
-    "classnames": NAMES,
-    "templates": Rule(lambda v: NAMES.ok(v) and len(v) > 0, "a name, a file or a list of strings"),
-    "class_subset": NAMES,
-    "ks": Rule(lambda v: _seq(v, POSITIVE_INT.ok) and len(v) > 0, "a list of positive integers"),
-    "max_captions": POSITIVE_INT,
-    "train_source": STRING,
-    "val_source": STRING,
-    "features": _one_of(entries.FEATURES),
-    "val_fraction": Rule(lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "seed": INT,
-    "cache_dir": STRING,
-    "shots": Rule(lambda v: _seq(v, POSITIVE_INT.ok) and len(v) > 0, "a list of positive integers"),
-    "seeds": Rule(lambda v: _seq(v, _int) and len(v) > 0, "a list of integers"),
 }
 
 
@@ -295,7 +239,15 @@ def _check_heads(tower: str, width: int, heads: int, what: str = "width") -> Non
 def _check_eval(name: str, entry: Any) -> None:
     if not isinstance(entry, Mapping | ml_collections.ConfigDict):
         _refuse(f"evals.{name}", entry, "dict(type=..., source=..., ...)")
-    for key, value in entries.entry_config(name, entry).items():
-        rule = EVAL_RULES.get(key)
-        if rule is not None and not rule.ok(value):
-            _refuse(f"evals.{name}.{key}", value, rule.allowed)
+    cfg = registry.entry_config(name, entry)
+    for key, spec in registry.keys(cfg["type"]).items():
+        if not spec.rule.ok(cfg[key]):
+            _refuse(f"evals.{name}.{key}", cfg[key], spec.rule.allowed)
+
+
+def config_meanings() -> dict[str, str]:
+    """One line per config key: the config files' (`configs/common.py`, when the config came
+    from there) and the eval entries' (`evals.NAME.KEY`, next to their defaults)."""
+    common = sys.modules.get("configs.common")
+    evals = {f"evals.*.{key}": spec.meaning for key, spec in registry.keys().items()}
+    return {**getattr(common, "MEANINGS", {}), **evals}

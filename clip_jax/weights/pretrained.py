@@ -31,7 +31,6 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from email.message import Message
 from typing import Any, NamedTuple
 
@@ -196,28 +195,6 @@ def resolve(
     return download(path, tag, cache_dir=cache_dir, verify=verify), {
         "quick_gelu": weights.quick_gelu
     }
-
-
-def create_model_and_transforms(
-    model: str, pretrained: str, **kwargs: Any
-) -> tuple[Any, dict[str, Any], Callable[[Any], Any]]:
-    """Published weights with their preprocessing, as open_clip's function of the same name.
-
-    Returns:
-      model: a `CLIP` module; variables: as `load_pretrained` returns them;
-      preprocess: images (PIL or uint8 arrays) -> float32 [B, S, S, 3] at the model's resolution,
-        normalised with the statistics these weights were trained with.
-    """
-    import functools
-
-    from clip_jax.convert import load_pretrained
-    from clip_jax.data.preprocess import preprocess
-
-    weights = lookup(model, pretrained)
-    clip, variables = load_pretrained(model, pretrained=pretrained, **kwargs)
-    size = clip.vision["image_size"]
-    transform = functools.partial(preprocess, image_size=size, mean=weights.mean, std=weights.std)
-    return clip, variables, transform
 
 
 # ---------------------------------------------------------------------------------------------
