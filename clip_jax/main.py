@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv: list[str]) -> None:
     cli.quiet_libraries()
-    from clip_jax.training import trainer, validate
+    from clip_jax.training import guard, trainer, validate
 
     try:
         with cli.user_errors():
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
                 logging.info("workdir: %s (the default; --workdir chooses another)", workdir)
             _JOIN()
             trainer.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
-    except trainer.NonFiniteLossError as e:
+    except guard.NonFiniteLossError as e:
         cli.exit_with_error(str(e), 3)
 
 

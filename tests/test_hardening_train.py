@@ -19,7 +19,7 @@ from absl import logging
 
 from clip_jax.infra import runlock
 from clip_jax.infra.errors import UsageError
-from clip_jax.training import checkpoint, metrics, runs
+from clip_jax.training import checkpoint, guard, metrics, runs
 from clip_jax.training import trainer as train
 from clip_jax.weights import files as weight_files
 from tests.conftest import ROOT, read_rows, run_python, tiny_config
@@ -30,7 +30,7 @@ def test_halting_step_is_not_saved_and_a_resume_with_a_lower_rate_goes_on(tmp_pa
     base = {"checkpoint_every_steps": 2, "optim.warmup_steps": 0}
     train.run(tiny_config(total_steps=4, **base), workdir)
     blown = tiny_config(total_steps=8, **{**base, "optim.learning_rate": 1e30})
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step [56] "):
+    with pytest.raises(guard.NonFiniteLossError, match=r"non-finite at step [56] "):
         train.run(blown, workdir)
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == [2, 4]
     # What the message advises: a lower learning rate, and the run goes on from step 4.
@@ -44,7 +44,7 @@ def test_dead_run_under_skip_halts_and_each_skip_is_logged(tmp_path, monkeypatch
     monkeypatch.setattr(logging, "warning", lambda msg, *a: warnings.append(msg % a))
     config = tiny_config(total_steps=10, **{"optim.learning_rate": 1e30, "optim.warmup_steps": 0})
     config.nonfinite = "skip"
-    with pytest.raises(train.NonFiniteLossError, match="not learning"):
+    with pytest.raises(guard.NonFiniteLossError, match="not learning"):
         train.run(config, str(tmp_path))
     skips = [w for w in warnings if "update skipped" in w]
     assert len(skips) == config.nonfinite_max_consecutive
@@ -55,17 +55,17 @@ def test_guard_fraction_rule():
     config.nonfinite = "skip"
     config.nonfinite_max_consecutive = 3
     config.nonfinite_max_fraction = 0.25
-    guard = train.NonFiniteGuard(config, start_step=0, start_count=0)
+    checker = guard.NonFiniteGuard(config, start_step=0, start_count=0)
     count = 0
     for step in range(1, 13):  # steps 4, 8, 12 skipped: never 3 in a row, never > 25%
         count += step % 4 == 0
-        guard.check(step, count)
-    guard = train.NonFiniteGuard(config, start_step=0, start_count=0)
+        checker.check(step, count)
+    checker = guard.NonFiniteGuard(config, start_step=0, start_count=0)
     count = 0
-    with pytest.raises(train.NonFiniteLossError, match="3 of the 8 steps"):
+    with pytest.raises(guard.NonFiniteLossError, match="3 of the 8 steps"):
         for step in range(1, 13):
             count += step % 3 == 2  # steps 2, 5, 8, 11
-            guard.check(step, count)
+            checker.check(step, count)
 
 
 def test_metrics_show_each_step_once_after_a_resume(tmp_path):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import warnings
 
-from clip_jax.infra import cli, logs
+from clip_jax.infra import cli, logs, paths
 from clip_jax.infra.errors import UsageError
 
 LINE = re.compile(r"^[IWEF]\d{4} ")  # absl's line prefix: level letter, month and day
@@ -121,7 +121,7 @@ def test_help_lists_log_dir():
 
 def test_a_log_on_an_object_store_is_rewritten_whole_at_most_every_30s(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(paths.time, "monotonic", lambda: clock[0])  # the appender's clock
     handler = logs.LogFile(str(tmp_path))
     handler.remote = True  # what a gs:// directory sets; the local backend stands in for it
     (tmp_path / "process_2.log").write_text("from before the resume\n")

@@ -12,7 +12,7 @@ import pytest
 
 from clip_jax.models import CLIP, model_config
 from clip_jax.parallel import sharding
-from clip_jax.training import losses
+from clip_jax.training import guard, losses
 from clip_jax.training import trainer as train
 from clip_jax.training.train_step import make_loss_and_grad
 from configs import tiny
@@ -125,7 +125,7 @@ def test_tiny_config_learns(tmp_path):
 
 def test_nonfinite_loss_halts_with_the_step(tmp_path):
     config = tiny_config(**{"optim.learning_rate": 1e30, "optim.warmup_steps": 0})
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step \d+"):
+    with pytest.raises(guard.NonFiniteLossError, match=r"non-finite at step \d+"):
         train.run(config, str(tmp_path))
 
 

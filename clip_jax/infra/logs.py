@@ -10,7 +10,6 @@ import dataclasses
 import logging as pylogging
 import os
 import sys
-import time
 import traceback
 
 from absl import logging
@@ -43,19 +42,20 @@ class LogFile(pylogging.Handler):
         self.setFormatter(logging.PythonFormatter())
         self.remote = paths.is_remote(log_dir)
         self.directory = paths.path(log_dir)
-        self.path: epath.Path | None = None
+        self.file: paths.Appender | None = None
         self.pending: list[str] | None = []  # lines before `open`
-        self.stream = None  # a local file, appended to
-        self.text: list[str] = []  # an object store's file, rewritten whole
-        self.written_at = 0.0
+
+    @property
+    def path(self) -> epath.Path | None:
+        return None if self.file is None else self.file.path
 
     def open(self, index: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / LOG_FILE.format(index=index)
-        if self.remote:
-            self.text = [self.path.read_text()] if self.path.exists() else []
-        else:
-            self.stream = self.path.open("a")
+        self.file = paths.Appender(
+            self.directory / LOG_FILE.format(index=index),
+            rewrite_secs=REWRITE_SECONDS,
+            remote=self.remote,
+        )
         pending, self.pending = self.pending, None
         self.write("".join(pending))
 
@@ -69,28 +69,18 @@ class LogFile(pylogging.Handler):
         with self.lock:
             if self.pending is not None:
                 self.pending.append(text)
-            elif self.remote:
-                self.text.append(text)
-                if time.monotonic() - self.written_at >= REWRITE_SECONDS:
-                    self._rewrite()
             else:
-                self.stream.write(text)
-                self.stream.flush()
-
-    def _rewrite(self) -> None:
-        self.path.write_text("".join(self.text))
-        self.written_at = time.monotonic()
+                self.file.write(text)
 
     def flush(self) -> None:
         with self.lock:
-            if self.remote and self.path is not None:
-                self._rewrite()
+            if self.file is not None:
+                self.file.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
         super().close()
 
 

@@ -4,11 +4,14 @@ The workdir and everything in it (config.json, metrics.jsonl, TensorBoard events
 eval results, feature caches, curves.png) and exported weights may live on a local disk or an
 object store (`gs://bucket/run`, `s3://...`); code that touches them goes through `path()` and
 never through `open` / `os.path`. Object stores have no append and no rename of a file that is
-being written, so the writers here rewrite a whole object when they flush.
+being written: `write_text` writes a file whole, and an `Appender` rewrites a whole object when
+it flushes.
 """
 
+import math
 import os
 import re
+import time
 import uuid
 
 from etils import epath
@@ -40,38 +43,87 @@ def write_text(p: "str | os.PathLike", text: str) -> None:
     tmp.replace(target)
 
 
-class RewritingFile:
-    """A binary file on an object store that is only ever appended to: the bytes are kept and
-    the whole object is rewritten at each `flush` (what TensorBoard event files need there).
-    It has no `fileno`, so that writers do not try to fsync it."""
+class Appender:
+    """A file that is only ever appended to, on a local disk or an object store: metrics.jsonl,
+    the process logs and TensorBoard's event files all write through one.
 
-    def __init__(self, p: str):
-        self._path = path(p)
-        self._buffer = bytearray()
+    Locally each `write` reaches the file at once (appended, flushed). An object store cannot
+    append: the appender keeps what the object held when the first write came and everything
+    written since, and rewrites the whole object at `flush` and `close` and, with `rewrite_secs`,
+    at a `write` that many seconds after the last rewrite (the first write shows at once). It has
+    no `fileno`, so that writers do not try to fsync it.
+
+    Args:
+      p: the file.
+      binary: bytes (TensorBoard's events) instead of text.
+      rewrite_secs: on an object store, also rewrite at a write this long after the last
+        rewrite; None: only at `flush` and `close`.
+      remote: whether `p` is on an object store (None: from its scheme).
+    """
+
+    def __init__(
+        self,
+        p: "str | os.PathLike",
+        *,
+        binary: bool = False,
+        rewrite_secs: float | None = None,
+        remote: bool | None = None,
+    ):
+        self.path = path(p)
+        self.remote = is_remote(self.path) if remote is None else remote
+        self._binary, self._rewrite_secs = binary, rewrite_secs
+        self._stream = None  # a local file, appended to
+        self._parts: list | None = None  # an object's whole content, once the first write came
         self._dirty = False
+        self._rewritten_at = -math.inf
         self.closed = False
 
-    def write(self, data) -> int:
-        self._buffer += bytes(data)
+    def write(self, data: "str | bytes") -> int:
+        if not self.remote:
+            if self._stream is None:
+                self._stream = self.path.open("ab" if self._binary else "a")
+            self._stream.write(data)
+            self._stream.flush()
+            return len(data)
+        if self._parts is None:  # what the object already holds (a resumed run's log)
+            held = self.path.exists()
+            if self._binary:
+                self._parts = [self.path.read_bytes()] if held else []
+            else:
+                self._parts = [self.path.read_text()] if held else []
+        self._parts.append(bytes(data) if self._binary else data)
         self._dirty = True
+        due = self._rewrite_secs is not None
+        if due and time.monotonic() - self._rewritten_at >= self._rewrite_secs:
+            self.flush()
         return len(data)
 
     def flush(self) -> None:
+        """Makes everything written so far visible in the file."""
         if self._dirty:
-            self._path.write_bytes(bytes(self._buffer))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._binary:
+                self.path.write_bytes(b"".join(self._parts))
+            else:
+                self.path.write_text("".join(self._parts))
             self._dirty = False
+            self._rewritten_at = time.monotonic()
 
     def close(self) -> None:
-        if not self.closed:
-            self.flush()
-            self.closed = True
+        if self.closed:
+            return
+        self.flush()
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self.closed = True
 
 
 class _TensorBoardFactory:
     """tensorboardX's writer factory for object-store schemes, through this layer."""
 
-    def open(self, p: str) -> RewritingFile:
-        return RewritingFile(p)
+    def open(self, p: str) -> Appender:
+        return Appender(p, binary=True)
 
     def directory_check(self, p: str) -> None:
         path(p).mkdir(parents=True, exist_ok=True)

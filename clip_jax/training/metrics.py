@@ -37,43 +37,36 @@ class MetricsWriter:
     ):
         self.enabled = enabled
         self._tb, self._tb_failed = None, False
+        self._file: paths.Appender | None = None  # opened at the first row
         if not enabled:
             return
         self._workdir = str(paths.path(workdir))
         self._path = paths.path(workdir) / METRICS_FILE
-        self._remote = paths.is_remote(self._path)
-        self._flush_secs, self._flushed_at = flush_secs, time.monotonic()
+        self._flush_secs = flush_secs
         self._path.parent.mkdir(parents=True, exist_ok=True)
         text = self._path.read_text() if self._path.exists() else ""
         rows = parse_rows(text, str(self._path))
         kept = [row for row in rows if row["step"] <= start_step]
-        self._text = "".join(json.dumps(row) + "\n" for row in kept)
-        self._dirty = False
-        if self._text != text:
+        kept_text = "".join(json.dumps(row) + "\n" for row in kept)
+        if kept_text != text:
             logging.info(
                 "%s: dropped %d rows past step %d (logged after the checkpoint this run resumes)",
                 self._path,
                 len(rows) - len(kept),
                 start_step,
             )
-            paths.write_text(self._path, self._text)
+            paths.write_text(self._path, kept_text)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        line = json.dumps(row) + "\n"
-        self._text += line
-        if self._remote:
-            self._dirty = True
-            if time.monotonic() - self._flushed_at >= self._flush_secs:
-                self.flush()
-        else:
-            try:
-                with self._path.open("a") as f:
-                    f.write(line)
-            except OSError as e:
-                raise self._failed(e) from None
+        if self._file is None:
+            self._file = paths.Appender(self._path, rewrite_secs=self._flush_secs)
+        try:
+            self._file.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise self._failed(e) from None
         if self._tb is None and not self._tb_failed:
             from tensorboardX import SummaryWriter
 
@@ -92,17 +85,17 @@ class MetricsWriter:
         """Makes every row written so far visible in the file (and TensorBoard's)."""
         if not self.enabled:
             return
-        if self._dirty:
+        if self._file is not None:
             try:
-                paths.write_text(self._path, self._text)
+                self._file.flush()
             except OSError as e:
                 raise self._failed(e) from None
-            self._dirty = False
-        self._flushed_at = time.monotonic()
         self._tensorboard(lambda tb: tb.flush())
 
     def close(self) -> None:
         self.flush()
+        if self._file is not None:
+            self._file.close()
         self._tensorboard(lambda tb: tb.close())
         self._tb = None
 

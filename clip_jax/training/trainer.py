@@ -25,15 +25,12 @@ from clip_jax.infra.errors import UsageError
 from clip_jax.parallel import sharding
 from clip_jax.training import checkpoint, runs, validate
 from clip_jax.training import state as state_lib
+from clip_jax.training.guard import NonFiniteGuard
 from clip_jax.training.metrics import MetricsWriter, Progress
 from clip_jax.training.summary import end_summary, format_flops, start_summary
 from clip_jax.training.train_step import TrainState
 from clip_jax.weights import files as weight_files
 from clip_jax.weights import state_dicts
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient stopped being finite under `nonfinite='halt'`."""
 
 
 def run(
@@ -112,83 +109,69 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     if source.tokenizer is not None:  # synthetic captions have none
         state_lib.check_text_pooling(config, source.tokenizer)  # pooled where captions end
 
-    # --- Model, optimizer, shardings and state: restored, or born sharded --------------------
+    # --- Model, optimizer, shardings and evaluators ------------------------------------------
     spec = state_lib.build(config, mesh)
-    state_shardings = spec.shardings
     evaluators = runner.make_evaluators(config, spec.model, mesh, spec.rules)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         ckpt = checkpoint.Checkpointer(
             workdir, keep=config.keep_checkpoints, keep_period=config.keep_period
         )
-        latest = ckpt.latest_step()
-        logging.info("%s", start_summary(config, mesh, spec, workdir, latest, accum_steps))
-        final = latest is not None and latest >= config.total_steps
-        if final and runner.missing(evaluators, workdir, latest, config.total_steps):
-            # Preempted during the final evals: finish them (or, when the final checkpoint is
-            # unreadable, train on from the one before it, below).
-            latest, state, _ = ckpt.restore_latest(spec.abstract_with_shardings())
-        if latest is not None and latest >= config.total_steps:
-            if runner.missing(evaluators, workdir, latest, config.total_steps):
-                ckpt.close()
-                writer = MetricsWriter(workdir, enabled=is_main, start_step=latest)
-                with _closing(writer.close):
-                    results = _resumed_evals(
-                        evaluators, state, latest, config.total_steps, workdir, writer
-                    )
-                if is_main:
-                    mark_done(workdir, latest)
-                return results
+        logging.info(
+            "%s", start_summary(config, mesh, spec, workdir, ckpt.latest_step(), accum_steps)
+        )
+
+        # --- State: the latest readable checkpoint, or born sharded --------------------------
+        start = _restore_or_init(config, spec, ckpt, evaluators, workdir)
+        if start is None:  # the run had finished, its last evals too
             if is_main:
-                mark_done(workdir, latest)
-            logging.info(
-                "%s already reached step %d of %d: nothing to do",
-                workdir,
-                latest,
-                config.total_steps,
-            )
+                mark_done(workdir, ckpt.latest_step())
             ckpt.close()
             return {}
-
-        # --- The step: compiled ahead of time, so that its FLOPs are known before it runs and
-        # the pace of the first steps leaves the compilation out ---------------------------
-        logging.info("compiling the train step ...")
-        t0 = time.perf_counter()
-        train_step, flops = state_lib.compile_train_step(spec, config.batch_size)
-        logging.info(
-            "compiled the train step in %.1fs: %s per step (XLA's cost analysis)",
-            time.perf_counter() - t0,
-            format_flops(flops),
-        )
-
-        if latest is not None:
-            latest, state, data_state = ckpt.restore_latest(spec.abstract_with_shardings())
-            if latest is not None:
-                where = ckpt.directory
-                logging.info("resuming from the checkpoint at step %d in %s", latest, where)
-        if latest is None:
-            logging.info("initialising the parameters ...")
-            state = state_lib.init(spec, config.seed)
-            data_state = None
-            if config.init_from:
-                state = _init_from(state, state_shardings, config)
-        if is_main:  # accepted: it restored (or started) the run
+        step, state, data_state = start
+        if is_main and step < config.total_steps:  # accepted: it restored (or started) the run
             runs.write_run_config(config, workdir)
             (paths.path(workdir) / DONE_FILE).unlink(missing_ok=True)  # more steps to come
+        writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
+        with _closing(writer.close, ckpt.close):  # ckpt: waits for a save in flight
+            # --- The restored step's evals that a preemption interrupted (at the last step,
+            # they are all that is left to do) ----------------------------------------------
+            last = _resumed_evals(evaluators, state, step, config.total_steps, workdir, writer)
+            train_s = 0.0
+            if step < config.total_steps:
+                # --- The step: compiled ahead of time, so that its FLOPs are known before it
+                # runs and the pace of the first steps leaves the compilation out -------------
+                logging.info("compiling the train step ...")
+                t0 = time.perf_counter()
+                train_step, flops = state_lib.compile_train_step(spec, config.batch_size)
+                logging.info(
+                    "compiled the train step in %.1fs: %s per step (XLA's cost analysis)",
+                    time.perf_counter() - t0,
+                    format_flops(flops),
+                )
 
-        # --- Loop ----------------------------------------------------------------------------
-        batches = prefetch_to_devices(
-            source.batches(config.batch_size, shard.rows, state=data_state), mesh, config.batch_size
-        )
-        writer = MetricsWriter(workdir, enabled=is_main, start_step=latest or 0)
-        watcher = checkpoint.PreemptionWatcher()
-        with _closing(watcher.close, writer.close, ckpt.close):  # ckpt: waits for a save in flight
-            if latest is not None:  # preempted while the evals of the restored step ran
-                _resumed_evals(evaluators, state, latest, config.total_steps, workdir, writer)
-            last, step, train_s = _loop(
-                config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
-            )
-    # Done once the last step and its evals are (a preemption at the last step skips them).
+                # --- Loop ------------------------------------------------------------------
+                batches = prefetch_to_devices(
+                    source.batches(config.batch_size, shard.rows, state=data_state),
+                    mesh,
+                    config.batch_size,
+                )
+                watcher = checkpoint.PreemptionWatcher()
+                with _closing(watcher.close):
+                    last, step, train_s = _loop(
+                        config,
+                        state,
+                        train_step,
+                        batches,
+                        ckpt,
+                        watcher,
+                        writer,
+                        evaluators,
+                        workdir,
+                    )
+
+    # --- Close: done once the last step and its evals are (a preemption at the last step skips
+    # them) ----------------------------------------------------------------------------------
     done = step >= config.total_steps and not runner.missing(
         evaluators, workdir, step, config.total_steps
     )
@@ -197,6 +180,28 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
             mark_done(workdir, step)
         logging.info("%s", end_summary(config, workdir, ckpt.directory, last, step, train_s))
     return last
+
+
+def _restore_or_init(config, spec, ckpt, evaluators, workdir) -> tuple[int, TrainState, Any] | None:
+    """(step, state, data position) the run goes on from: its latest readable checkpoint, or a
+    fresh state born sharded (with `init_from`'s weights) at step 0 without a data position.
+    None when the run had reached its last step and run that step's evals: nothing is left."""
+    total = config.total_steps
+    latest = ckpt.latest_step()
+    finished = latest is not None and latest >= total
+    if finished and not runner.missing(evaluators, workdir, latest, total):
+        logging.info("%s already reached step %d of %d: nothing to do", workdir, latest, total)
+        return None
+    if latest is not None:  # an unreadable checkpoint gives way to the one before it
+        step, state, data_state = ckpt.restore_latest(spec.abstract_with_shardings())
+        if step is not None:
+            logging.info("resuming from the checkpoint at step %d in %s", step, ckpt.directory)
+            return step, state, data_state
+    logging.info("initialising the parameters ...")
+    state = state_lib.init(spec, config.seed)
+    if config.init_from:
+        state = _init_from(state, spec.shardings, config)
+    return 0, state, None
 
 
 DONE_FILE = "done.json"
@@ -222,8 +227,11 @@ def _run_evals(evaluators, state: TrainState, step: int, workdir: str) -> dict:
 
 
 def _resumed_evals(evaluators, state, step: int, total_steps: int, workdir: str, writer) -> dict:
-    """Runs the evals of `step` that a preemption interrupted, and logs all of that step's eval
-    values again (those that had finished, from their result files, and the new ones)."""
+    """Runs the evals of the restored `step` that a preemption interrupted, and logs all of that
+    step's eval values again (those that had finished, from their result files, and the new
+    ones); a fresh run (step 0) has none."""
+    if step == 0:
+        return {}
     missing = runner.missing(evaluators, workdir, step, total_steps)
     if not missing:
         return {}
@@ -343,62 +351,3 @@ def _total_skipped(mine: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.process_allgather(mine).sum())
-
-
-class NonFiniteGuard:
-    """Applies `config.nonfinite` to the steps whose loss or gradient was not finite (the train
-    step did not apply their update and counted them in `nonfinite_steps`).
-
-    halt: stop at the first such step of this run. skip: log each one and go on, but stop a run
-    that is not learning any more: `nonfinite_max_consecutive` skipped steps in a row, or more
-    than `nonfinite_max_fraction` of the run's steps (and at least `nonfinite_max_consecutive`).
-    Counts start from the restored state's, so a checkpoint never halts the run that resumes it.
-    """
-
-    def __init__(self, config, start_step: int, start_count: int):
-        self.policy = config.nonfinite
-        self.max_consecutive = config.nonfinite_max_consecutive
-        self.max_fraction = config.nonfinite_max_fraction
-        self.start_step, self.start_count = start_step, start_count
-        self.count, self.consecutive, self.checked = start_count, 0, start_step
-
-    def check(self, step: int, count: jax.Array) -> None:
-        """`count` is `nonfinite_steps` after `step`; steps may be checked more than once."""
-        if step <= self.checked:
-            return
-        count = int(count)
-        new = count - self.count
-        self.checked, self.count = step, count
-        if not new:
-            self.consecutive = 0
-            return
-        self.consecutive += new
-        skipped = count - self.start_count
-        advice = (
-            "lower optim.learning_rate or enable optim.grad_clip_norm, then rerun: the run "
-            "resumes from its last checkpoint"
-        )
-        if self.policy == "halt":
-            raise NonFiniteLossError(
-                f"the loss or gradient became non-finite at step {step} (the update was not "
-                f"applied; nothing after step {step - 1} is saved); {advice}, or set "
-                "nonfinite=skip to skip such steps"
-            )
-        steps = step - self.start_step
-        logging.warning(
-            "step %d: non-finite loss or gradient, update skipped (%d in a row; %d of the %d "
-            "steps of this run)",
-            step,
-            self.consecutive,
-            skipped,
-            steps,
-        )
-        if self.consecutive >= self.max_consecutive or (
-            skipped >= self.max_consecutive and skipped > self.max_fraction * steps
-        ):
-            raise NonFiniteLossError(
-                f"{skipped} of the {steps} steps up to step {step} had a non-finite loss or "
-                f"gradient ({self.consecutive} in a row; nonfinite_max_consecutive="
-                f"{self.max_consecutive}, nonfinite_max_fraction={self.max_fraction}): the run "
-                f"is not learning; {advice}"
-            )
