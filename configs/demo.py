@@ -26,7 +26,7 @@ Measured on 2 shared cores (load 1-5): 129-174 s for the whole command; zero-sho
 exactly). Other data: `--config.train_data.source=tfrecord:DIR/part-*.tfrecord` (shards from
 `python -m clip_jax.data.prepare`), and the evals' `source` / `train_source` (e.g.
 `--config.evals.digits.source=imagefolder:DIR/test`). On 5,000 MNIST digits (4,000 to train,
-1,000 to test; README, "Demo") the same recipe gave zero-shot 0.946 and 0.939, probe 0.948 and
+1,000 to test; docs/training.md, "The demo") the same recipe gave zero-shot 0.946 and 0.939, probe 0.948 and
 0.936 (seeds 0, 1; raw-pixel logistic regression: 0.907).
 """
 

@@ -25,12 +25,12 @@ def test_a_finalizers_error_during_ast_parse_leaves_the_parse_whole():
     `sys.unraisablehook`, and a hook written in Python that formats the traceback (pytest's
     unraisableexception plugin's: Python 3.11's tracebacks parse each line for their carets)
     parses again, nested, and the outer parse fails: "SystemError: AST constructor recursion
-    depth mismatch". In CI (stop 21) it broke pytest's own report of a failed test
+    depth mismatch". In CI (2026-12-02) it broke pytest's own report of a failed test
     (INTERNALERROR), which ended the run; any traceback formatted in Python (logging's exc_info)
     can meet it too. pyproject.toml turns the plugin off; the default hook is written in C and
     builds no Python AST."""
     assert sys.unraisablehook is sys.__unraisablehook__
-    source = pathlib.Path(ROOT, "clip_jax", "train.py").read_text()
+    source = pathlib.Path(ROOT, "clip_jax", "training", "trainer.py").read_text()
     threshold = gc.get_threshold()
     gc.set_threshold(50)  # a collection inside every parse
     try:

@@ -6,7 +6,7 @@ that neither library's thread pools nor allocator share a process with the other
 run at once: the benchmark asks for one step, waits for its time, runs its own, and so on, so
 that drift and load hit both alike.
 
-    python -m clip_jax.openclip_peer MODEL BATCH IMAGE_SIZE LENGTH THREADS
+    python -m clip_jax.tools.openclip_peer MODEL BATCH IMAGE_SIZE LENGTH THREADS
 
 The first line written is `{"parameters": N}` (or `{"error": "..."}` and exit 2); then each
 line `step` read from stdin runs one step (forward of both towers, open_clip's ClipLoss,

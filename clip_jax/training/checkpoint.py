@@ -287,12 +287,3 @@ class PreemptionWatcher:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
-
-
-if __name__ == "__main__":  # its export command moved next to import: say where, never succeed
-    print(
-        "error: `python -m clip_jax.checkpoint export` is now `python -m clip_jax.convert export "
-        "--workdir=DIR --out=FILE.safetensors`",
-        file=sys.stderr,
-    )
-    sys.exit(2)

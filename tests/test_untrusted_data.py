@@ -1,4 +1,4 @@
-"""Hardening of the data path: decompression bombs are skipped and counted without
+"""Untrusted data: decompression bombs are skipped and counted without
 being decoded; data preparation keeps to the CSV's folder."""
 
 import io

@@ -1,4 +1,4 @@
-"""Hardening of weight import: tensors whose shape is wrong but whose size is right are
+"""Untrusted weight files: tensors whose shape is wrong but whose size is right are
 refused, not scrambled; PyTorch files are read without running their code; broken files are one
 clear error line."""
 
