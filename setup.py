@@ -59,6 +59,7 @@ setup(
         # test of python -m clip_jax.aot.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "ruff>=0.6",
             "scikit-learn>=1.4",
             "gcsfs>=2024.2",

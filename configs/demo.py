@@ -21,13 +21,17 @@ weight decay 0.1, open_clip's crop (0.9-1.0 of the area; 0.6-1.0 did no better),
 Chosen on validation splits (300 of the 1,497 training digits, and 200 of another rendering's;
 other prompts), never on test digits.
 
-Measured on 2 shared cores (load 1-5): 129-174 s for the whole command; zero-shot top-1 0.973,
-0.983, 0.983 and probe top-1 0.987, 0.980, 0.967 for seeds 0, 1, 2 (the same seed repeats
-exactly). Other data: `--config.train_data.source=tfrecord:DIR/part-*.tfrecord` (shards from
+Measured on 2 shared cores (load 1-5), 2026-12-02 (093ff11): 129-174 s for the whole command;
+zero-shot top-1 0.973, 0.983, 0.983 and probe top-1 0.987, 0.980, 0.967 for seeds 0, 1, 2. On
+2026-12-06 (another machine), seed 0: zero-shot 0.980, probe 0.980, 82 s, the same in every logged
+value before and after the package's regrouping. A seed repeats exactly on one machine; XLA's CPU
+code, and so the last bits, can differ between machines.
+
+Other data: `--config.train_data.source=tfrecord:DIR/part-*.tfrecord` (shards from
 `python -m clip_jax.data.prepare`), and the evals' `source` / `train_source` (e.g.
 `--config.evals.digits.source=imagefolder:DIR/test`). On 5,000 MNIST digits (4,000 to train,
-1,000 to test; docs/training.md, "The demo") the same recipe gave zero-shot 0.946 and 0.939, probe 0.948 and
-0.936 (seeds 0, 1; raw-pixel logistic regression: 0.907).
+1,000 to test; docs/training.md, "The demo") the same recipe gave zero-shot 0.946 and 0.939,
+probe 0.948 and 0.936 (seeds 0, 1; raw-pixel logistic regression: 0.907).
 """
 
 from configs import common

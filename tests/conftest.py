@@ -98,6 +98,36 @@ def run_processes(module: str, args: list[str], num_processes: int = 2, devices:
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 
 
+# --- Running the suite on several workers --------------------------------------------------
+
+# Modules whose tests start several processes (multi-host jobs, preemption) or run a whole
+# program end to end (the demo, the notebook, a gs:// life cycle, the benchmark's peer): under
+# pytest-xdist they run on one worker, one after another, so that their processes never compete
+# with each other's for the cores (`-n 0` runs everything in this process, in order).
+PROCESS_MODULES = (
+    "test_benchmark",
+    "test_checkpoint",
+    "test_demo",
+    "test_evals",
+    "test_logs",
+    "test_notebook",
+    "test_remote_workdir",
+    "test_sharding",
+    "test_train",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test joins an xdist group (`--dist loadgroup`): "processes" for those of
+    PROCESS_MODULES, its module's otherwise, so that a module's fixtures are built once."""
+    import pytest
+
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        group = "processes" if module in PROCESS_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # --- Configs ---------------------------------------------------------------------------------
 
 

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax.data.image_ops import eval_image
-from clip_jax.evals import data, extract, registry, runner
+from clip_jax.evals import extract, registry, runner
 from clip_jax.evals.evaluator import Evaluator, Key
 from clip_jax.inference import jobs
 from clip_jax.infra.errors import UsageError
@@ -274,7 +273,8 @@ def test_evaluate_user_errors_are_one_line(run_dir, args, message):
 def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir):
     """Digits shards hold one caption per record under a unique key: retrieval over them equals
     `retrieval.metrics` of the embeddings computed directly."""
-    from clip_jax.evals import retrieval
+    from clip_jax.data.image_ops import eval_image
+    from clip_jax.evals import data, retrieval
 
     config = runs.read_run_config(run_dir)
     config.evals = {
@@ -379,6 +379,9 @@ def test_a_new_eval_type_is_one_class_and_one_registry_line(
     assert [r["step"] for r in rows] == [1, 2]
     with open(tmp_path / "evals" / "step_2" / "norm.json") as f:
         assert json.load(f)["task"] == "image_norm"
+
+    from clip_jax.data.image_ops import eval_image  # TensorFlow: see tests/test_imports.py
+    from clip_jax.evals import data
 
     model, variables = clip_jax.load_pretrained(str(tmp_path))
     source = data.open_source(test)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_python
 
 # The package's folders, bottom up (docs/README.md, "The layout"); "" is the package root, where
 # the commands live. Folders of one layer do not import each other.
@@ -135,3 +135,19 @@ def test_no_modules_import_each_other_in_a_circle():
         if v not in index:
             visit(v)
     assert not circles, circles
+
+
+def test_the_library_imports_no_tensorflow_until_data_is_read():
+    """TensorFlow imported before torch's triton (open_clip) makes that import crash the process:
+    the trainer, the eval types and the batch jobs import TensorFlow only once they read data, so
+    a program (or a test's child process) may import clip_jax first and open_clip after it."""
+    modules = (
+        "clip_jax.training.trainer",
+        "clip_jax.evals.registry",
+        "clip_jax.inference.load",
+        "clip_jax.inference.jobs",
+    )
+    code = f"import sys\nimport {', '.join(modules)}\nprint('tensorflow' in sys.modules)"
+    result = run_python(["-c", code], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"

@@ -28,12 +28,11 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import image_ops, prepare
-from clip_jax.data.sources import batch_rows
+from clip_jax.data.sources import EVAL_SOURCE_HELP, batch_rows
 from clip_jax.infra.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_SEPARATOR = "\x1f"  # joins an image's captions into one string inside tf.data
-SOURCE_HELP = "use tfds:NAME[/CONFIG]:SPLIT, imagefolder:DIR or tfrecord:GLOB"
 
 
 @dataclasses.dataclass
@@ -90,7 +89,7 @@ def open_source(
     name, _, split = rest.partition(":")
     if kind == "tfds" and name and split:
         return _tfds(name, split, data_dir, image_key, label_key, text_key)
-    raise UsageError(f"unknown evaluation source {spec!r}; {SOURCE_HELP}")
+    raise UsageError(f"unknown evaluation source {spec!r}; {EVAL_SOURCE_HELP}")
 
 
 def _record(image, label=None, captions=None, image_id=None) -> dict[str, tf.Tensor]:

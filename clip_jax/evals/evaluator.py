@@ -22,7 +22,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from clip_jax.data import tokenizers
-from clip_jax.evals import data, extract
+from clip_jax.data.sources import EVAL_SOURCE_HELP
+from clip_jax.evals import extract
 from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
 from clip_jax.infra.rules import COUNT, POSITIVE_INT, STRING, Rule, one_of
@@ -50,7 +51,7 @@ class Evaluator(abc.ABC):
     # Keys every entry has. `source` is the data evaluated (the test split of probes);
     # `every_steps=0` runs the eval at the end of training only.
     KEYS: ClassVar[dict[str, Key]] = {
-        "source": Key("", f"the data evaluated: {data.SOURCE_HELP.removeprefix('use ')}", STRING),
+        "source": Key("", f"the data evaluated: {EVAL_SOURCE_HELP.removeprefix('use ')}", STRING),
         "every_steps": Key(
             0,
             "run every this many steps, and at the end (0: at the end only)",
@@ -109,8 +110,10 @@ class Evaluator(abc.ABC):
         """This eval's metrics {METRIC: value}, computed on process 0 at least (the others may
         return {}: `run` shares process 0's)."""
 
-    def open(self, spec: str) -> data.EvalSource:
-        """An eval source of this entry, with its key settings."""
+    def open(self, spec: str) -> Any:
+        """An eval source of this entry (`data.EvalSource`), with its key settings."""
+        from clip_jax.evals import data  # TensorFlow, once data is read (see `extract`)
+
         c = self.cfg
         return data.open_source(
             spec,
@@ -121,7 +124,7 @@ class Evaluator(abc.ABC):
             image_id_key=c["image_id_key"],
         )
 
-    def require_labels(self, *sources: data.EvalSource | None) -> None:
+    def require_labels(self, *sources: Any) -> None:
         for src in sources:
             if src is not None and not src.has_labels:
                 raise UsageError(f"evals.{self.name}: {src.name} has no labels")
@@ -131,7 +134,7 @@ class Evaluator(abc.ABC):
         what: str,
         predict_fn: Callable[[], PredictFn],
         variables: Any,
-        source: data.EvalSource,
+        source: Any,
         *,
         max_captions: int = 0,
         cache_dir: str = "",
@@ -141,6 +144,10 @@ class Evaluator(abc.ABC):
         """`predict_fn()`'s outputs over every example of `source` (per-example arrays, in order)
         and the number of undecodable images skipped. `what` names the compiled function, which is
         built once; `max_captions > 0` tokenizes up to that many captions per image."""
+        # TensorFlow is imported when data is first read, not with the eval types: imported
+        # before torch's triton (open_clip), it makes that import crash the process.
+        from clip_jax.evals import data
+
         if what not in self._steps:
             self._steps[what] = extract.make_step(predict_fn(), self.mesh, self.rules)
         size = self.model.vision["image_size"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from clip_jax.evals.data import SOURCE_HELP
+from clip_jax.data.sources import EVAL_SOURCE_HELP
 from clip_jax.evals.evaluator import Evaluator, Key
 from clip_jax.evals.fewshot import FewShot
 from clip_jax.evals.linear_probe import LinearProbe
@@ -44,7 +44,7 @@ def entry_config(name: str, entry: Mapping[str, Any]) -> dict[str, Any]:
         raise UsageError(f"evals.{name}: unknown key(s) {unknown}; {kind} takes {sorted(keys)}")
     cfg = {**{k: key.default for k, key in keys.items()}, **entry, "type": kind, "name": name}
     if not cfg["source"]:
-        raise UsageError(f"evals.{name}.source is empty; {SOURCE_HELP}")
+        raise UsageError(f"evals.{name}.source is empty; {EVAL_SOURCE_HELP}")
     TYPES[kind].check(cfg)
     return cfg
 
