@@ -270,9 +270,9 @@ def test_products_keep_their_shapes_in_a_tpu_program_compiled_on_a_cpu():
     code = textwrap.dedent(
         """
         import jax, numpy as np
-        from clip_jax import aot
         from clip_jax.parallel import fsdp
-        _, devices = aot.topology_devices("v5e:2x2")
+        from clip_jax.tools import pod_fit
+        _, devices = pod_fit.topology_devices("v5e:2x2")
         assert fsdp._on_cpu() and fsdp._as_matrices(None, 1, 4)
         with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("data",))):
             assert not fsdp._on_cpu() and not fsdp._as_matrices(None, 1, 4)

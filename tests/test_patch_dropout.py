@@ -207,10 +207,10 @@ def test_a_bad_fraction_is_one_line(value):
 
 
 def test_the_benchmark_mode_reports_both_ratios():
-    from clip_jax import benchmark
+    from clip_jax.tools import benchmarks
 
-    out = benchmark.bench_patch_dropout(tiny_config(), batch_size=8, steps=1)
+    out = benchmarks.bench_patch_dropout(tiny_config(), batch_size=8, steps=1)
     assert out["what"] == "patch_dropout" and out["patch_dropout"] == 0.5
     assert (out["tokens_without"], out["tokens_with"]) == (17, 9)
     assert out["tower_speedup"] > 0 and out["step_speedup"] > 0
-    assert benchmark.MODES["patch_dropout"] is benchmark.bench_patch_dropout
+    assert benchmarks.MODES["patch_dropout"] is benchmarks.bench_patch_dropout
