@@ -20,7 +20,7 @@ _LAZY = {
     "preprocess": "clip_jax.data.preprocess",
     "CLIP": "clip_jax.models.clip",
     "create_model": "clip_jax.models.clip",
-    "model_config": "clip_jax.models.sizes",
+    "model_config": "clip_jax.models.clip",
     "get_tokenizer": "clip_jax.data.tokenizers",
     "ClipBpeTokenizer": "clip_jax.data.tokenizers",
     "SentencePieceTokenizer": "clip_jax.data.tokenizers",

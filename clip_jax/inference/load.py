@@ -117,7 +117,7 @@ def export_run(workdir: str, out_path: str, step: int | None = None) -> int:
       the exported step.
     """
     _, variables, step = runs.load_run(workdir, step)
-    model_cfg = state.model_config(runs.read_run_config(workdir, step).model)
+    model_cfg = state.model_kwargs(runs.read_run_config(workdir, step).model)
     save_pretrained(out_path, jax.device_get(variables), model_cfg)
     return step
 

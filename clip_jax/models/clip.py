@@ -146,9 +146,9 @@ def create_model(name: str, **overrides: Any) -> CLIP:
 
 
 def model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """Every keyword argument of `CLIP` for a named size (`sizes.model_config`), its towers'
+    """Every keyword argument of `CLIP` for a named size (`sizes.size_config`), its towers'
     included: what a config's `model` holds."""
-    return complete_config(sizes.model_config(name, **overrides))
+    return complete_config(sizes.size_config(name, **overrides))
 
 
 # What CLIP hands each tower itself, from its own fields.

@@ -1,7 +1,8 @@
 """Model sizes as data: the published CLIP architectures, keyed by open_clip's names.
 
-`model_config("ViT-B-32")` returns the keyword arguments of `CLIP`; a `-quickgelu` suffix
-selects QuickGELU as OpenAI trained with (and as open_clip's `*-quickgelu` names do).
+`size_config("ViT-B-32")` returns the fields a size sets (`models.model_config` fills in the rest
+of `CLIP`'s keyword arguments); a `-quickgelu` suffix selects QuickGELU as OpenAI trained with
+(and as open_clip's `*-quickgelu` names do).
 """
 
 import copy
@@ -78,8 +79,9 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The `CLIP(**kwargs)` keyword arguments of a named model, with top-level overrides."""
+def size_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The fields a named size sets (`MODELS`), with top-level overrides; `clip.model_config`
+    completes them into every keyword argument of `CLIP`."""
     quick_gelu = name.endswith("-quickgelu")
     base = name.removesuffix("-quickgelu")
     if base not in MODELS:

@@ -39,7 +39,7 @@ def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not path.exists():
         return
     old, new = (
-        _flat({**c, "model": state.model_config(c["model"])} if "model" in c else c)
+        _flat({**c, "model": state.model_kwargs(c["model"])} if "model" in c else c)
         for c in (_read_config_file(path), json.loads(config.to_json_best_effort()))
     )
     changed = [

@@ -53,7 +53,7 @@ class StateSpec:
         )
 
 
-def model_config(model: Mapping[str, Any]) -> dict[str, Any]:
+def model_kwargs(model: Mapping[str, Any]) -> dict[str, Any]:
     """`config.model` (a ConfigDict, or a dict read back from JSON) -> CLIP's keyword arguments;
     JSON turns the ResNet's stage tuple into a list, which is turned back here."""
     cfg = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
@@ -103,7 +103,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
     Nothing is allocated and no device is touched (`mesh` may be a TPU topology's devices on a
     CPU machine): the state is traced abstractly and the steps are only wrapped by `jax.jit`.
     """
-    cfg = model_config(config.model)
+    cfg = model_kwargs(config.model)
     model = CLIP(**cfg)
     optim_cfg = config.optim.to_dict() if hasattr(config.optim, "to_dict") else dict(config.optim)
     tx, lr_schedule = optim.make_optimizer(config.total_steps, **optim_cfg)
