@@ -1,7 +1,8 @@
-"""The training run, top to bottom: mesh, model and optimizer, shardings and state, step, data,
-loop. Every piece of mathematics is an imported pure function (losses, optim, train_step); this
-file only puts them in order. `run(config, workdir)` is what `python -m clip_jax.main` calls, and
-what tests and notebooks call directly.
+"""The training run, top to bottom: mesh, data, model and evaluators, state (restored or born
+sharded), the restored step's interrupted evals, step, loop, close. Every piece of mathematics is
+an imported pure function (losses, optim, train_step); this file only puts them in order.
+`run(config, workdir)` is what `python -m clip_jax.main` calls, and what tests and notebooks call
+directly.
 """
 
 import collections
