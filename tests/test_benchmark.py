@@ -51,10 +51,11 @@ def test_train_step_mode_reports_pairs_per_second_and_flops():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 def test_the_glibc_tunables_keep_the_steps_temporaries_mapped():
     """At batch 1024 the tiny step's temporaries are large blocks that glibc maps afresh each
-    step (and the mode says how to stop it); with CPU_GLIBC_TUNABLES they stay mapped, so the
-    timed steps together fault in at most a step's worth of pages once (the heap's last growth
-    may fall after the warm-up). One CPU device, as a CPU run has (with many forced devices one
-    arena is shared by all their threads, and the tunables are not advised)."""
+    step (and the mode says how to stop it); with CPU_GLIBC_TUNABLES they stay mapped, so a
+    timed step (the median of the steps, as for the step time) faults in less than a third of the
+    default's pages: the heap's last growths, which may fall after the warm-up when the cores are
+    busy, come once, not every step. One CPU device, as a CPU run has (with many forced devices
+    one arena is shared by all their threads, and the tunables are not advised)."""
     from clip_jax.tools.benchmark_step import CPU_GLIBC_TUNABLES, FAULTS_HINT
 
     steps = 6
