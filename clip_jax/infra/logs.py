@@ -13,7 +13,6 @@ import sys
 import traceback
 
 from absl import logging
-from etils import epath
 
 from clip_jax.infra import paths
 
@@ -44,10 +43,6 @@ class LogFile(pylogging.Handler):
         self.directory = paths.path(log_dir)
         self.file: paths.Appender | None = None
         self.pending: list[str] | None = []  # lines before `open`
-
-    @property
-    def path(self) -> epath.Path | None:
-        return None if self.file is None else self.file.path
 
     def open(self, index: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
