@@ -88,7 +88,8 @@ MEANINGS = {
     "optim.mu_dtype": "dtype of AdamW's first moment: float32, or bfloat16 for half its memory",
     "optim.accum_steps": "micro-batches per step, gradient exact over the whole batch",
     "optim.frozen": "top-level parameter groups not trained, e.g. ('visual',) for LiT",
-    "train_data.source": "synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT or a mixture A@w,B@w",
+    "train_data.source": "synthetic, tfrecord:GLOB, wds:GLOB, tfds:NAME[/CONFIG]:SPLIT or a "
+    "mixture A@w,B@w",
     "train_data.image_key": "the records' image feature",
     "train_data.text_key": "the records' caption feature",
     "train_data.tokenizer": "clip_bpe or the path of a sentencepiece .model",
@@ -163,7 +164,7 @@ def base_config(
     c.optim.frozen = ()
 
     c.train_data = ml_collections.ConfigDict()
-    c.train_data.source = ""  # required: tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT or synthetic
+    c.train_data.source = ""  # required: tfrecord:, wds:, tfds: or synthetic (see above)
     c.train_data.image_key = "jpg"
     c.train_data.text_key = "txt"
     c.train_data.tokenizer = "clip_bpe"  # or a sentencepiece .model path

@@ -214,3 +214,46 @@ def write_shard_with_bad_records(directory, good=64, image_size=32):
         for i, data in enumerate(jpegs):
             writer.write(make_example(data, f"the digit {labels[i]}", f"{i:04d}"))
     return f"tfrecord:{directory}/mixed-*.tfrecord", len(bad)
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    """A tar file of (name, bytes) members in the given order: a webdataset shard."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def write_wds_with_bad_records(directory, good=64, image_size=32, shards=1):
+    """webdataset shards of handwritten digits, `good` usable samples (captions in `.txt`, every
+    third one in `.json`) dealt over `shards` tars, the first shard opening with 5 bad samples: a
+    truncated JPEG, non-image bytes, an image without a caption, a caption without an image and a
+    `.json` without a caption. Returns the source string and the number of bad samples."""
+    from clip_jax.data import digits
+
+    os.makedirs(directory, exist_ok=True)
+    images, labels = digits.load_digits()
+    jpegs = [digits.render(images[i], image_size) for i in range(good)]
+    bad = [
+        [("bad0.jpg", jpegs[0][: len(jpegs[0]) // 2]), ("bad0.txt", b"a broken picture")],
+        [("bad1.jpg", b"not an image at all"), ("bad1.txt", b"a broken picture")],
+        [("bad2.jpg", jpegs[1])],
+        [("bad3.txt", b"a caption alone")],
+        [("bad4.png", jpegs[2]), ("bad4.json", b'{"url": "no caption here"}')],
+    ]
+    samples = []
+    for i, data in enumerate(jpegs):
+        text = f"the digit {labels[i]}"
+        if i % 3 == 2:
+            meta = json.dumps({"caption": text, "key": f"{i:04d}"}).encode()
+            samples.append([(f"{i:04d}.jpg", data), (f"{i:04d}.json", meta)])
+        else:
+            samples.append([(f"{i:04d}.jpg", data), (f"{i:04d}.txt", text.encode())])
+    for s in range(shards):
+        members = [m for sample in (bad if s == 0 else []) + samples[s::shards] for m in sample]
+        write_tar(os.path.join(directory, f"shard-{s:05d}.tar"), members)
+    return f"wds:{directory}/shard-*.tar", len(bad)

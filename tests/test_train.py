@@ -23,6 +23,7 @@ from tests.conftest import (
     run_python,
     tiny_config,
     write_shard_with_bad_records,
+    write_wds_with_bad_records,
 )
 
 
@@ -146,9 +147,11 @@ def test_cli_bad_mesh_is_one_clear_line(tmp_path):
     assert "error: mesh data=3" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["tfrecord", "wds"])
 @pytest.mark.parametrize("steps,passes", [(2, 1), (4, 2)])
-def test_training_on_shards_counts_planted_bad_records_per_pass(tmp_path, steps, passes):
-    source, planted = write_shard_with_bad_records(tmp_path / "data")
+def test_training_on_shards_counts_planted_bad_records_per_pass(tmp_path, steps, passes, kind):
+    write = write_shard_with_bad_records if kind == "tfrecord" else write_wds_with_bad_records
+    source, planted = write(tmp_path / "data")
     config = tiny_config(
         **{"train_data.source": source, "train_data.shuffle_buffer": 0, "total_steps": steps}
     )

@@ -2,6 +2,8 @@
 
     synthetic                       learnable synthetic pairs, no files (tests, smoke runs)
     tfrecord:GLOB                   img2dataset-style TFRecord shards, local or gs://
+    wds:GLOB                        webdataset tar shards (img2dataset, DataComp): KEY.jpg|png|
+                                    webp with KEY.txt or the caption of KEY.json, local or gs://
     tfds:NAME[/CONFIG]:SPLIT        a prepared TensorFlow Datasets split (captions or labels)
     digits:train                    the demo's 1,497 captioned handwritten digits (scikit-learn's),
                                     written to the cache on first use (`digits.cached_shards`)
@@ -22,8 +24,8 @@ from clip_jax.data.sources import SyntheticSource
 from clip_jax.infra.errors import UsageError
 
 SOURCE_HELP = (
-    "use synthetic, tfrecord:GLOB, tfds:NAME[/CONFIG]:SPLIT, or several sources joined by ',' "
-    "each with an optional @WEIGHT"
+    "use synthetic, tfrecord:GLOB, wds:GLOB, tfds:NAME[/CONFIG]:SPLIT, or several sources joined "
+    "by ',' each with an optional @WEIGHT"
     " (digits:train is the demo's handwritten digits)"
 )
 
@@ -70,6 +72,8 @@ def make_reader(
         return readers.TFRecordReader(
             rest, image_key=cfg.image_key, text_key=cfg.text_key, **common
         )
+    if kind == "wds" and rest:
+        return readers.WebDatasetReader(rest, **common)
     if kind == "digits":
         from clip_jax.data import digits, prepare
 

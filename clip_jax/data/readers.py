@@ -12,7 +12,7 @@ resuming (`tfdata.TFDataSource` does those). Its interface:
 
 Per-host sharding: `TFRecordReader` gives each process its own files when there are at least as
 many files as processes, else every process reads all files and keeps every `process_count`-th
-record; `TFDSReader` uses `tfds.even_splits`.
+record (so does `WebDatasetReader`); `TFDSReader` uses `tfds.even_splits`.
 """
 
 import tensorflow as tf
@@ -59,6 +59,45 @@ def check_keys(path: str, image_key: str, text_key: str) -> None:
             )
 
 
+def _file_share(
+    files: list[str], process_index: int, process_count: int
+) -> tuple[list[str], tuple[int, int] | None]:
+    """This process's files and record sharding: its own files when there are at least as many
+    files as processes, else all files and every `process_count`-th record."""
+    if len(files) >= process_count:
+        return files[process_index::process_count], None
+    return files, (process_count, process_index)
+
+
+def _sharded_epoch(
+    files: list[str],
+    open_file,
+    *,
+    key: int,
+    e: tf.Tensor,
+    record_shard: tuple[int, int] | None,
+    shuffle_buffer: int,
+) -> tf.data.Dataset:
+    """Records of epoch `e`: `files` in a seeded order, `open_file(f)` of each interleaved record
+    by record, this process's share kept (`record_shard`), then shuffled. The file order does not
+    depend on the process, so sharding by record stays disjoint."""
+    order = tf.random.experimental.stateless_shuffle(
+        tf.constant(files), seed=tf.stack([tf.constant(key % 2**62, tf.int64), e])
+    )
+    ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        open_file,
+        cycle_length=min(MAX_CYCLE, len(files)),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if record_shard is not None:
+        ds = ds.shard(*record_shard)
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=_shuffle_seed(key, e))
+    return ds
+
+
 class TFRecordReader:
     """tf.train.Example records with an encoded image and a caption as bytes features, as
     img2dataset writes them (`jpg`, `txt`); files sharded across processes when possible."""
@@ -79,29 +118,18 @@ class TFRecordReader:
         self.name = f"tfrecord:{pattern}"
         self.image_key, self.text_key = image_key, text_key
         self.key, self.shuffle_buffer = seed, shuffle_buffer
-        if len(files) >= process_count:
-            self.files, self.record_shard = files[process_index::process_count], None
-        else:  # too few files: every process reads them all and keeps its own records
-            self.files, self.record_shard = files, (process_count, process_index)
+        self.files, self.record_shard = _file_share(files, process_index, process_count)
 
     def epoch(self, e: tf.Tensor) -> tf.data.Dataset:
-        """Serialized records of epoch `e`: files in a seeded order, interleaved, then shuffled.
-        The file order does not depend on the process, so sharding by record stays disjoint."""
-        files = tf.constant(self.files)
-        order = tf.random.experimental.stateless_shuffle(
-            files, seed=tf.stack([tf.constant(self.key % 2**62, tf.int64), e])
-        )
-        ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        """Serialized records of epoch `e` (see `_sharded_epoch`)."""
+        ds = _sharded_epoch(
+            self.files,
             lambda f: tf.data.TFRecordDataset(f, buffer_size=READ_BUFFER),
-            cycle_length=min(MAX_CYCLE, len(self.files)),
-            block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
+            key=self.key,
+            e=e,
+            record_shard=self.record_shard,
+            shuffle_buffer=self.shuffle_buffer,
         )
-        if self.record_shard is not None:
-            ds = ds.shard(*self.record_shard)
-        if self.shuffle_buffer > 1:
-            ds = ds.shuffle(self.shuffle_buffer, seed=_shuffle_seed(self.key, e))
         return ds.map(lambda record: {"record": record})
 
     def parse(self, raw: dict, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -111,6 +139,56 @@ class TFRecordReader:
             raw["record"], {self.image_key: spec, self.text_key: spec}
         )
         return features[self.image_key], features[self.text_key]
+
+
+class WebDatasetReader:
+    """webdataset tar shards (`webdataset`): an image (`jpg`, `jpeg`, `png` or `webp`) and a
+    caption (`txt`, else the `caption` of `json`) per sample; sharded across processes like
+    `TFRecordReader`. A sample missing either half gives empty bytes, skipped and counted."""
+
+    def __init__(
+        self,
+        pattern: str,
+        *,
+        seed: int,
+        shuffle_buffer: int,
+        process_index: int,
+        process_count: int,
+    ):
+        from clip_jax.data import webdataset
+
+        files = sorted(list_files(pattern), key=webdataset.natural_key)
+        self.name = f"wds:{pattern}"
+        self.key, self.shuffle_buffer = seed, shuffle_buffer
+        self.files, self.record_shard = _file_share(files, process_index, process_count)
+
+    @staticmethod
+    def _samples(path: tf.Tensor):
+        from clip_jax.data import webdataset
+
+        for _, fields in webdataset.samples(path.decode("utf-8")):
+            yield {"image": webdataset.image_of(fields), "caption": webdataset.caption_of(fields)}
+
+    def _open(self, path: tf.Tensor) -> tf.data.Dataset:
+        spec = tf.TensorSpec([], tf.string)
+        return tf.data.Dataset.from_generator(
+            self._samples, args=(path,), output_signature={"image": spec, "caption": spec}
+        )
+
+    def epoch(self, e: tf.Tensor) -> tf.data.Dataset:
+        """Samples of epoch `e` (see `_sharded_epoch`)."""
+        return _sharded_epoch(
+            self.files,
+            self._open,
+            key=self.key,
+            e=e,
+            record_shard=self.record_shard,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+
+    def parse(self, raw: dict, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        del seed  # nothing random: the caption is in the sample
+        return raw["image"], raw["caption"]
 
 
 def _find_feature(features, path: str):
