@@ -3,10 +3,16 @@
     python -m clip_jax.evaluate --workdir=DIR [--step=N] [--evals=a,b] [--output=results.json]
     python -m clip_jax.evaluate --config=configs/b16.py --pretrained=FILE [--evals=...]
     python -m clip_jax.evaluate --pretrained=ViT-B-32.pt --evals=paper --data_dir=DIR
+    python -m clip_jax.evaluate --pretrained=ViT-B-32 [--tag=openai] --evals=clip_benchmark \
+        --data_dir=DIR
 
 The evals are the config's `evals` entries (a run's own config.json by default, or `--config`),
 all of them or those named by `--evals`; `--evals=paper` is the CLIP paper's zero-shot suite
-(`evals.suites.PAPER`: every dataset of its table that tfds provides, read from `--data_dir`). It
+(`evals.suites.PAPER`: every dataset of its table that tfds provides, read from `--data_dir`);
+`--evals=clip_benchmark` runs every CLIP_benchmark dataset found under `--data_dir` (webdataset
+shards as its hub repositories hold them, `evals.suites.clip_benchmark`), with its metric names,
+and also writes one record per dataset to `clip_benchmark/` beside `--output`. `--pretrained`
+is a weight file, or a model name whose published weights `--tag` picks (downloaded once). It
 prints a table, writes a JSON list of results in CLIP_benchmark's shape (dataset, model, task,
 metrics) to `--output` with a Markdown table beside it, and prints the results as JSON last.
 Multi-host: as `clip_jax.main` (every process runs this command).
@@ -28,6 +34,9 @@ _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON results.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir for the evals that leave it empty.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global eval batch size (0: each eval's).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer for --pretrained (default clip_bpe).")
+_TAG = flags.DEFINE_string(
+    "tag", "", "With --pretrained=MODEL (a name such as ViT-B-32): its weights (default openai)."
+)
 _JOIN = cli.define_distributed_flags()
 
 
@@ -46,6 +55,7 @@ def main(argv: list[str]) -> None:
             data_dir=_DATA_DIR.value,
             batch_size=_BATCH.value,
             tokenizer=_TOKENIZER.value,
+            tag=_TAG.value,
         )
     import jax
 

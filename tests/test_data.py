@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax.data import image_ops, pipeline, tokenizers
+from clip_jax.data import image_ops, pipeline, preprocess, tokenizers
 from tests.conftest import open_train_source, train_data_config, with_overrides
 
 SIZE, LENGTH, VOCAB = 16, 16, 49408
@@ -381,7 +381,7 @@ def test_image_ops_crop_resize_and_normalise():
     want = (np.array([200, 100, 50]) / 255 - image_ops.CLIP_MEAN) / image_ops.CLIP_STD
     seed, scale, limit = tf.constant([1, 2], tf.int64), (0.9, 1.0), image_ops.MAX_IMAGE_PIXELS
     train = image_ops.train_image(data, 20, seed, scale, limit).numpy()
-    evaluation = image_ops.eval_image(data, 20).numpy()
+    evaluation = preprocess.preprocess(Image.open(io.BytesIO(data.numpy())), 20)[0]
     for image in (train, evaluation):
         assert image.shape == (20, 20, 3) and image.dtype == np.float32
         np.testing.assert_allclose(image, np.broadcast_to(want, image.shape), atol=1e-4)
@@ -401,6 +401,7 @@ def test_random_crop_windows_fit_and_cover_the_scale():
 def test_eval_resizes_the_shorter_side_then_center_crops():
     stripes = np.zeros((40, 80, 3), np.uint8)
     stripes[:, 20:60] = 255  # the center square is white, the sides black
-    image = image_ops.eval_image(tf.constant(encode(stripes, "PNG")), 10).numpy()
+    image = preprocess.Preprocess(10).decode(encode(stripes, "PNG"))
+    image = preprocess.preprocess(image, 10)[0]
     white = (1 - np.array(image_ops.CLIP_MEAN)) / np.array(image_ops.CLIP_STD)
     np.testing.assert_allclose(image[:, 2:-2], np.broadcast_to(white, (10, 6, 3)), atol=0.05)

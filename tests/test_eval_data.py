@@ -11,6 +11,7 @@ from PIL import Image
 
 import clip_jax
 from clip_jax.data.prepare import ShardWriter, make_example
+from clip_jax.data.preprocess import Preprocess
 from clip_jax.evals import data
 from clip_jax.evals.retrieval import group_captions
 
@@ -90,7 +91,9 @@ def rows_of(p: int, processes: int) -> slice:
 def read(source: data.EvalSource, rows: slice = slice(0, BATCH), **kw) -> tuple[list, dict]:
     stats: dict[str, int] = {}
     out = list(
-        data.batches(source, image_size=CROP, global_batch=BATCH, rows=rows, stats=stats, **kw)
+        data.batches(
+            source, preprocess=Preprocess(CROP), global_batch=BATCH, rows=rows, stats=stats, **kw
+        )
     )
     return out, stats
 

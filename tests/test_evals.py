@@ -2,6 +2,7 @@
 them, results in metrics.jsonl, rerun after a preemption), a run's weights and tokenizer by its
 directory, the batch jobs, and identical results on 1 device, 8 devices and 2 processes."""
 
+import io
 import json
 import os
 import shutil
@@ -33,6 +34,13 @@ from tests.conftest import (
 )
 
 STEPS, EVERY = 4, 2
+
+
+def pil(data: bytes):
+    """Encoded image bytes as the PIL image open_clip's users open."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +281,6 @@ def test_evaluate_user_errors_are_one_line(run_dir, args, message):
 def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir):
     """Digits shards hold one caption per record under a unique key: retrieval over them equals
     `retrieval.metrics` of the embeddings computed directly."""
-    from clip_jax.data.image_ops import eval_image
     from clip_jax.evals import data, retrieval
 
     config = runs.read_run_config(run_dir)
@@ -291,7 +298,7 @@ def test_retrieval_eval_equals_the_metrics_of_the_embeddings(run_dir, digits_dir
     got = runner.make_evaluators(config, model, mesh, sharding.DEFAULT_RULES)[0].run(variables)
     source = data.open_source(f"tfrecord:{digits_dir}/test-*.tfrecord")
     records = list(source.records().as_numpy_iterator())
-    images = np.stack([eval_image(r["image"], 32).numpy() for r in records])
+    images = np.concatenate([clip_jax.preprocess(pil(r["image"]), 32) for r in records])
     tokens = clip_jax.get_tokenizer(run_dir)([r["captions"].decode() for r in records])
     m, v = clip_jax.load_pretrained(run_dir)
     expected = retrieval.metrics(
@@ -380,13 +387,12 @@ def test_a_new_eval_type_is_one_class_and_one_registry_line(
     with open(tmp_path / "evals" / "step_2" / "norm.json") as f:
         assert json.load(f)["task"] == "image_norm"
 
-    from clip_jax.data.image_ops import eval_image  # TensorFlow: see tests/test_imports.py
-    from clip_jax.evals import data
+    from clip_jax.evals import data  # TensorFlow: see tests/test_imports.py
 
     model, variables = clip_jax.load_pretrained(str(tmp_path))
     source = data.open_source(test)
-    images = np.stack(
-        [eval_image(r["image"], 32).numpy() for r in source.records().as_numpy_iterator()]
+    images = np.concatenate(
+        [clip_jax.preprocess(pil(r["image"]), 32) for r in source.records().as_numpy_iterator()]
     )
     emb = np.asarray(model.apply(variables, images, method="encode_image"), np.float64)
     expected = np.abs(emb).sum(axis=1).mean()

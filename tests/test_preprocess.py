@@ -238,12 +238,6 @@ def test_random_resized_crop_is_still_train_crop():
             np.testing.assert_array_equal(got, want)
 
 
-def test_eval_crop_is_the_center_of_the_shorter_side_resized_image():
-    data = png(noise_image(300, 200))
-    resized = shorter_side_resized(data, 64)  # [64, 96]: margins of 16 on either side
-    np.testing.assert_array_equal(image_ops.eval_crop(data, 64), resized[:, 16:80])
-
-
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
         image_ops.augment(
@@ -254,3 +248,87 @@ def test_unknown_augmentation_is_refused():
             crop_scale=(0.9, 1.0),
             max_pixels=image_ops.MAX_IMAGE_PIXELS,
         )
+
+
+# --- Evaluation's pixels from files (clip_jax.evals.data) ------------------------------------
+
+
+def photo_files(directory) -> list[str]:
+    """Real photos that ship with the test dependencies, in the forms evaluation sets hold them:
+    shrunk 1-5x, upscaled 8x from 28 px, near-identity, grayscale, RGBA and palette PNGs, a very
+    wide panorama, CMYK; one class folder each."""
+    import os
+
+    import matplotlib
+    import sklearn.datasets
+
+    sources = [
+        os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", "china.jpg"),
+        os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", "flower.jpg"),
+        os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"),
+    ]
+    photos = [Image.open(p).convert("RGB") for p in sources]
+    os.makedirs(directory / "photos", exist_ok=True)
+    out = []
+
+    def save(image, name, **kw):
+        path = str(directory / "photos" / name)
+        image.save(path, **kw)
+        out.append(path)
+
+    for i, photo in enumerate(photos):
+        w, h = photo.size
+        save(Image.open(sources[i]), f"{i}_original.jpg")  # the file itself, not re-encoded
+        for k, scale in enumerate((1.0, 0.45, 0.2)):
+            small = photo.resize((max(1, int(w * scale)), max(1, int(h * scale))))
+            save(small, f"{i}_scale{k}.jpg", quality=90)
+        save(photo.resize((225, 231)), f"{i}_near.jpg", quality=95)
+        save(photo.resize((28, 28)), f"{i}_tiny.png")  # 8x upscaling
+        save(photo.convert("L"), f"{i}_gray.jpg", quality=90)
+    rgba = photos[0].resize((300, 200)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((300, 200)))
+    save(rgba, "rgba.png")
+    save(photos[1].resize((260, 190)).convert("P", palette=Image.Palette.ADAPTIVE), "palette.png")
+    save(photos[2].resize((1200, 120)), "wide.jpg", quality=90)
+    save(photos[0].resize((320, 240)).convert("CMYK"), "cmyk.jpg", quality=90)
+    return out
+
+
+@pytest.mark.parametrize(
+    "resize_mode,interpolation",
+    [
+        ("shortest", "bicubic"),
+        ("longest", "bicubic"),
+        ("squash", "bilinear"),
+        ("shortest", "bilinear"),
+    ],
+)
+def test_eval_pixels_from_files_equal_open_clips(tmp_path, resize_mode, interpolation):
+    """What the image tower sees in evaluation, through the input pipeline, is open_clip's
+    `image_transform(S, is_train=False)` of `Image.open(file)`, to the pixel."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("sklearn")
+    from clip_jax.data.preprocess import Preprocess
+    from clip_jax.evals import data
+
+    files = photo_files(tmp_path)
+    size = 224
+    protocol = Preprocess(size, resize_mode, interpolation, mean=(0.5,) * 3, std=(0.5,) * 3)
+    transform = open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        resize_mode=resize_mode,
+        interpolation=interpolation,
+    )
+    source = data.open_source(f"imagefolder:{tmp_path}")
+    (batch,) = list(
+        data.batches(source, preprocess=protocol, global_batch=len(files), rows=slice(None))
+    )
+    assert batch["mask"].all()
+    order = sorted(files)  # imagefolder's order
+    for got, path in zip(batch["image"], order, strict=True):
+        tensor = transform(Image.open(path)).numpy().transpose(1, 2, 0)
+        levels = np.round((tensor * 0.5 + 0.5) * 255).astype(np.int16)
+        assert np.array_equal(got.astype(np.int16), levels), path

@@ -293,6 +293,8 @@ def test_registry_matches_open_clip():
         weights = pretrained.lookup(name, tag)
         assert weights.quick_gelu == cfg.get("quick_gelu", False), (name, tag)
         assert weights.mean == tuple(cfg["mean"]) and weights.std == tuple(cfg["std"]), (name, tag)
+        assert weights.resize_mode == cfg.get("resize_mode", "shortest"), (name, tag)
+        assert weights.interpolation == cfg.get("interpolation", "bicubic"), (name, tag)
         urls = [s.url for s in weights.sources]
         if cfg.get("url") and "openaipublic" in cfg["url"]:
             assert urls[0] == cfg["url"]

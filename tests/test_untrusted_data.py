@@ -13,6 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from clip_jax.data import image_ops, prepare, readers, tfdata, tokenizers
+from clip_jax.data.preprocess import Preprocess
 
 MAX_PIXELS = image_ops.MAX_IMAGE_PIXELS
 
@@ -98,17 +99,18 @@ def test_a_decompression_bomb_raises_before_it_is_decoded(bomb):
         lambda: image_ops.train_crop(
             tf.constant(bomb), 16, tf.constant([1, 2], tf.int64), (0.9, 1.0), MAX_PIXELS
         ),
-        lambda: image_ops.eval_crop(tf.constant(bomb), 16),
     ):
         with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=89478485"):
             crop()
+    with pytest.raises(ValueError, match="above max_pixels"):
+        Preprocess(16).decode(bomb)  # evaluation's transform
     # Decoding would take seconds (and 1.2 GB); reading the header takes milliseconds.
     assert time.perf_counter() - start < 1.0
     assert int(image_ops.header_pixels(tf.constant(bomb))) == 20000 * 20000
     small = encoded("PNG", 20, 30)
-    assert image_ops.eval_crop(tf.constant(small), 16, max_pixels=600).shape == (16, 16, 3)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=599"):
-        image_ops.eval_crop(tf.constant(small), 16, max_pixels=599)
+    assert Preprocess(16).decode(small, max_pixels=600).shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="above max_pixels"):
+        Preprocess(16).decode(small, max_pixels=599)
 
 
 def test_prepare_skips_images_above_the_pixel_limit_before_decoding(tmp_path, bomb):

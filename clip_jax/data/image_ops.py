@@ -1,14 +1,14 @@
-"""Image preprocessing as TensorFlow ops, so that it runs inside the tf.data graph.
+"""Training images as TensorFlow ops, so that they are made inside the tf.data graph
+(evaluation's pixels are PIL's, `preprocess.Preprocess`).
 
 Training images get one of two augmentations (`AUGMENTATIONS`): "random_resized_crop", open_clip's
 form of the CLIP paper's crop (a random crop covering `scale` of the area, aspect ratio in
 [3/4, 4/3], resized to the model's resolution), or "random_square_crop", the paper's words taken
 literally ("A random square crop from resized images is the only data augmentation used during
 training", section 2.3): the shorter side resized to the model's resolution, then a square of that
-size at a random place. Evaluation images get OpenAI's transform (resize the shorter side, center
-crop). Crops are rounded to uint8, as PIL's are in the reference transforms, and then get CLIP's
-mean/std normalisation; the input pipeline normalises whole batches at once (cheaper per example
-than one image at a time).
+size at a random place. Crops are rounded to uint8, as PIL's are in the reference transforms,
+and then get CLIP's mean/std normalisation; the input pipeline normalises whole batches at once
+(cheaper per example than one image at a time).
 
 Decoding handles whatever `tf.io.decode_image` reads: JPEG, PNG, GIF (first frame), BMP and, in
 the TensorFlow versions we support, WebP. Undecodable or truncated bytes raise an error inside
@@ -214,23 +214,8 @@ def augment(
     raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
 
 
-def eval_crop(data: tf.Tensor, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
-    """Encoded bytes -> OpenAI's evaluation transform: shorter side resized to `size` (bicubic),
-    center crop `size` x `size`: uint8 [size, size, 3]; raises above `max_pixels` (undecoded)."""
-    resized = resize_shorter(decode_rgb(data, max_pixels), size)
-    shape = tf.shape(resized)
-    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2), tf.int32)
-    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2), tf.int32)
-    return to_uint8(resized[top : top + size, left : left + size])
-
-
 def train_image(
     data: tf.Tensor, size: int, seed: tf.Tensor, scale: tuple[float, float], max_pixels: int
 ) -> tf.Tensor:
     """`train_crop`, normalised: float32 [size, size, 3]."""
     return normalize(train_crop(data, size, seed, scale, max_pixels))
-
-
-def eval_image(data: tf.Tensor, size: int) -> tf.Tensor:
-    """`eval_crop`, normalised: float32 [size, size, 3]."""
-    return normalize(eval_crop(data, size))

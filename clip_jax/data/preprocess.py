@@ -1,10 +1,20 @@
-"""CLIP's pixel statistics, without TensorFlow: what every image is normalised with before the
-image tower (OpenAI's values, which open_clip keeps). The tf.data pipeline (`image_ops`) and
-evaluation's on-device normalisation both read them from here.
+"""The evaluation transform, with PIL and numpy only: the pixels open_clip's
+`image_transform(S, is_train=False)` gives the image tower, exactly, and CLIP's pixel statistics.
 
-`preprocess(images, image_size)` is OpenAI's evaluation transform for PIL images and uint8
-arrays (numpy and PIL only), for using a model outside the tf.data pipeline."""
+`Preprocess` is one weights' evaluation protocol (open_clip's `PreprocessCfg`): resolution, resize
+mode (`RESIZE_MODES`), filter (`INTERPOLATIONS`), mean and std. `Preprocess.decode(bytes)` is what
+evaluation's input pipeline runs on every image file (inside tf.data, through
+`tf.numpy_function`); `preprocess(images, image_size)` is the same for PIL images and arrays in
+memory. Both do what open_clip does with `Image.open(file)`: resize in the file's own mode (PIL
+decodes JPEG with libjpeg's accurate DCT, resamples palette images with the nearest pixel and
+RGBA ones premultiplied), crop or pad, then convert to RGB.
 
+CLIP_MEAN and CLIP_STD are OpenAI's statistics, which open_clip keeps as its default; the
+training pipeline (`image_ops`) normalises with them.
+"""
+
+import dataclasses
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +28,96 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # limit past which PIL (which open_clip's loaders use) warns of a decompression bomb.
 MAX_IMAGE_PIXELS = 89_478_485
 AUGMENTATIONS = ("random_resized_crop", "random_square_crop")  # `image_ops.augment`'s
+RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip's `resize_mode`
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """One evaluation protocol (open_clip's `PreprocessCfg` for a pretrained tag).
+
+    Attributes:
+      size: S, the model's resolution; images become S x S.
+      resize_mode: "shortest": the shorter side resized to S (torchvision's `Resize(S)`), the
+        centre S x S cropped (OpenAI's protocol); "longest": the longer side resized to S, the
+        rest padded with `fill` around the centre; "squash": resized to S x S, the aspect ratio
+        not kept.
+      interpolation: PIL's filter, "bicubic" or "bilinear" (antialiased when shrinking).
+      mean, std: per-channel statistics of pixels in [0, 1] the weights were trained with.
+      fill: the padding's value (0..255) in "longest" mode.
+    """
+
+    size: int
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    fill: int = 0
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise UsageError(f"resize_mode {self.resize_mode!r}: use one of {RESIZE_MODES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UsageError(f"interpolation {self.interpolation!r}: use one of {INTERPOLATIONS}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3 or (name == "std" and min(value) <= 0):
+                raise UsageError(
+                    f"{name} {value}: three numbers (per RGB channel)"
+                    + (", all positive" if name == "std" else "")
+                )
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def pixels(self, image: Any) -> np.ndarray:
+        """A PIL image -> uint8 [S, S, 3], open_clip's arithmetic on PIL (see the class)."""
+        from PIL import Image, ImageOps
+
+        resample = (
+            Image.Resampling.BICUBIC
+            if self.interpolation == "bicubic"
+            else Image.Resampling.BILINEAR
+        )
+        size, (w, h) = self.size, image.size
+        if self.resize_mode == "squash":
+            image = image.resize((size, size), resample)
+        elif self.resize_mode == "shortest":  # torchvision's Resize(int): the longer side truncated
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = size, int(size * long / short)
+            image = image.resize(
+                (new_short, new_long) if w <= h else (new_long, new_short), resample
+            )
+        else:  # open_clip's ResizeKeepRatio(longest=1): both sides rounded
+            ratio = max(h / size, w / size)
+            image = image.resize((round(w / ratio), round(h / ratio)), resample)
+            w, h = image.size
+            if w < size or h < size:  # CenterCropOrPad: the odd pixel right / at the bottom
+                dw, dh = max(size - w, 0), max(size - h, 0)
+                bands = len(image.getbands())
+                fill = self.fill if image.mode == "P" or bands == 1 else (self.fill,) * bands
+                image = ImageOps.expand(
+                    image, (dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2), fill=fill
+                )
+        w, h = image.size
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        if (w, h) != (size, size):
+            image = image.crop((left, top, left + size, top + size))
+        return np.asarray(image.convert("RGB"))
+
+    def decode(self, data: bytes, max_pixels: int = 0) -> np.ndarray:
+        """Encoded image bytes -> uint8 [S, S, 3]; raises (ValueError, PIL's errors) on bytes
+        that are no image and on an image whose header declares more than `max_pixels` pixels
+        (default: `MAX_IMAGE_PIXELS`), before decoding it."""
+        from PIL import Image
+
+        try:
+            image = Image.open(io.BytesIO(bytes(data)))
+        except Image.DecompressionBombError as e:  # PIL's own limit, twice MAX_IMAGE_PIXELS
+            raise ValueError(f"{e} (above max_pixels: not decoded)") from None
+        w, h = image.size
+        if w * h > (max_pixels or MAX_IMAGE_PIXELS):
+            raise ValueError(f"a {w}x{h} image, above max_pixels (not decoded)")
+        image.load()
+        return self.pixels(image)
 
 
 def preprocess(
@@ -25,13 +125,15 @@ def preprocess(
     image_size: int,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
 ) -> np.ndarray:
-    """OpenAI's evaluation transform (open_clip's `image_transform(S, is_train=False)`).
+    """open_clip's evaluation transform (`image_transform(S, is_train=False)`) on images in memory.
 
-    Each image: the shorter side resized to S with PIL's bicubic filter (as torchvision's `Resize`
-    does on PIL images), the centre S x S cropped (torchvision's `CenterCrop` rounding), converted
-    to RGB, scaled to [0, 1] and normalised with `mean` and `std`. Equal to open_clip's transform
-    on the same images (tests/test_preprocess.py).
+    Each image: resized and cropped as `Preprocess` says (by default OpenAI's protocol: the
+    shorter side resized to S with PIL's bicubic filter, the centre S x S cropped), converted to
+    RGB, scaled to [0, 1] and normalised with `mean` and `std`. Equal to open_clip's transform on
+    the same images (tests/test_preprocess.py).
 
     Args:
       images: a PIL image or a list of them, or uint8 arrays: one image [H, W, 3] (or [H, W]
@@ -39,16 +141,18 @@ def preprocess(
       image_size: S, the model's resolution (`model.vision["image_size"]`).
       mean: per-channel mean of pixels in [0, 1] the weights were trained with (CLIP's).
       std: per-channel standard deviation (CLIP's).
+      resize_mode, interpolation: as `Preprocess`'s.
 
     Returns:
       float32 [B, S, S, 3] (NHWC), for `model.apply(variables, x, method="encode_image")`.
     """
+    protocol = Preprocess(image_size, resize_mode, interpolation, tuple(mean), tuple(std))
     pils = [_to_pil(image) for image in _as_list(images)]
     if not pils:
         raise UsageError("preprocess() got no images")
-    pixels = np.stack([_resize_crop_rgb(image, image_size) for image in pils])  # uint8 [B, S, S, 3]
+    pixels = np.stack([protocol.pixels(image) for image in pils])  # uint8 [B, S, S, 3]
     x = pixels.astype(np.float32) / np.float32(255)  # torchvision's ToTensor, in float32
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return (x - np.asarray(protocol.mean, np.float32)) / np.asarray(protocol.std, np.float32)
 
 
 def _as_list(images: Any) -> list[Any]:
@@ -80,17 +184,3 @@ def _to_pil(image: Any) -> Any:
             f"got shape {array.shape}"
         )
     return Image.fromarray(array)  # L, RGB or RGBA: resized in its own mode, as torchvision does
-
-
-def _resize_crop_rgb(image: Any, size: int) -> np.ndarray:
-    """Resize(size, BICUBIC), CenterCrop(size), convert("RGB"): torchvision's arithmetic on PIL."""
-    from PIL import Image
-
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))

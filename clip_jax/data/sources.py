@@ -22,7 +22,10 @@ from clip_jax.infra.errors import UsageError
 Batch = dict[str, np.ndarray]
 # The sources an evaluation reads (`clip_jax.evals.data.open_source`); said here, where no
 # TensorFlow is imported, so that config checks can name them.
-EVAL_SOURCE_HELP = "use tfds:NAME[/CONFIG]:SPLIT, imagefolder:DIR or tfrecord:GLOB"
+EVAL_SOURCE_HELP = (
+    "use tfds:NAME[/CONFIG]:SPLIT, imagefolder:DIR, tfrecord:GLOB or wds:DIR (CLIP_benchmark's "
+    "webdataset layout)"
+)
 
 
 def batch_rows(rows: np.ndarray | slice, global_batch: int) -> np.ndarray:

@@ -13,6 +13,11 @@ Sources (`source=` of an eval, `--dataset=` of the batch jobs):
                                (`image_id_key`; records sharing an id are one image's captions)
     digits:SPLIT               the demo's handwritten digits, `train` (1,497) or `test` (300),
                                labelled, with class names; written to the cache on first use
+    wds:DIR                    a dataset in CLIP_benchmark's webdataset layout (`DIR/test/0.tar
+                               ...`, `classnames.txt`, `zeroshot_classification_templates.txt`,
+                               `dataset_type.txt`): its test split, or the split DIR names
+                               (`wds:DIR/train`); labels from `.cls`, or one image's captions
+                               from the lines of its `.txt` (retrieval sets)
 
 The global batch `k` holds examples `k*B .. (k+1)*B - 1`; each process decodes only its own rows of
 each global batch (`sharding.local_rows`), the last batch is padded, and a mask marks the real
@@ -23,16 +28,20 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from clip_jax.data import image_ops, prepare
+from clip_jax.data import prepare, webdataset
+from clip_jax.data.preprocess import Preprocess
 from clip_jax.data.sources import EVAL_SOURCE_HELP, batch_rows
+from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_SEPARATOR = "\x1f"  # joins an image's captions into one string inside tf.data
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark's
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ class EvalSource:
     count: Callable[[], int]  # the number of examples (counted when first asked: shards are read)
     records: Callable[[], tf.data.Dataset]
     classnames: list[str] | None = None
+    templates: list[str] | None = None  # prompt templates the data comes with ({c} or {})
     has_labels: bool = False
     has_captions: bool = False
     has_image_ids: bool = False  # records sharing an image id are captions of one image
@@ -80,6 +90,8 @@ def open_source(
             text_key or prepare.TEXT_KEY,
             image_id_key or prepare.ID_KEY,
         )
+    if kind == "wds" and rest:
+        return _webdataset(rest)
     if kind == "digits":
         from clip_jax.data import digits
 
@@ -188,6 +200,98 @@ def _tfrecord(
     )
 
 
+def find_split(directory: str) -> tuple[str, str]:
+    """A CLIP_benchmark dataset directory (or one of its split folders) -> (dataset root, split
+    folder); a UsageError when neither holds shards."""
+    root = paths.path(directory)
+    for split, base in ((root / "test", root), (root, root.parent)):
+        if split.is_dir() and ((split / "nshards.txt").exists() or any(split.glob("*.tar"))):
+            return str(base), str(split)
+    raise UsageError(
+        f"wds:{directory}: no shards (want DIR/test/0.tar ... with nshards.txt, CLIP_benchmark's "
+        "layout, or a split folder of .tar files)"
+    )
+
+
+def _lines(p) -> list[str]:
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def benchmark_files(root: str) -> dict[str, Any]:
+    """What a CLIP_benchmark dataset root says of itself: `type` ("classification", "retrieval"
+    or "multilabel"), `classnames` and `templates` (None when absent)."""
+    root_path = paths.path(root)
+    kind_file = root_path / "dataset_type.txt"
+    kind = kind_file.read_text().strip().lower() if kind_file.exists() else "classification"
+    names, templates = root_path / "classnames.txt", root_path / TEMPLATES_FILE
+    return {
+        "type": kind,
+        "classnames": _lines(names) if names.exists() else None,
+        # CLIP_benchmark formats its templates with {c}; ours hold {}
+        "templates": [t.replace("{c}", "{}") for t in _lines(templates)]
+        if templates.exists()
+        else None,
+    }
+
+
+def shard_paths(split: str) -> list[str]:
+    """The shards of a split folder in CLIP_benchmark's order: `0.tar` .. `N-1.tar` by
+    `nshards.txt`, else every `.tar` in natural order."""
+    split_path = paths.path(split)
+    count = split_path / "nshards.txt"
+    if count.exists():
+        n = int(count.read_text().strip())
+        files = [split_path / f"{i}.tar" for i in range(n)]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise UsageError(f"{split}: nshards.txt says {n}, but {missing[0]} is missing")
+        return [str(f) for f in files]
+    return sorted((str(f) for f in split_path.glob("*.tar")), key=webdataset.natural_key)
+
+
+def _webdataset(directory: str) -> EvalSource:
+    root, split = find_split(directory.rstrip("/"))
+    info = benchmark_files(root)
+    retrieval = info["type"] == "retrieval"
+    if info["type"] not in ("classification", "retrieval"):
+        raise UsageError(f"wds:{directory}: {info['type']} datasets are not supported")
+    if not retrieval and not info["classnames"]:
+        raise UsageError(f"wds:{directory}: no classnames.txt in {root}")
+    shards = shard_paths(split)
+
+    def samples():
+        for shard in shards:
+            for key, fields in webdataset.samples(shard):
+                captions = ""
+                if retrieval:
+                    text = webdataset.caption_of(fields).decode("utf-8", "replace")
+                    captions = CAPTION_SEPARATOR.join(c for c in text.splitlines() if c.strip())
+                yield {
+                    "image": webdataset.image_of(fields),
+                    "label": np.int64(webdataset.label_of(fields)),
+                    "captions": captions.encode("utf-8"),
+                    "image_id": key.encode("utf-8"),
+                }
+
+    spec = tf.TensorSpec([], tf.string)
+    signature = {"image": spec, "label": tf.TensorSpec([], tf.int64), "captions": spec}
+
+    def records() -> tf.data.Dataset:
+        return tf.data.Dataset.from_generator(
+            samples, output_signature={**signature, "image_id": spec}
+        )
+
+    return EvalSource(
+        f"wds:{directory}",
+        lambda: sum(webdataset.count(s) for s in shards),
+        records,
+        classnames=None if retrieval else info["classnames"],
+        templates=info["templates"],
+        has_labels=not retrieval,
+        has_captions=retrieval,
+    )
+
+
 def _tfds(name: str, split: str, data_dir: str, image_key: str, label_key: str, text_key: str):
     import tensorflow_datasets as tfds
 
@@ -272,7 +376,7 @@ def num_batches(num_examples: int, global_batch: int) -> int:
 def batches(
     source: EvalSource,
     *,
-    image_size: int,
+    preprocess: Preprocess,
     global_batch: int,
     rows: np.ndarray | slice,
     tokenize_fn: Callable[[list[str]], np.ndarray] | None = None,
@@ -284,7 +388,7 @@ def batches(
 
     `rows` are this process's row indices within a global batch, ascending
     (`sharding.local_rows`), or a slice of them. Yields numpy dicts of `n = len(rows)` rows:
-    `image` uint8 [n, S, S, 3] (OpenAI's evaluation crop: shorter side to S, centre crop),
+    `image` uint8 [n, S, S, 3] (`preprocess.decode`: open_clip's evaluation pixels),
     `mask` bool [n] (real, decodable examples),
     `index` int32 [n] (global position), `label` int32 [n] (-1 when none) and, with `tokenize_fn`,
     `tokens` int32 [n, max_captions, L] and `num_captions` int32 [n] (captions past
@@ -292,7 +396,7 @@ def batches(
     are counted in `stats["skipped"]`.
     """
     rows = batch_rows(rows, global_batch)
-    n = len(rows)
+    n, image_size = len(rows), preprocess.size
     total = num_batches(source.num_examples, global_batch)
     held = np.zeros(global_batch, bool)
     held[rows] = True
@@ -305,9 +409,11 @@ def batches(
         return tf.gather(held_table, i % global_batch)
 
     def decode(i, x):
+        image = tf.numpy_function(preprocess.decode, [x["image"]], tf.uint8, stateful=False)
+        image.set_shape([image_size, image_size, 3])
         out = {
             "index": i,
-            "image": image_ops.eval_crop(x["image"], image_size),
+            "image": image,
             "label": x["label"],
             "captions": x["captions"],
         }

@@ -12,6 +12,7 @@ source (with a feature cache where asked) and makes every process agree on the r
 """
 
 import abc
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
@@ -22,14 +23,19 @@ from absl import logging
 from jax.sharding import Mesh
 
 from clip_jax.data import tokenizers
+from clip_jax.data.preprocess import INTERPOLATIONS, RESIZE_MODES, Preprocess
 from clip_jax.data.sources import EVAL_SOURCE_HELP
 from clip_jax.evals import extract
 from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
-from clip_jax.infra.rules import COUNT, POSITIVE_INT, STRING, Rule, one_of
+from clip_jax.infra.rules import COUNT, POSITIVE_INT, STRING, Rule, is_number, is_seq, one_of
 from clip_jax.parallel import sharding
 
 PredictFn = Callable[[Any, dict, Any], dict]  # (variables, batch, extra) -> per-example outputs
+STATS = Rule(
+    lambda v: v in ((), []) or (is_seq(v, is_number) and len(v) == 3),
+    "three numbers, one per RGB channel, or () for the weights' own",
+)
 
 
 class Key(NamedTuple):
@@ -65,6 +71,17 @@ class Evaluator(abc.ABC):
         "image_id_key": Key(
             "", "the feature grouping one image's captions for retrieval ('': key)", STRING
         ),
+        "resize_mode": Key(
+            "",
+            "shortest (shorter side to S, centre crop), longest (longer side to S, padded) or "
+            "squash; '': the weights' protocol (shortest for CLIP's)",
+            one_of(("", *RESIZE_MODES)),
+        ),
+        "interpolation": Key(
+            "", "bicubic or bilinear; '': the weights' protocol", one_of(("", *INTERPOLATIONS))
+        ),
+        "mean": Key((), "pixel mean per RGB channel, in [0, 1]; (): the weights' (CLIP's)", STATS),
+        "std": Key((), "pixel standard deviation per RGB channel; (): the weights'", STATS),
     }
     TASK: ClassVar[str] = ""
     TEXT: ClassVar[bool] = False
@@ -92,6 +109,12 @@ class Evaluator(abc.ABC):
                 f"evals.{self.name}.batch_size={cfg['batch_size']} is not divisible by the "
                 f"{shards} batch shards of the mesh"
             )
+        size = int(model.vision["image_size"])
+        self.preprocess = Preprocess(
+            size,
+            **{k: cfg[k] for k in ("resize_mode", "interpolation") if cfg.get(k)},
+            **{k: tuple(cfg[k]) for k in ("mean", "std") if cfg.get(k)},
+        )
         self.source = self.open(cfg["source"])
 
     @classmethod
@@ -150,7 +173,6 @@ class Evaluator(abc.ABC):
 
         if what not in self._steps:
             self._steps[what] = extract.make_step(predict_fn(), self.mesh, self.rules)
-        size = self.model.vision["image_size"]
         batch = self.cfg["batch_size"]
         rows = sharding.local_rows(self.mesh, batch)
         stats: dict[str, int] = {}
@@ -158,7 +180,7 @@ class Evaluator(abc.ABC):
         def make_batches(start):
             return data.batches(
                 source,
-                image_size=size,
+                preprocess=self.preprocess,
                 global_batch=batch,
                 rows=rows,
                 start=start,
@@ -176,7 +198,7 @@ class Evaluator(abc.ABC):
                     "source": source.name,
                     "examples": source.num_examples,
                     "batch_size": batch,
-                    "image_size": size,
+                    "preprocess": dataclasses.asdict(self.preprocess),
                 },
                 16,
             )
@@ -276,11 +298,11 @@ class FeatureProbe(Evaluator):
 
     def _predict_features(self) -> PredictFn:
         project = self.cfg["features"] == "post"
-        model = self.model
+        model, protocol = self.model, self.preprocess
 
         def predict(variables, batch, extra):
             del extra
-            images = extract.normalize(batch["image"])
+            images = extract.normalize(batch["image"], protocol.mean, protocol.std)
             return {"x": model.apply(variables, images, project=project, method="encode_image")}
 
         return predict

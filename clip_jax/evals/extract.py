@@ -14,7 +14,7 @@ zero-shot classifier), an argument rather than a constant so that a new one does
 import io
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -31,10 +31,13 @@ PASSED_THROUGH = ("mask", "index", "label", "num_captions", "image_key")
 PROGRESS_EVERY_S = 30.0
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [..., 3] -> CLIP-normalised float32, on the device (a quarter of the bytes to copy)."""
-    mean = np.asarray(CLIP_MEAN, np.float32) * 255
-    std = np.asarray(CLIP_STD, np.float32) * 255
+def normalize(
+    images: jax.Array, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> jax.Array:
+    """uint8 [..., 3] -> float32 normalised with `mean` and `std` (of pixels in [0, 1]; CLIP's by
+    default), on the device (a quarter of the bytes to copy)."""
+    mean = np.asarray(mean, np.float32) * 255
+    std = np.asarray(std, np.float32) * 255
     return (images.astype(np.float32) - mean) / std
 
 

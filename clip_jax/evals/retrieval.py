@@ -174,11 +174,11 @@ class Retrieval(Evaluator):
             raise UsageError(f"evals.{self.name}: {self.source.name} has no captions to retrieve")
 
     def _predict(self):
-        model = self.model
+        model, protocol = self.model, self.preprocess
 
         def predict(variables, batch, extra):
             del extra
-            images = extract.normalize(batch["image"])
+            images = extract.normalize(batch["image"], protocol.mean, protocol.std)
             zimg = model.apply(variables, images, method="encode_image")
             tokens = batch["tokens"]  # [B, M, L]
             b, m, length = tokens.shape

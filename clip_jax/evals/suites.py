@@ -26,6 +26,7 @@ last 20% of tfds's train split (VTAB's test split) and are close to, not equal t
 
 import re
 
+from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
 
 PAPER = {
@@ -98,6 +99,119 @@ PAPER = {
 }
 
 SUITES = {"paper": PAPER}
+
+# CLIP_benchmark's webdataset evaluation sets (its benchmark/webdatasets.txt, MIT licence), in its
+# order: the names its records carry. On the Hugging Face hub each is the repository
+# clip-benchmark/wds_{name without "wds/", "/" -> "-"}.
+CLIP_BENCHMARK = (
+    "wds/mscoco_captions",
+    "wds/flickr8k",
+    "wds/flickr30k",
+    "wds/imagenet1k",
+    "wds/imagenetv2",
+    "wds/imagenet_sketch",
+    "wds/imagenet-a",
+    "wds/imagenet-r",
+    "wds/imagenet-o",
+    "wds/objectnet",
+    "wds/fer2013",
+    "wds/voc2007",
+    "wds/sun397",
+    "wds/cars",
+    "wds/fgvc_aircraft",
+    "wds/mnist",
+    "wds/stl10",
+    "wds/gtsrb",
+    "wds/country211",
+    "wds/renderedsst2",
+    "wds/vtab/caltech101",
+    "wds/vtab/cifar10",
+    "wds/vtab/cifar100",
+    "wds/vtab/clevr_count_all",
+    "wds/vtab/clevr_closest_object_distance",
+    "wds/vtab/diabetic_retinopathy",
+    "wds/vtab/dmlab",
+    "wds/vtab/dsprites_label_orientation",
+    "wds/vtab/dsprites_label_x_position",
+    "wds/vtab/dsprites_label_y_position",
+    "wds/vtab/dtd",
+    "wds/vtab/eurosat",
+    "wds/vtab/kitti_closest_vehicle_distance",
+    "wds/vtab/flowers",
+    "wds/vtab/pets",
+    "wds/vtab/pcam",
+    "wds/vtab/resisc45",
+    "wds/vtab/smallnorb_label_azimuth",
+    "wds/vtab/smallnorb_label_elevation",
+    "wds/vtab/svhn",
+)
+# Our metric names -> CLIP_benchmark's, per task (its text retrieval finds an image's captions).
+BENCHMARK_METRICS = {
+    "zeroshot_classification": {
+        "top1": "acc1",
+        "top5": "acc5",
+        "mean_per_class_recall": "mean_per_class_recall",
+    },
+    "zeroshot_retrieval": {
+        **{f"image_to_text_r@{k}": f"text_retrieval_recall@{k}" for k in (1, 5, 10)},
+        **{f"text_to_image_r@{k}": f"image_retrieval_recall@{k}" for k in (1, 5, 10)},
+    },
+}
+
+
+def benchmark_folder(name: str) -> str:
+    """A CLIP_benchmark name -> its folder name ("wds/vtab/cifar10" -> "vtab-cifar10")."""
+    return name.removeprefix("wds/").replace("/", "-")
+
+
+def _holds_shards(directory) -> bool:
+    test = directory / "test"
+    return test.is_dir() and ((test / "nshards.txt").exists() or any(test.glob("*.tar")))
+
+
+def clip_benchmark(data_dir: str) -> tuple[dict[str, dict], dict[str, str], list[str]]:
+    """The CLIP_benchmark datasets found under `data_dir`, as eval entries, and the names of those
+    not found.
+
+    A dataset is a folder holding `test/` shards in CLIP_benchmark's layout (`data.find_split`),
+    found as `data_dir/wds_vtab-cifar10` (the hub's repository name), `data_dir/vtab-cifar10` or
+    `data_dir/vtab/cifar10`; any other folder of `data_dir` in that layout is evaluated too, under
+    `wds/<folder>`. Classification sets get zero-shot classification with their own class names
+    and templates; sets whose `dataset_type.txt` says "retrieval" get retrieval.
+
+    Returns:
+      ({eval name: entry}, {eval name: the name CLIP_benchmark's records carry}, [the
+      CLIP_benchmark names not found]).
+    """
+    root = paths.path(data_dir)
+    if not root.is_dir():
+        raise UsageError(f"--data_dir={data_dir}: no such directory (CLIP_benchmark's datasets)")
+    found: dict[str, tuple[str, object]] = {}
+    for name in CLIP_BENCHMARK:
+        folder = benchmark_folder(name)
+        for candidate in (f"wds_{folder}", folder, name.removeprefix("wds/"), name):
+            if _holds_shards(root / candidate):
+                found[name] = (folder, root / candidate)
+                break
+    known = {str(d) for _, d in found.values()}
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and str(d) not in known and _holds_shards(d):
+            folder = d.name.removeprefix("wds_")
+            found[f"wds/{folder}"] = (folder, d)
+    entries, names = {}, {}
+    for name, (folder, d) in found.items():
+        kind_file = d / "dataset_type.txt"
+        kind = kind_file.read_text().strip().lower() if kind_file.exists() else ""
+        if kind == "retrieval":
+            entry = {"type": "retrieval", "ks": (1, 5, 10), "max_captions": 10}
+        elif kind in ("", "classification"):
+            templates = (d / "zeroshot_classification_templates.txt").exists()
+            entry = {"type": "zeroshot", "templates": "dataset" if templates else "imagenet"}
+        else:
+            continue  # multilabel: not a task clip_jax evaluates; listed as missing
+        entries[folder], names[folder] = {**entry, "source": f"wds:{d}"}, name
+    missing = [n for n in CLIP_BENCHMARK if n not in names.values()]
+    return entries, names, missing
 
 
 def suite(name: str) -> dict[str, dict[str, str]]:

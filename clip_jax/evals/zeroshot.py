@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from clip_jax.evals import extract, prompts, suites
-from clip_jax.evals.evaluator import Evaluator, Key
+from clip_jax.evals.evaluator import Evaluator, Key, PredictFn
 from clip_jax.infra.errors import UsageError
 from clip_jax.infra.rules import NAMES, Rule
 from clip_jax.models.clip import l2_normalize
@@ -104,13 +105,15 @@ def _text_encoder(model: Any, mesh: Mesh, rules: sharding.Rules):
     return cached[1]
 
 
-def make_predict_fn(model: Any, num_classes: int, top_k: int = 5):
+def make_predict_fn(
+    model: Any, num_classes: int, top_k: int = 5, mean=CLIP_MEAN, std=CLIP_STD
+) -> PredictFn:
     """`(variables, batch, classifier [E, C]) -> {"top": int32 [B, k]}`: each image's k best
-    classes, best first."""
+    classes, best first (pixels normalised with `mean` and `std`)."""
     k = min(top_k, num_classes)
 
     def predict(variables, batch, classifier):
-        images = extract.normalize(batch["image"])
+        images = extract.normalize(batch["image"], mean, std)
         emb = l2_normalize(model.apply(variables, images, method="encode_image"))
         logits = jnp.dot(emb, classifier, precision=jax.lax.Precision.HIGHEST)  # [B, C]
         return {"top": jax.lax.top_k(logits, k)[1].astype(jnp.int32)}
@@ -156,7 +159,8 @@ class ZeroShot(Evaluator):
         ),
         "templates": Key(
             "imagenet",
-            "prompt templates with {}: a known name, a list or a file",
+            "prompt templates with {}: a known name, a list, a file, or 'dataset' for those the "
+            "data comes with (CLIP_benchmark's zeroshot_classification_templates.txt)",
             Rule(lambda v: NAMES.ok(v) and len(v) > 0, "a name, a file or a list of strings"),
         ),
         "class_subset": Key(
@@ -182,7 +186,14 @@ class ZeroShot(Evaluator):
                 f"evals.{self.name}: the class names of {self.source.name} are WordNet ids "
                 f"({self.classnames[0]}, ...), not words; set classnames (e.g. 'imagenet')"
             )
-        self.templates = prompts.templates(cfg["templates"])
+        if cfg["templates"] == "dataset":
+            if not self.source.templates:
+                raise UsageError(
+                    f"evals.{self.name}: {self.source.name} comes with no templates; set templates"
+                )
+            self.templates = prompts.templates(self.source.templates)
+        else:
+            self.templates = prompts.templates(cfg["templates"])
         self.label_map = None
         if cfg["class_subset"]:
             subset = prompts.class_subset(cfg["class_subset"])
@@ -209,7 +220,12 @@ class ZeroShot(Evaluator):
         classifier = extract.replicate(classifier, self.mesh)
         out, skipped = self.extract(
             "zeroshot",
-            lambda: make_predict_fn(self.model, len(self.classnames)),
+            lambda: make_predict_fn(
+                self.model,
+                len(self.classnames),
+                mean=self.preprocess.mean,
+                std=self.preprocess.std,
+            ),
             variables,
             self.source,
             extra=classifier,

@@ -21,6 +21,7 @@ from clip_jax.infra import cache, paths
 from clip_jax.infra.errors import UsageError
 from clip_jax.parallel import sharding
 from clip_jax.training import runs
+from clip_jax.weights import pretrained as pretrained_lib
 
 
 @dataclasses.dataclass
@@ -35,6 +36,21 @@ class Subject:
     name: str  # shown in results: "DIR@STEP" or the file's name
     weights_id: str  # identifies the weights in feature caches
     tokenizer: Any
+    # The weights' evaluation protocol (resize_mode, interpolation, mean, std): the registry's
+    # for a pretrained tag; empty (CLIP's defaults) otherwise. Entries that leave a key empty
+    # take it from here.
+    protocol: dict = dataclasses.field(default_factory=dict)
+    model_name: str = ""  # CLIP_benchmark's `model` and `pretrained` of the records
+    pretrained_name: str = ""
+
+
+def _protocol(weights: Any) -> dict:
+    return {
+        "resize_mode": weights.resize_mode,
+        "interpolation": weights.interpolation,
+        "mean": tuple(weights.mean),
+        "std": tuple(weights.std),
+    }
 
 
 def prepare(
@@ -43,9 +59,12 @@ def prepare(
     step: int | None,
     pretrained: str | None,
     tokenizer: str = "",
+    tag: str = "",
 ) -> Subject:
-    """The model of a training run (`workdir`, `step`) or of a weight file, on the config's mesh
-    (all devices data-parallel without a config), with its tokenizer."""
+    """The model of a training run (`workdir`, `step`), of a weight file, or of published weights
+    (`pretrained` a model name such as "ViT-B-32" and `tag` its weights, "openai" by default
+    where the model has them), on the config's mesh (all devices data-parallel without a config),
+    with its tokenizer."""
     if bool(workdir) == bool(pretrained):
         raise UsageError("give either --workdir (a training run) or --pretrained (a weight file)")
     if config is None and workdir:
@@ -66,8 +85,33 @@ def prepare(
             f"{paths.path(workdir)}@{step}",
             get_tokenizer(workdir),
         )
-    model, variables = load_pretrained(pretrained)
     name = tokenizer or (config.train_data.tokenizer if config is not None else "clip_bpe")
+    if not paths.path(pretrained).exists() and pretrained_lib.list_tags(pretrained):
+        tags = pretrained_lib.list_tags(pretrained)
+        tag = tag or ("openai" if "openai" in tags else "")
+        if not tag:
+            raise UsageError(
+                f"--pretrained={pretrained}: choose its weights with --tag (one of "
+                f"{', '.join(tags)})"
+            )
+        weights = pretrained_lib.lookup(pretrained, tag)
+        model, variables = load_pretrained(pretrained, pretrained=tag)
+        return Subject(
+            config,
+            mesh,
+            rules,
+            model,
+            extract.replicate(variables, mesh),
+            f"{pretrained}:{tag}",
+            f"{pretrained}:{tag}",
+            get_tokenizer(name, model.text["context_length"]),
+            protocol=_protocol(weights),
+            model_name=pretrained,
+            pretrained_name=tag,
+        )
+    if tag:
+        raise UsageError(f"--tag={tag} applies to a model name given as --pretrained, not a file")
+    model, variables = load_pretrained(pretrained)
     info = paths.path(pretrained).stat()
     return Subject(
         config,
@@ -78,10 +122,14 @@ def prepare(
         paths.path(pretrained).name,
         f"{paths.path(pretrained)}:{info.length}:{info.mtime}",
         get_tokenizer(name, model.text["context_length"]),
+        model_name=paths.path(pretrained).name,
+        pretrained_name=str(pretrained),
     )
 
 
 def make_evaluator(subject: Subject, name: str, entry: Mapping[str, Any]) -> Any:
+    """The evaluator of one entry; the protocol keys it leaves empty are the weights'."""
+    entry = {**entry, **{k: v for k, v in subject.protocol.items() if not entry.get(k)}}
     return registry.make_evaluator(
         name, entry, subject.model, subject.tokenizer, subject.mesh, subject.rules
     )
@@ -162,17 +210,46 @@ def evaluate(
     data_dir: str = "",
     batch_size: int = 0,
     tokenizer: str = "",
+    tag: str = "",
 ) -> list[dict]:
     """Runs the selected evals once; returns their records (CLIP_benchmark's shape), with a mean
-    record when they are all of one task (the paper suite)."""
-    subject = prepare(config, workdir, step, pretrained, tokenizer)
-    entries = select_evals(subject.config, evals, data_dir, batch_size)
-    evaluators, skipped = [], []
+    record when they are all of one task (the paper suite).
+
+    `evals="clip_benchmark"` runs every CLIP_benchmark dataset found under `data_dir`
+    (`suites.clip_benchmark`) and returns CLIP_benchmark's own records (its dataset names and
+    metric names, `pretrained`, `language`); with `output`, one file per dataset is also written
+    to `clip_benchmark/` beside it, named as CLIP_benchmark names them, for `clip_benchmark
+    build`."""
+    subject = prepare(config, workdir, step, pretrained, tokenizer, tag)
+    benchmark: dict[str, str] = {}
+    skipped: list[tuple[str, str]] = []
+    if evals == "clip_benchmark":
+        if not data_dir:
+            raise UsageError("--evals=clip_benchmark reads its datasets from --data_dir=DIR")
+        entries, benchmark, missing = suites.clip_benchmark(data_dir)
+        if not entries:
+            raise UsageError(
+                f"no CLIP_benchmark dataset under {data_dir} (want DIR/wds_NAME/test/0.tar ... "
+                "as the clip-benchmark hub repositories hold them)"
+            )
+        skipped += [(name, f"not found under {data_dir}") for name in missing]
+        logging.info(
+            "CLIP_benchmark: %d datasets found, %d missing (%s)",
+            len(entries),
+            len(missing),
+            ", ".join(missing),
+        )
+        for entry in entries.values():
+            if batch_size:
+                entry["batch_size"] = batch_size
+    else:
+        entries = select_evals(subject.config, evals, data_dir, batch_size)
+    evaluators = []
     for name, entry in entries.items():
         try:
             evaluators.append(make_evaluator(subject, name, entry))
         except UsageError as e:
-            if evals != "paper":
+            if evals not in ("paper", "clip_benchmark"):
                 raise
             # A suite runs on the datasets the user has prepared; the others are reported.
             logging.warning("skipping %s: %s", name, e)
@@ -185,10 +262,44 @@ def evaluate(
         logging.info("evaluating %s on %s", e.name, e.source.name)
         metrics = e.run(subject.variables, subject.weights_id, cache_root)
         records.append(runner.record(e, metrics, subject.name))
-    records = with_mean(records)
+    if benchmark:
+        records = [benchmark_record(r, benchmark[r["dataset"]], subject) for r in records]
+    else:
+        records = with_mean(records)
     if output and jax.process_index() == 0:
         write_results(output, records, subject.name, skipped)
+        if benchmark:
+            folder = paths.path(output).parent / "clip_benchmark"
+            for r in records:
+                paths.write_text(folder / benchmark_filename(r), json.dumps(r, indent=1))
     return records
+
+
+def benchmark_record(record: Mapping[str, Any], name: str, subject: Subject) -> dict:
+    """One result as CLIP_benchmark writes it: its dataset name and metric names, the model and
+    its pretrained weights, the language."""
+    names = suites.BENCHMARK_METRICS[record["task"]]
+    return {
+        "dataset": name,
+        "model": subject.model_name or subject.name,
+        "pretrained": subject.pretrained_name,
+        "task": record["task"],
+        "metrics": {names[k]: v for k, v in record["metrics"].items() if k in names},
+        "language": "en",
+    }
+
+
+def benchmark_filename(record: Mapping[str, Any]) -> str:
+    """CLIP_benchmark's file name for a record: {dataset}_{pretrained}_{model}_{language}_{task}
+    (the dataset without "wds/", slashes as underscores)."""
+    parts = [
+        record["dataset"].removeprefix("wds/"),
+        paths.path(record["pretrained"]).name if record["pretrained"] else "",
+        record["model"],
+        record["language"],
+        record["task"],
+    ]
+    return "_".join(p.replace("/", "_") for p in parts) + ".json"
 
 
 def sources(dataset: str, train: str, test: str, splits: tuple[str, str, str]) -> dict[str, str]:

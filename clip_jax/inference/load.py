@@ -144,6 +144,13 @@ def create_model_and_transforms(
     """
     weights = lookup(model, pretrained)
     clip, variables = load_pretrained(model, pretrained=pretrained, **kwargs)
-    size = clip.vision["image_size"]
-    transform = functools.partial(preprocess, image_size=size, mean=weights.mean, std=weights.std)
+    protocol = weights.preprocess(clip.vision["image_size"])
+    transform = functools.partial(
+        preprocess,
+        image_size=protocol.size,
+        mean=protocol.mean,
+        std=protocol.std,
+        resize_mode=protocol.resize_mode,
+        interpolation=protocol.interpolation,
+    )
     return clip, variables, transform

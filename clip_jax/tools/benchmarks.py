@@ -181,6 +181,7 @@ def bench_zeroshot(config: ml_collections.ConfigDict, *, batch_size: int, steps:
 def _zeroshot_end_to_end(config, spec, variables, classifier, batch_size, steps) -> dict:
     """Examples per second of `extract.run` with zero-shot over JPEG shards of labelled images."""
     from clip_jax.data.prepare import ShardWriter, make_example
+    from clip_jax.data.preprocess import Preprocess
     from clip_jax.evals import data, extract, zeroshot
     from clip_jax.parallel import sharding
 
@@ -199,9 +200,11 @@ def _zeroshot_end_to_end(config, spec, variables, classifier, batch_size, steps)
         predict_fn = zeroshot.make_predict_fn(model, ZEROSHOT_CLASSES)
         step = extract.make_step(predict_fn, mesh, spec.rules)
 
+        protocol = Preprocess(size)
+
         def make_batches(start):
             return data.batches(
-                source, image_size=size, global_batch=batch_size, rows=rows, start=start
+                source, preprocess=protocol, global_batch=batch_size, rows=rows, start=start
             )
 
         t0 = time.perf_counter()

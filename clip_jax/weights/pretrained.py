@@ -34,7 +34,7 @@ import urllib.request
 from email.message import Message
 from typing import Any, NamedTuple
 
-from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
+from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from clip_jax.infra import cache, paths
 from clip_jax.infra.errors import UsageError
 
@@ -51,12 +51,19 @@ class Source(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-    """One published checkpoint of a model config: where to get it and what it needs."""
+    """One published checkpoint of a model config: where to get it, what it needs, and its
+    evaluation protocol (open_clip's preprocessing config for the tag)."""
 
     sources: tuple[Source, ...]  # tried in order
     quick_gelu: bool = False  # the activation the weights were trained with
     mean: tuple[float, ...] = CLIP_MEAN  # the pixel statistics they were trained with
     std: tuple[float, ...] = CLIP_STD
+    resize_mode: str = "shortest"  # `Preprocess.resize_mode`
+    interpolation: str = "bicubic"
+
+    def preprocess(self, size: int) -> Preprocess:
+        """These weights' evaluation transform at the model's resolution `size`."""
+        return Preprocess(size, self.resize_mode, self.interpolation, self.mean, self.std)
 
 
 def _hf(repo: str, **fields: Any) -> Weights:
@@ -151,6 +158,11 @@ def _tags(model: str) -> dict[str, Weights]:
     base = model.removesuffix("-quickgelu")
     tags = PRETRAINED.get(base, {})
     return {t: w for t, w in tags.items() if w.quick_gelu} if base != model else tags
+
+
+def list_tags(model: str) -> list[str]:
+    """The tags of a model name's published weights ([] for a name the registry does not know)."""
+    return list(_tags(model))
 
 
 def _clean_tag(tag: str) -> str:
