@@ -8,9 +8,15 @@ nor TensorFlow nor PyTorch until they are used.
 """
 
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+if sys.argv[:1] == ["-m"]:  # `python -m clip_jax.X` starting, before any other thread exists
+    from clip_jax.infra import allocator
+
+    allocator.tune()
 
 _LAZY = {
     "load_pretrained": "clip_jax.inference.load",

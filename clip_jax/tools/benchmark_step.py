@@ -31,11 +31,6 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-# glibc settings that keep XLA's per-step temporaries mapped on a CPU (docs/performance.md, "Page
-# faults"): one arena, no mmap, no trimming. glibc reads them at process start only.
-CPU_GLIBC_TUNABLES = (
-    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-)
 FAULTS_HINT = 25_000  # minor page faults per step (100 MB of 4 KiB pages) worth a hint
 
 
@@ -54,16 +49,23 @@ def fault_report(faults_per_step: float) -> dict:
     threads with mmap and unmaps them on free, so every page is faulted in again each step.
     The hint is for one CPU device (a real CPU run): with many forced devices, one arena shared
     by all their threads costs more than the faults."""
+    from clip_jax.infra import allocator
+
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     one_cpu = jax.default_backend() == "cpu" and jax.local_device_count() == 1
-    if faults_per_step > FAULTS_HINT and one_cpu and not tunables:
+    tuned = allocator.status.startswith("one arena") or "glibc.malloc" in tunables
+    if faults_per_step > FAULTS_HINT and one_cpu and not tuned:
         logging.warning(
-            "%d page faults a step (XLA's temporaries mapped afresh each call); on Linux with "
-            'glibc, GLIBC_TUNABLES=%s keeps them mapped (docs/performance.md, "Page faults")',
+            "%d page faults a step (XLA's temporaries mapped afresh each call): the allocator "
+            'kept %s; see docs/performance.md, "Page faults"',
             faults_per_step,
-            CPU_GLIBC_TUNABLES,
+            allocator.status,
         )
-    return {"minor_faults_per_step": int(round(faults_per_step)), "glibc_tunables": tunables}
+    return {
+        "minor_faults_per_step": int(round(faults_per_step)),
+        "allocator": allocator.status,
+        "glibc_tunables": tunables,
+    }
 
 
 def _peak_flops() -> float | None:
