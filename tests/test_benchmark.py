@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_wds_with_bad_records
 
 
 def run_benchmark(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
@@ -31,7 +31,25 @@ def test_input_mode_prints_examples_per_second_last():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["what"] == "input" and result["image_size"] == 32
     assert result["examples_per_sec"] > 0 and result["per_core"] > 0 and result["cores"] >= 1
-    assert result["image_shape"] == [16, 32, 32, 3] and result["skipped_examples"] == 0
+    # Without a source: the same made-up JPEGs as TFRecords and as webdataset tars.
+    assert result["tfrecord_examples_per_sec"] > 0 and result["wds_examples_per_sec"] > 0
+    assert result["wds_over_tfrecord"] > 0
+
+
+def test_input_mode_reads_the_configs_source(tmp_path):
+    source, bad = write_wds_with_bad_records(tmp_path, good=40, image_size=24)
+    done = run_benchmark(
+        "--what=input",
+        "--steps=2",
+        "--batch_size=16",
+        f"--config.train_data.source={source}",
+        "--config.train_data.shuffle_buffer=0",  # file order: the bad samples come first
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["source"] == source and result["image_shape"] == [16, 32, 32, 3]
+    # Warm-up and timed batches take 2 passes over the 40 good samples: 5 bad ones per pass.
+    assert result["skipped_examples"] == 2 * bad
 
 
 def test_an_unknown_mode_is_a_usage_error():
@@ -49,27 +67,33 @@ def test_train_step_mode_reports_pairs_per_second_and_flops():
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
-def test_the_glibc_tunables_keep_the_steps_temporaries_mapped():
-    """At batch 1024 the tiny step's temporaries are large blocks that glibc maps afresh each
-    step (and the mode says how to stop it); with CPU_GLIBC_TUNABLES they stay mapped, so a
-    timed step (the median of the steps, as for the step time) faults in less than a third of the
-    default's pages: the heap's last growths, which may fall after the warm-up when the cores are
-    busy, come once, not every step. One CPU device, as a CPU run has (with many forced devices
-    one arena is shared by all their threads, and the tunables are not advised)."""
-    from clip_jax.tools.benchmark_step import CPU_GLIBC_TUNABLES, FAULTS_HINT
+def test_a_command_keeps_the_steps_temporaries_mapped_by_itself():
+    """At batch 1024 the tiny step's temporaries are large blocks that glibc, left at its
+    defaults, maps afresh each step (and the mode says so). A command sets the allocator itself
+    at start-up (`infra.allocator`), in the default environment: a timed step (the median of the
+    steps, as for the step time) then faults in less than a third of the default's pages (the
+    heap's last growths, which may fall after the warm-up when the cores are busy, come once, not
+    every step). One CPU device, as a CPU run has (with many forced devices one arena is shared
+    by all their threads, and the settings are not applied)."""
+    from clip_jax.tools.benchmark_step import FAULTS_HINT
 
     steps = 6
     args = ("--what=train_step", f"--steps={steps}", "--batch_size=1024")
-    default = run_benchmark(*args, XLA_FLAGS="")
+    default = run_benchmark(*args, XLA_FLAGS="", CLIP_JAX_MALLOC="default")
     assert default.returncode == 0, default.stderr[-2000:]
-    per_step = json.loads(default.stdout.splitlines()[-1])["minor_faults_per_step"]
+    result = json.loads(default.stdout.splitlines()[-1])
+    per_step = result["minor_faults_per_step"]
     assert per_step > FAULTS_HINT
-    assert f"GLIBC_TUNABLES={CPU_GLIBC_TUNABLES} keeps them mapped" in default.stderr
-    tuned = run_benchmark(*args, XLA_FLAGS="", GLIBC_TUNABLES=CPU_GLIBC_TUNABLES)
+    assert result["allocator"] == "glibc defaults (CLIP_JAX_MALLOC=default)"
+    assert "page faults a step" in default.stderr
+    tuned = run_benchmark(*args, XLA_FLAGS="")
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     result = json.loads(tuned.stdout.splitlines()[-1])
     assert result["minor_faults_per_step"] * steps < 2 * per_step
-    assert result["glibc_tunables"] == CPU_GLIBC_TUNABLES and "GLIBC_TUNABLES=" not in tuned.stderr
+    assert result["allocator"] == "one arena, no mmap, no trim" and result["glibc_tunables"] == ""
+    assert "page faults a step" not in tuned.stderr
+    eight = run_benchmark("--what=train_step", "--steps=1", "--batch_size=64")  # 8 devices
+    assert json.loads(eight.stdout.splitlines()[-1])["allocator"].endswith("several CPU devices)")
 
 
 def test_loss_memory_mode_compares_gathered_and_chunked():

@@ -6,6 +6,7 @@ what each measures.
 
 import io
 import os
+import tarfile
 import tempfile
 import time
 
@@ -38,61 +39,95 @@ def smooth_jpeg(rng: np.random.Generator, size: int) -> bytes:
     return out.getvalue()
 
 
-def write_jpeg_shards(directory: str, image_size: int, seed: int = 0) -> str:
-    """Temporary img2dataset-style shards of `smooth_jpeg`s; returns their source string."""
+def write_jpeg_shards(directory: str, image_size: int, seed: int = 0) -> dict[str, str]:
+    """Temporary shards of the same `smooth_jpeg`s and captions in both layouts, img2dataset's
+    TFRecords and webdataset tars; returns their source strings by kind."""
     from clip_jax.data.prepare import ShardWriter, make_example
 
     rng = np.random.default_rng(seed)
     jpegs = [smooth_jpeg(rng, round(image_size * 8 / 7)) for _ in range(DISTINCT_IMAGES)]
     letters = list("abcdefghijklmnopqrstuvwxyz")
     words = ["".join(rng.choice(letters, rng.integers(2, 10))) for _ in range(2000)]
+    captions = [" ".join(rng.choice(words, rng.integers(5, 21))) for _ in range(SHARD_IMAGES)]
     with ShardWriter(directory, "bench", SHARD_IMAGES // SHARD_FILES) as writer:
-        for i in range(SHARD_IMAGES):
-            caption = " ".join(rng.choice(words, rng.integers(5, 21)))
+        for i, caption in enumerate(captions):
             writer.write(make_example(jpegs[i % DISTINCT_IMAGES], caption, f"{i:09d}"))
-    return "tfrecord:" + os.path.join(directory, "bench-*.tfrecord")
+    per_file = SHARD_IMAGES // SHARD_FILES
+    for f in range(SHARD_FILES):
+        with tarfile.open(os.path.join(directory, f"bench-{f:05d}.tar"), "w") as tar:
+            for i in range(f * per_file, (f + 1) * per_file):
+                for field, data in (
+                    ("jpg", jpegs[i % DISTINCT_IMAGES]),
+                    ("txt", captions[i].encode()),
+                ):
+                    info = tarfile.TarInfo(f"{i:09d}.{field}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return {
+        "tfrecord": "tfrecord:" + os.path.join(directory, "bench-*.tfrecord"),
+        "wds": "wds:" + os.path.join(directory, "bench-*.tar"),
+    }
 
 
 def bench_input(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
-    """Examples per second out of `pipeline.make_source`, after `WARMUP_BATCHES` batches."""
+    """Examples per second out of `pipeline.make_source`, after `WARMUP_BATCHES` batches.
+
+    With a source in the config, that source's. Without one, made-up JPEGs at the model's
+    resolution, the same images in TFRecord and webdataset shards, read alternately twice each:
+    both rates (the best of each) and wds's over tfrecord's."""
+    batch_size = batch_size or min(INPUT_BATCH, config.batch_size)
+    data = ml_collections.ConfigDict(config.train_data.to_dict())
+    size = config.model.vision.image_size
+    out = {"what": "input", "image_size": size, "batch_size": batch_size, "steps": steps}
+    cores = cpu_cores()
+    if data.source not in ("", "synthetic"):
+        rate, skipped, shape = _input_rate(config, data, batch_size, steps)
+        out.update(source=data.source, skipped_examples=skipped, image_shape=shape)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = write_jpeg_shards(tmp, size, config.seed)
+            rates: dict[str, list[float]] = {kind: [] for kind in sources}
+            for _ in range(2):  # alternately, so that drift hits both
+                for kind, source in sources.items():
+                    data.source = source
+                    rates[kind].append(_input_rate(config, data, batch_size, steps)[0])
+        best = {kind: max(r) for kind, r in rates.items()}
+        rate = best["tfrecord"]
+        out.update(
+            source="made-up JPEGs (tfrecord and wds)",
+            tfrecord_examples_per_sec=round(best["tfrecord"], 1),
+            wds_examples_per_sec=round(best["wds"], 1),
+            wds_over_tfrecord=round(best["wds"] / best["tfrecord"], 3),
+        )
+    return {
+        **out,
+        "examples_per_sec": round(rate, 1),
+        "per_core": round(rate / cores, 1),
+        "cores": cores,
+    }
+
+
+def _input_rate(config, data, batch_size: int, steps: int) -> tuple[float, int, list[int]]:
+    """(examples/s, skipped examples, image shape) of `steps` batches from `data`'s source."""
     from clip_jax.data import pipeline
 
-    batch_size = batch_size or min(INPUT_BATCH, config.batch_size)
-    size = config.model.vision.image_size
-    data = ml_collections.ConfigDict(config.train_data.to_dict())
-    with tempfile.TemporaryDirectory() as tmp:
-        if data.source in ("", "synthetic"):  # no files given: made-up JPEGs to decode
-            data.source = write_jpeg_shards(tmp, size, config.seed)
-        source = pipeline.make_source(
-            data,
-            seed=config.seed,
-            image_size=size,
-            context_length=config.model.text.context_length,
-            vocab_size=config.model.text.vocab_size,
-            process_index=0,  # this host's input pipeline alone
-            process_count=1,
-        )
-        batches = source.batches(batch_size, slice(0, batch_size))
-        for _ in range(WARMUP_BATCHES):
-            next(batches)
-        start = time.perf_counter()
-        for _ in range(steps):
-            batch, _ = next(batches)
-        elapsed = time.perf_counter() - start
-    per_sec = steps * batch_size / elapsed
-    cores = cpu_cores()
-    return {
-        "what": "input",
-        "examples_per_sec": round(per_sec, 1),
-        "per_core": round(per_sec / cores, 1),
-        "cores": cores,
-        "image_size": size,
-        "batch_size": batch_size,
-        "steps": steps,
-        "source": data.source,
-        "skipped_examples": int(source.skipped_examples),
-        "image_shape": list(batch["image"].shape),
-    }
+    source = pipeline.make_source(
+        data,
+        seed=config.seed,
+        image_size=config.model.vision.image_size,
+        context_length=config.model.text.context_length,
+        vocab_size=config.model.text.vocab_size,
+        process_index=0,  # this host's input pipeline alone
+        process_count=1,
+    )
+    batches = source.batches(batch_size, slice(0, batch_size))
+    for _ in range(WARMUP_BATCHES):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch, _ = next(batches)
+    elapsed = time.perf_counter() - start
+    return steps * batch_size / elapsed, int(source.skipped_examples), list(batch["image"].shape)
 
 
 def bench_loss_memory(config: ml_collections.ConfigDict, *, batch_size: int, steps: int) -> dict:
