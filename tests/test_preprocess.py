@@ -332,3 +332,31 @@ def test_eval_pixels_from_files_equal_open_clips(tmp_path, resize_mode, interpol
         tensor = transform(Image.open(path)).numpy().transpose(1, 2, 0)
         levels = np.round((tensor * 0.5 + 0.5) * 255).astype(np.int16)
         assert np.array_equal(got.astype(np.int16), levels), path
+
+
+def full_decode_crop(data: tf.Tensor, size: int, seed: tf.Tensor, scale) -> np.ndarray:
+    """The random resized crop cut from the whole decoded image (no DCT scaling)."""
+    image = image_ops.decode_rgb(data)
+    shape = tf.shape(image)
+    top, left, h, w = image_ops.random_crop_window(shape[0], shape[1], seed, scale)
+    window = image[top : top + h, left : left + w]
+    return image_ops.to_uint8(image_ops.resize(window, size, size)).numpy().astype(np.float64)
+
+
+def test_jpeg_crops_decode_at_reduced_scale_and_stay_close_to_full_decoding():
+    """A JPEG's window is decoded alone, at 1/2, 1/4 or 1/8 scale where it stays at least the
+    output size: the same window as the whole image's, a few levels from it on average."""
+    import sklearn.datasets
+
+    path = f"{sklearn.datasets.__path__[0]}/images/china.jpg"  # a 640 x 427 photo
+    photo = Image.open(path)
+    for size, width in ((64, 640), (200, 640), (96, 1280)):
+        out = io.BytesIO()
+        photo.resize((width, width * 427 // 640)).save(out, "JPEG", quality=90)
+        data = tf.constant(out.getvalue())
+        for seed in range(3):
+            key = tf.constant([seed, 11], tf.int64)
+            got = image_ops.train_crop(data, size, key, (0.9, 1.0), image_ops.MAX_IMAGE_PIXELS)
+            want = full_decode_crop(data, size, key, (0.9, 1.0))
+            assert got.shape == (size, size, 3)
+            assert np.abs(got.numpy() - want).mean() < 3.0, (size, width, seed)

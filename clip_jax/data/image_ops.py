@@ -25,6 +25,7 @@ import tensorflow as tf
 from clip_jax.data.preprocess import AUGMENTATIONS, CLIP_MEAN, CLIP_STD, MAX_IMAGE_PIXELS
 
 CROP_RATIO = (3 / 4, 4 / 3)
+DCT_SCALES = (1, 2, 4, 8)  # libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 of the size
 # Downscaling by more than this gets an antialiasing filter, as PIL's resize (which OpenAI and
 # open_clip use) always applies; below it, the filter changes little and costs 3-4x the time.
 ANTIALIAS_ABOVE = 1.25
@@ -161,10 +162,85 @@ def train_crop(
       scale: range of the crop's share of the image area.
       max_pixels: larger images (by their header) raise instead of being decoded.
     """
-    image = decode_rgb(data, max_pixels)
+    small = tf.debugging.assert_less_equal(
+        header_pixels(data),
+        tf.constant(max_pixels, tf.int64),
+        message=f"an image above max_pixels={max_pixels} (not decoded)",
+    )
+    with tf.control_dependencies([small]):
+        return to_uint8(
+            tf.cond(
+                tf.io.is_jpeg(data),
+                lambda: _jpeg_crop(data, size, seed, scale),
+                lambda: _other_crop(data, size, seed, scale),
+            )
+        )
+
+
+def _other_crop(data: tf.Tensor, size: int, seed: tf.Tensor, scale) -> tf.Tensor:
+    """A PNG, WebP, GIF or BMP: decoded whole, the random window cut out and resized."""
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
     shape = tf.shape(image)
     top, left, h, w = random_crop_window(shape[0], shape[1], seed, scale)
-    return to_uint8(resize(image[top : top + h, left : left + w], size, size))
+    return resize(image[top : top + h, left : left + w], size, size)
+
+
+def _jpeg_crop(data: tf.Tensor, size: int, seed: tf.Tensor, scale) -> tf.Tensor:
+    """A JPEG's random window, decoded alone (libjpeg skips the rest) at the smallest of its DCT
+    scales (`DCT_SCALES`) that keeps both sides of the window at least `size`, then resized.
+
+    The window is drawn on the full-size image, so the crop is the same as without scaling: at
+    scale 1/r the decoded rows and columns cover the window's edges, and the resize maps the
+    window's exact, fractional position onto the output (`tf.raw_ops.ScaleAndTranslate`, the
+    bicubic kernel `resize` uses, antialiased when it shrinks by more than `ANTIALIAS_ABOVE`).
+    """
+    shape = tf.image.extract_jpeg_shape(data)
+    top, left, h, w = random_crop_window(shape[0], shape[1], seed, scale)
+    halvings = tf.reduce_sum(
+        tf.cast(tf.minimum(h, w) >= size * tf.constant(DCT_SCALES[1:]), tf.int32)
+    )
+
+    def full() -> tf.Tensor:
+        window = tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, h, w]), channels=3)
+        return resize(window, size, size)
+
+    def at(ratio: int):
+        def decode() -> tf.Tensor:
+            height = (shape[0] + ratio - 1) // ratio  # the scaled image's size
+            width = (shape[1] + ratio - 1) // ratio
+            top_r, left_r = top // ratio, left // ratio
+            bottom_r = tf.minimum((top + h + ratio - 1) // ratio, height)
+            right_r = tf.minimum((left + w + ratio - 1) // ratio, width)
+            window = tf.stack([top_r, left_r, bottom_r - top_r, right_r - left_r])
+            image = tf.image.decode_and_crop_jpeg(data, window, channels=3, ratio=ratio)
+            # The crop in the decoded pixels' coordinates: from (top / r - top_r) over h / r.
+            extent = tf.cast(tf.stack([h, w]), tf.float32) / ratio
+            offset = tf.cast(tf.stack([top, left]), tf.float32) / ratio - tf.cast(
+                tf.stack([top_r, left_r]), tf.float32
+            )
+            factor = size / extent  # output pixels per decoded pixel, < 1: a shrink
+            batch = tf.cast(image, tf.float32)[None]
+
+            def scaled(antialias: bool) -> tf.Tensor:
+                return tf.raw_ops.ScaleAndTranslate(
+                    images=batch,
+                    size=[size, size],
+                    scale=factor,
+                    translation=-offset * factor,
+                    kernel_type="keyscubic",
+                    antialias=antialias,
+                )[0]
+
+            return tf.cond(
+                tf.reduce_max(extent) / size > ANTIALIAS_ABOVE,
+                lambda: scaled(True),
+                lambda: scaled(False),
+            )
+
+        return decode
+
+    return tf.switch_case(halvings, [full, *(at(r) for r in DCT_SCALES[1:])])
 
 
 def _uniform_offset(u: tf.Tensor, extent: tf.Tensor, size: int) -> tf.Tensor:
