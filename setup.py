@@ -69,8 +69,16 @@ setup(
         "aot": AOT,
         # The handwritten-digits demo dataset ships inside scikit-learn.
         "demo": ["scikit-learn>=1.4"],
-        # The reference implementation, for the parity tests (they skip without it).
-        "reference": ["torch>=2.4", "torchvision", "open_clip_torch>=2.26"],
+        # The reference implementations, for the parity tests (they skip without them): open_clip,
+        # and CLIP_benchmark's exporter and zero-shot code with what they import.
+        "reference": [
+            "torch>=2.4",
+            "torchvision",
+            "open_clip_torch>=2.26",
+            "clip-benchmark>=1.6",
+            "webdataset>=0.2.31",
+            "requests",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
