@@ -15,6 +15,7 @@ many files as processes, else every process reads all files and keeps every `pro
 record (so does `WebDatasetReader`); `TFDSReader` uses `tfds.even_splits`.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import captions
@@ -23,6 +24,7 @@ from clip_jax.infra.errors import UsageError
 MAX_CYCLE = 16  # files read at once, interleaved record by record
 READ_BUFFER = 4 << 20  # bytes buffered per open file; large reads suit gs:// as well as disks
 PEEK_RECORDS = 8  # records read at start-up to check the feature keys
+WDS_CHUNK = 32  # webdataset samples handed to tf.data at a time
 
 
 def _shuffle_seed(key: int, epoch: tf.Tensor) -> tf.Tensor:
@@ -163,17 +165,27 @@ class WebDatasetReader:
         self.files, self.record_shard = _file_share(files, process_index, process_count)
 
     @staticmethod
-    def _samples(path: tf.Tensor):
+    def _chunks(path: tf.Tensor):
+        """The shard's samples in chunks of `WDS_CHUNK`: one Python call per chunk, not per
+        sample, so that the generator's overhead does not slow tf.data's threads."""
         from clip_jax.data import webdataset
 
+        images, captions = [], []
         for _, fields in webdataset.samples(path.decode("utf-8")):
-            yield {"image": webdataset.image_of(fields), "caption": webdataset.caption_of(fields)}
+            images.append(webdataset.image_of(fields))
+            captions.append(webdataset.caption_of(fields))
+            if len(images) == WDS_CHUNK:
+                yield {"image": np.array(images, object), "caption": np.array(captions, object)}
+                images, captions = [], []
+        if images:
+            yield {"image": np.array(images, object), "caption": np.array(captions, object)}
 
     def _open(self, path: tf.Tensor) -> tf.data.Dataset:
-        spec = tf.TensorSpec([], tf.string)
-        return tf.data.Dataset.from_generator(
-            self._samples, args=(path,), output_signature={"image": spec, "caption": spec}
+        spec = tf.TensorSpec([None], tf.string)
+        chunks = tf.data.Dataset.from_generator(
+            self._chunks, args=(path,), output_signature={"image": spec, "caption": spec}
         )
+        return chunks.unbatch()
 
     def epoch(self, e: tf.Tensor) -> tf.data.Dataset:
         """Samples of epoch `e` (see `_sharded_epoch`)."""
