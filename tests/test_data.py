@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax.data import image_ops, pipeline, preprocess, tokenizers
+from clip_jax.data import crops, image_ops, pipeline, preprocess, tokenizers
 from tests.conftest import open_train_source, train_data_config, with_overrides
 
 SIZE, LENGTH, VOCAB = 16, 16, 49408
@@ -141,7 +141,7 @@ def test_skips_are_counted_exactly_under_shuffling(shards, tokenizer):
     batches = source.batches(8, slice(0, 8))
     for k in range(1, 13):
         batch, state = next(batches)
-        assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
         assert batch["text"].shape == (8, LENGTH) and batch["text"].dtype == np.int32
         pos = state["sources"][0]
         raw_consumed = pos["epoch"] * (GOOD + BAD) + pos["offset"]
@@ -375,25 +375,30 @@ def test_synthetic_needs_no_tokenizer():
 # --- Image ops ---------------------------------------------------------------------------------
 
 
-def test_image_ops_crop_resize_and_normalise():
+def test_crops_keep_pixels_and_normalise_on_the_device():
     colour = np.zeros((30, 50, 3), np.uint8) + np.array([200, 100, 50], np.uint8)
     data = tf.constant(encode(colour, "PNG"))
-    want = (np.array([200, 100, 50]) / 255 - image_ops.CLIP_MEAN) / image_ops.CLIP_STD
-    seed, scale, limit = tf.constant([1, 2], tf.int64), (0.9, 1.0), image_ops.MAX_IMAGE_PIXELS
-    train = image_ops.train_image(data, 20, seed, scale, limit).numpy()
+    want = (np.array([200, 100, 50]) / 255 - preprocess.CLIP_MEAN) / preprocess.CLIP_STD
+    seed = tf.constant([1, 2], tf.int64)
+    crop = image_ops.augment(
+        data, 20, seed, augmentation="random_resized_crop", crop_scale=(0.9, 1)
+    )
+    assert crop.dtype == tf.uint8 and crop.shape == (20, 20, 3)
+    train = preprocess.normalize(crop.numpy())
     evaluation = preprocess.preprocess(Image.open(io.BytesIO(data.numpy())), 20)[0]
     for image in (train, evaluation):
         assert image.shape == (20, 20, 3) and image.dtype == np.float32
         np.testing.assert_allclose(image, np.broadcast_to(want, image.shape), atol=1e-4)
-    again = image_ops.train_image(data, 20, seed, scale, limit).numpy()
-    np.testing.assert_array_equal(train, again)
+    again = image_ops.augment(
+        data, 20, seed, augmentation="random_resized_crop", crop_scale=(0.9, 1)
+    )
+    np.testing.assert_array_equal(crop, again)
 
 
 def test_random_crop_windows_fit_and_cover_the_scale():
     for s in range(50):
-        top, left, h, w = (
-            int(v) for v in image_ops.random_crop_window(60, 90, tf.constant([s, 7]), (0.5, 1.0))
-        )
+        u = np.random.default_rng(s).random(4)
+        left, top, w, h = crops.window(90, 60, u, (0.5, 1.0))
         assert 0 <= top <= 60 - h and 0 <= left <= 90 - w
         assert 0.4 * 60 * 90 <= h * w <= 60 * 90
 
@@ -403,5 +408,5 @@ def test_eval_resizes_the_shorter_side_then_center_crops():
     stripes[:, 20:60] = 255  # the center square is white, the sides black
     image = preprocess.Preprocess(10).decode(encode(stripes, "PNG"))
     image = preprocess.preprocess(image, 10)[0]
-    white = (1 - np.array(image_ops.CLIP_MEAN)) / np.array(image_ops.CLIP_STD)
+    white = (1 - np.array(preprocess.CLIP_MEAN)) / np.array(preprocess.CLIP_STD)
     np.testing.assert_allclose(image[:, 2:-2], np.broadcast_to(white, (10, 6, 3)), atol=0.05)

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax.data import image_ops, prepare, readers, tfdata, tokenizers
-from clip_jax.data.preprocess import Preprocess
+from clip_jax.data import crops, image_ops, prepare, readers, tfdata, tokenizers
+from clip_jax.data.preprocess import AUGMENTATIONS, Preprocess
 
 MAX_PIXELS = image_ops.MAX_IMAGE_PIXELS
 
@@ -77,40 +77,45 @@ def bomb() -> bytes:
         ("WEBP", {"lossless": True}),
     ],
 )
-def test_header_pixels_reads_the_size_every_decodable_format_declares(fmt, kw):
+def test_the_size_every_decodable_format_declares_is_read_before_decoding(fmt, kw):
     data = encoded(fmt, 37, 53, **kw)
-    assert int(image_ops.header_pixels(tf.constant(data))) == 37 * 53
-    assert image_ops.decode_rgb(tf.constant(data)).shape == (37, 53, 3)
+    image = crops.open_image(data)
+    assert image.size == (53, 37)
+    u = np.float32([0.5, 0.5, 0.5, 0.5])
+    assert crops.random_resized_crop(data, 16, u, (0.9, 1.0), MAX_PIXELS).shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="a 53x37 image, above max_pixels=1960"):
+        crops.open_image(data, max_pixels=1960)
 
 
-def test_header_pixels_of_extended_webp_and_unknown_bytes():
+def test_extended_webp_and_unknown_bytes():
     rgba = np.zeros((41, 29, 4), np.uint8)
     out = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(out, "WEBP", exif=b"Exif\0\0")  # VP8X: extended header
     assert out.getvalue()[12:16] == b"VP8X"
-    assert int(image_ops.header_pixels(tf.constant(out.getvalue()))) == 41 * 29
-    assert int(image_ops.header_pixels(tf.constant(b"no image"))) == 0
-    assert int(image_ops.header_pixels(tf.constant(b""))) == 0
+    assert crops.open_image(out.getvalue()).size == (29, 41)
+    for data in (b"no image", b""):
+        with pytest.raises(OSError):  # PIL's UnidentifiedImageError
+            crops.open_image(data)
 
 
 def test_a_decompression_bomb_raises_before_it_is_decoded(bomb):
     start = time.perf_counter()
-    for crop in (
-        lambda: image_ops.train_crop(
-            tf.constant(bomb), 16, tf.constant([1, 2], tf.int64), (0.9, 1.0), MAX_PIXELS
-        ),
-    ):
-        with pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels=89478485"):
-            crop()
+    seed = tf.constant([1, 2], tf.int64)
+    for augmentation in AUGMENTATIONS:  # training's crops (eagerly: the error itself)
+        with pytest.raises((ValueError, tf.errors.OpError), match="above max_pixels"):
+            image_ops.augment(
+                tf.constant(bomb), 16, seed, augmentation=augmentation, crop_scale=(0.9, 1.0)
+            )
     with pytest.raises(ValueError, match="above max_pixels"):
         Preprocess(16).decode(bomb)  # evaluation's transform
     # Decoding would take seconds (and 1.2 GB); reading the header takes milliseconds.
     assert time.perf_counter() - start < 1.0
-    assert int(image_ops.header_pixels(tf.constant(bomb))) == 20000 * 20000
     small = encoded("PNG", 20, 30)
     assert Preprocess(16).decode(small, max_pixels=600).shape == (16, 16, 3)
     with pytest.raises(ValueError, match="above max_pixels"):
         Preprocess(16).decode(small, max_pixels=599)
+    with pytest.raises(ValueError, match="a 30x20 image, above max_pixels=599"):
+        crops.random_square_crop(small, 16, np.zeros(4, np.float32), max_pixels=599)
 
 
 def test_prepare_skips_images_above_the_pixel_limit_before_decoding(tmp_path, bomb):

@@ -71,8 +71,9 @@ def test_a_cut_shard_gives_what_precedes_the_cut_and_one_lost_sample(tmp_path):
     member = 512 + 3072  # a header block, the data padded to blocks
     (tmp_path / "cut.tar").write_bytes(data[: 2 * member + 1500])  # inside the third member
     got = list(webdataset.samples(str(tmp_path / "cut.tar")))
-    assert [k for k, _ in got] == ["0", "1", "2", ""]  # the cut one without its field
-    assert got[2][1] == {} and got[-1] == ("", {})
+    assert [k for k, _ in got] == ["0", "1", ""]  # the cut one stands as the lost sample
+    assert got[1][1] == {"txt": b"x" * 3000} and got[-1] == ("", {})
+    assert webdataset.count(str(tmp_path / "cut.tar")) == 3
     assert list(webdataset.samples(str(tmp_path / "missing.tar"))) == [("", {})]
 
 
@@ -138,3 +139,69 @@ def test_mixed_with_tfrecords_by_weight(wds_shards, tmp_path, tokenizer):
     resumed = take(make(f"{source}@3,{tfrecords}@1", tokenizer), 3, n=10, state=batches[2][1])
     for (x, _), (y, _) in zip(batches[3:], resumed, strict=True):
         np.testing.assert_array_equal(x["text"], y["text"])
+
+
+OPEN_AT_EXIT = """
+import sys
+from clip_jax.data import pipeline
+from clip_jax.evals import data
+from clip_jax.data.preprocess import Preprocess
+from configs import tiny
+
+cfg = tiny.get_config().train_data
+cfg.source = sys.argv[1]
+source = pipeline.make_source(cfg, seed=0, image_size=32, context_length=16, vocab_size=49408,
+                              process_index=0, process_count=1)
+STREAM = source.batches(8, slice(0, 8))
+next(STREAM)  # PIL's crops in flight, through tf.numpy_function
+EVAL = data.batches(data.open_source(sys.argv[2]), preprocess=Preprocess(32), global_batch=4,
+                    rows=slice(0, 4))
+next(EVAL)
+print("leaving both open", flush=True)
+"""
+
+
+def test_an_open_stream_does_not_hang_the_exit(wds_shards, tmp_path):
+    """Streams that call Python inside tf.data, still open when the interpreter exits (a global,
+    a traceback), are closed before Python finalizes instead of hanging it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, cpu_env
+
+    source, _ = wds_shards
+    images = tmp_path / "folder" / "a"
+    images.mkdir(parents=True)
+    for i in range(6):
+        (images / f"{i}.png").write_bytes(encode(picture(i), "PNG"))
+    done = subprocess.run(
+        [sys.executable, "-c", OPEN_AT_EXIT, source, f"imagefolder:{tmp_path / 'folder'}"],
+        cwd=ROOT,
+        env=cpu_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "leaving both open" in done.stdout
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_long_names_in_every_tar_format(tmp_path, fmt):
+    """Keys longer than ustar's 100 characters: ustar's prefix field, GNU's long-name member,
+    pax's path record."""
+    import io
+    import tarfile
+
+    directory = "d" * 60 + "/" + "e" * 40
+    key = f"{directory}/{'k' * 90}"
+    formats = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    path = tmp_path / f"{fmt}.tar"
+    with tarfile.open(path, "w", format=formats[fmt]) as tar:
+        for name, data in ((f"{key}.jpg", b"J"), (f"{key}.txt", b"caption"), ("short.txt", b"s")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = list(webdataset.samples(str(path)))
+    assert got == [(key, {"jpg": b"J", "txt": b"caption"}), ("short", {"txt": b"s"})]
+    assert webdataset.count(str(path)) == 2

@@ -8,8 +8,8 @@ Per reader, the stream is a pure function of the seed and a position (epoch, off
       -> parse + decode + crop (uint8) in a deterministic parallel map, seeded by the position
       -> drop records that raised (bad image bytes, an image whose header declares more than
          `max_image_pixels`: never decoded) or are unusable (no or empty caption)
-    then mix the readers' streams (a seeded draw per example), batch, normalise each batch's
-    images and tokenize its captions in one call, prefetch.
+    then mix the readers' streams (a seeded draw per example), batch, tokenize each batch's
+    captions in one call, prefetch (the pixels stay uint8: the device normalises them).
 
 Every example carries its position and `raw`, the number of raw records its reader consumed in
 this run before it, so that `raw + 1 - examples emitted` counts the records skipped up to it:
@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import image_ops
-from clip_jax.data.sources import Batch, batch_rows
+from clip_jax.data.sources import Batch, batch_rows, closed_at_exit
 from clip_jax.infra.errors import UsageError
 
 EPOCHS = 2**40  # "forever", as a range that tf.data can hold
@@ -200,12 +200,13 @@ class TFDataSource:
             ds = tf.data.Dataset.choose_from_datasets(streams, choices, stop_on_empty_dataset=True)
 
         def finish(batch: dict) -> dict:
-            """Tokenizes the batch's captions in one call; normalises its images."""
+            """Tokenizes the batch's captions in one call (the pixels stay uint8: the train step
+            normalises them on the device)."""
             tokens = tf.numpy_function(
                 self._tokenize, [batch.pop("caption")], tf.int32, stateful=False
             )
             tokens.set_shape([per_process, self.context_length])
-            return {**batch, "image": image_ops.normalize(batch["image"]), "text": tokens}
+            return {**batch, "text": tokens}
 
         ds = ds.batch(per_process, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(finish, num_parallel_calls=2, deterministic=True)  # bounds batches in flight
@@ -221,6 +222,11 @@ class TFDataSource:
         self, global_batch: int, rows: np.ndarray | slice, state: dict | None = None
     ) -> Iterator[tuple[Batch, dict]]:
         """This process's `rows` of each global batch, from `state` (or the start) on."""
+        return closed_at_exit(self._batches(global_batch, rows, state))
+
+    def _batches(
+        self, global_batch: int, rows: np.ndarray | slice, state: dict | None
+    ) -> Iterator[tuple[Batch, dict]]:
         n = len(batch_rows(rows, global_batch))
         if not 0 < n <= global_batch:
             raise ValueError(f"rows {rows} do not fit a global batch of {global_batch}")

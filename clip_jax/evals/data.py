@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from clip_jax.data import prepare, webdataset
 from clip_jax.data.preprocess import Preprocess
-from clip_jax.data.sources import EVAL_SOURCE_HELP, batch_rows
+from clip_jax.data.sources import EVAL_SOURCE_HELP, batch_rows, closed_at_exit
 from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
 
@@ -395,6 +395,30 @@ def batches(
     `max_captions` are dropped and counted in `stats["dropped_captions"]`). Undecodable images
     are counted in `stats["skipped"]`.
     """
+    stream = _batches(
+        source,
+        preprocess=preprocess,
+        global_batch=global_batch,
+        rows=rows,
+        tokenize_fn=tokenize_fn,
+        max_captions=max_captions,
+        start=start,
+        stats=stats,
+    )
+    return closed_at_exit(stream)
+
+
+def _batches(
+    source: EvalSource,
+    *,
+    preprocess: Preprocess,
+    global_batch: int,
+    rows: np.ndarray | slice,
+    tokenize_fn: Callable[[list[str]], np.ndarray] | None,
+    max_captions: int,
+    start: int,
+    stats: dict[str, int] | None,
+) -> Iterator[dict[str, np.ndarray]]:
     rows = batch_rows(rows, global_batch)
     n, image_size = len(rows), preprocess.size
     total = num_batches(source.num_examples, global_batch)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clip_jax.data import preprocess
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD
 from clip_jax.infra import paths
 from clip_jax.parallel import sharding
@@ -35,10 +36,8 @@ def normalize(
     images: jax.Array, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> jax.Array:
     """uint8 [..., 3] -> float32 normalised with `mean` and `std` (of pixels in [0, 1]; CLIP's by
-    default), on the device (a quarter of the bytes to copy)."""
-    mean = np.asarray(mean, np.float32) * 255
-    std = np.asarray(std, np.float32) * 255
-    return (images.astype(np.float32) - mean) / std
+    default), on the device (a quarter of the bytes to copy): `preprocess.normalize`."""
+    return preprocess.normalize(images, mean, std)
 
 
 def make_step(

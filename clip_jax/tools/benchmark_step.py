@@ -85,7 +85,7 @@ def random_batch(config, batch_size: int, mesh) -> dict:
     tokens[:, -1] = config.model.text.vocab_size - 1  # an end token for argmax pooling
     return jax.device_put(
         {
-            "image": rng.standard_normal((batch_size, size, size, 3), np.float32),
+            "image": rng.integers(0, 256, (batch_size, size, size, 3), np.uint8),
             "text": tokens.astype(np.int32),
         },
         {"image": sharding.batch_sharding(mesh, 4), "text": sharding.batch_sharding(mesh, 2)},

@@ -76,13 +76,13 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
 
 
 def abstract_batch(spec: "StateSpec", batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """A global training batch of `batch_size` as shapes: float32 images and int32 tokens, as
+    """A global training batch of `batch_size` as shapes: uint8 pixels and int32 tokens, as
     every source yields them, with their shardings."""
     cfg, shardings = spec.model_config, batch_shardings(spec.mesh)
     size, length = cfg["vision"]["image_size"], cfg["text"]["context_length"]
     return {
         "image": jax.ShapeDtypeStruct(
-            (batch_size, size, size, 3), jnp.float32, sharding=shardings["image"]
+            (batch_size, size, size, 3), jnp.uint8, sharding=shardings["image"]
         ),
         "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=shardings["text"]),
     }

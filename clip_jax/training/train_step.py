@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from clip_jax.data.preprocess import normalize
 from clip_jax.infra.errors import UsageError
 from clip_jax.models import l2_normalize
 from clip_jax.parallel.sharding import BATCH_AXES
@@ -68,6 +69,8 @@ def make_loss_and_grad(
     freeze_image, freeze_text = "visual" in frozen, "text_tower" in frozen
 
     def embed(params, batch_stats, images, tokens, rng):
+        if images.dtype == jnp.uint8:  # pixels, as the sources send them: normalised here
+            images = normalize(images)
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
         zimg, updates = model.apply(
             variables,
