@@ -29,9 +29,13 @@ _CONFIG = cli.define_config_flag("Config file (default: the run's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "A weight file (OpenAI, OpenCLIP, ours).")
-_EVALS = flags.DEFINE_string("evals", "", "Comma-separated eval names, or 'paper'; '' = all.")
+_EVALS = flags.DEFINE_string(
+    "evals", "", "Comma-separated eval names, 'paper' or 'clip_benchmark'; '' = all."
+)
 _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON results.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "tfds data_dir for the evals that leave it empty.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "", "tfds data_dir for the evals that leave it empty; CLIP_benchmark's datasets."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global eval batch size (0: each eval's).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer for --pretrained (default clip_bpe).")
 _TAG = flags.DEFINE_string(
