@@ -3,8 +3,7 @@
     python -m clip_jax.evaluate --workdir=DIR [--step=N] [--evals=a,b] [--output=results.json]
     python -m clip_jax.evaluate --config=configs/b16.py --pretrained=FILE [--evals=...]
     python -m clip_jax.evaluate --pretrained=ViT-B-32.pt --evals=paper --data_dir=DIR
-    python -m clip_jax.evaluate --pretrained=ViT-B-32 [--tag=openai] --evals=clip_benchmark \
-        --data_dir=DIR
+    python -m clip_jax.evaluate --pretrained=ViT-B-32 --evals=clip_benchmark --data_dir=DIR
 
 The evals are the config's `evals` entries (a run's own config.json by default, or `--config`),
 all of them or those named by `--evals`; `--evals=paper` is the CLIP paper's zero-shot suite
