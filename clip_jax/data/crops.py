@@ -22,12 +22,11 @@ image raise (the pipeline skips and counts the record), and so does an image who
 declares more than `max_pixels` pixels, before it is decoded.
 """
 
-import io
 import math
 
 import numpy as np
 
-from clip_jax.data.preprocess import AUGMENTATIONS, MAX_IMAGE_PIXELS
+from clip_jax.data.preprocess import AUGMENTATIONS, open_image
 
 CROP_RATIO = (3 / 4, 4 / 3)
 DCT_SCALES = (8, 4, 2)  # libjpeg's reductions, tried largest first
@@ -53,23 +52,6 @@ def window(
     top = min(int(float(u[2]) * (height - h + 1)), height - h)
     left = min(int(float(u[3]) * (width - w + 1)), width - w)
     return left, top, w, h
-
-
-def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Encoded bytes -> a PIL image, not yet decoded; raises on bytes that are no image and on a
-    header declaring more than `max_pixels` pixels."""
-    from PIL import Image
-
-    if isinstance(data, np.ndarray):  # a scalar from tf.numpy_function
-        data = data.item()
-    try:
-        image = Image.open(io.BytesIO(bytes(data)))
-    except Image.DecompressionBombError as e:  # PIL's own limit, twice MAX_IMAGE_PIXELS
-        raise ValueError(f"{e} (above max_pixels: not decoded)") from None
-    w, h = image.size
-    if w * h > max_pixels:
-        raise ValueError(f"a {w}x{h} image, above max_pixels={max_pixels} (not decoded)")
-    return image
 
 
 def _reduce(image, shortest: float, size: int) -> int:

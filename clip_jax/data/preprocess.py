@@ -107,19 +107,27 @@ class Preprocess:
         """Encoded image bytes -> uint8 [S, S, 3]; raises (ValueError, PIL's errors) on bytes
         that are no image and on an image whose header declares more than `max_pixels` pixels
         (default: `MAX_IMAGE_PIXELS`), before decoding it."""
-        from PIL import Image
-
-        if isinstance(data, np.ndarray):  # a scalar from tf.numpy_function
-            data = data.item()
-        try:
-            image = Image.open(io.BytesIO(bytes(data)))
-        except Image.DecompressionBombError as e:  # PIL's own limit, twice MAX_IMAGE_PIXELS
-            raise ValueError(f"{e} (above max_pixels: not decoded)") from None
-        w, h = image.size
-        if w * h > (max_pixels or MAX_IMAGE_PIXELS):
-            raise ValueError(f"a {w}x{h} image, above max_pixels (not decoded)")
+        image = open_image(data, max_pixels or MAX_IMAGE_PIXELS)
         image.load()
         return self.pixels(image)
+
+
+def open_image(data: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
+    """Encoded bytes (or a scalar array of them, as `tf.numpy_function` passes them) -> a PIL
+    image, not yet decoded; raises on bytes that are no image, and on a header declaring more
+    than `max_pixels` pixels (ValueError, before anything is decoded)."""
+    from PIL import Image
+
+    if isinstance(data, np.ndarray):
+        data = data.item()
+    try:
+        image = Image.open(io.BytesIO(bytes(data)))
+    except Image.DecompressionBombError as e:  # PIL's own limit, twice MAX_IMAGE_PIXELS
+        raise ValueError(f"{e} (above max_pixels: not decoded)") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ValueError(f"a {w}x{h} image, above max_pixels={max_pixels} (not decoded)")
+    return image
 
 
 def normalize(images: Any, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):

@@ -28,20 +28,18 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from clip_jax.data import prepare, webdataset
+from clip_jax.data import prepare
 from clip_jax.data.preprocess import Preprocess
 from clip_jax.data.sources import EVAL_SOURCE_HELP, batch_rows, closed_at_exit
-from clip_jax.infra import paths
+from clip_jax.evals import benchmark_data
 from clip_jax.infra.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 CAPTION_SEPARATOR = "\x1f"  # joins an image's captions into one string inside tf.data
-TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark's
 
 
 @dataclasses.dataclass
@@ -91,7 +89,7 @@ def open_source(
             image_id_key or prepare.ID_KEY,
         )
     if kind == "wds" and rest:
-        return _webdataset(rest)
+        return EvalSource(**benchmark_data.open_benchmark_set(rest, CAPTION_SEPARATOR))
     if kind == "digits":
         from clip_jax.data import digits
 
@@ -197,98 +195,6 @@ def _tfrecord(
         has_labels=has_labels,
         has_captions=has_captions,
         has_image_ids=has_ids,
-    )
-
-
-def find_split(directory: str) -> tuple[str, str]:
-    """A CLIP_benchmark dataset directory (or one of its split folders) -> (dataset root, split
-    folder); a UsageError when neither holds shards."""
-    root = paths.path(directory)
-    for split, base in ((root / "test", root), (root, root.parent)):
-        if split.is_dir() and ((split / "nshards.txt").exists() or any(split.glob("*.tar"))):
-            return str(base), str(split)
-    raise UsageError(
-        f"wds:{directory}: no shards (want DIR/test/0.tar ... with nshards.txt, CLIP_benchmark's "
-        "layout, or a split folder of .tar files)"
-    )
-
-
-def _lines(p) -> list[str]:
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
-
-
-def benchmark_files(root: str) -> dict[str, Any]:
-    """What a CLIP_benchmark dataset root says of itself: `type` ("classification", "retrieval"
-    or "multilabel"), `classnames` and `templates` (None when absent)."""
-    root_path = paths.path(root)
-    kind_file = root_path / "dataset_type.txt"
-    kind = kind_file.read_text().strip().lower() if kind_file.exists() else "classification"
-    names, templates = root_path / "classnames.txt", root_path / TEMPLATES_FILE
-    return {
-        "type": kind,
-        "classnames": _lines(names) if names.exists() else None,
-        # CLIP_benchmark formats its templates with {c}; ours hold {}
-        "templates": [t.replace("{c}", "{}") for t in _lines(templates)]
-        if templates.exists()
-        else None,
-    }
-
-
-def shard_paths(split: str) -> list[str]:
-    """The shards of a split folder in CLIP_benchmark's order: `0.tar` .. `N-1.tar` by
-    `nshards.txt`, else every `.tar` in natural order."""
-    split_path = paths.path(split)
-    count = split_path / "nshards.txt"
-    if count.exists():
-        n = int(count.read_text().strip())
-        files = [split_path / f"{i}.tar" for i in range(n)]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise UsageError(f"{split}: nshards.txt says {n}, but {missing[0]} is missing")
-        return [str(f) for f in files]
-    return sorted((str(f) for f in split_path.glob("*.tar")), key=webdataset.natural_key)
-
-
-def _webdataset(directory: str) -> EvalSource:
-    root, split = find_split(directory.rstrip("/"))
-    info = benchmark_files(root)
-    retrieval = info["type"] == "retrieval"
-    if info["type"] not in ("classification", "retrieval"):
-        raise UsageError(f"wds:{directory}: {info['type']} datasets are not supported")
-    if not retrieval and not info["classnames"]:
-        raise UsageError(f"wds:{directory}: no classnames.txt in {root}")
-    shards = shard_paths(split)
-
-    def samples():
-        for shard in shards:
-            for key, fields in webdataset.samples(shard):
-                captions = ""
-                if retrieval:
-                    text = webdataset.caption_of(fields).decode("utf-8", "replace")
-                    captions = CAPTION_SEPARATOR.join(c for c in text.splitlines() if c.strip())
-                yield {
-                    "image": webdataset.image_of(fields),
-                    "label": np.int64(webdataset.label_of(fields)),
-                    "captions": captions.encode("utf-8"),
-                    "image_id": key.encode("utf-8"),
-                }
-
-    spec = tf.TensorSpec([], tf.string)
-    signature = {"image": spec, "label": tf.TensorSpec([], tf.int64), "captions": spec}
-
-    def records() -> tf.data.Dataset:
-        return tf.data.Dataset.from_generator(
-            samples, output_signature={**signature, "image_id": spec}
-        )
-
-    return EvalSource(
-        f"wds:{directory}",
-        lambda: sum(webdataset.count(s) for s in shards),
-        records,
-        classnames=None if retrieval else info["classnames"],
-        templates=info["templates"],
-        has_labels=not retrieval,
-        has_captions=retrieval,
     )
 
 

@@ -173,11 +173,12 @@ def clip_benchmark(data_dir: str) -> tuple[dict[str, dict], dict[str, str], list
     """The CLIP_benchmark datasets found under `data_dir`, as eval entries, and the names of those
     not found.
 
-    A dataset is a folder holding `test/` shards in CLIP_benchmark's layout (`data.find_split`),
-    found as `data_dir/wds_vtab-cifar10` (the hub's repository name), `data_dir/vtab-cifar10` or
-    `data_dir/vtab/cifar10`; any other folder of `data_dir` in that layout is evaluated too, under
-    `wds/<folder>`. Classification sets get zero-shot classification with their own class names
-    and templates; sets whose `dataset_type.txt` says "retrieval" get retrieval.
+    A dataset is a folder holding `test/` shards in CLIP_benchmark's layout
+    (`benchmark_data.find_split`), found as `data_dir/wds_vtab-cifar10` (the hub's repository
+    name), `data_dir/vtab-cifar10` or `data_dir/vtab/cifar10`; any other folder of `data_dir` in
+    that layout is evaluated too, under `wds/<folder>`. Classification sets get zero-shot
+    classification with their own class names and templates; sets whose `dataset_type.txt` says
+    "retrieval" get retrieval.
 
     Returns:
       ({eval name: entry}, {eval name: the name CLIP_benchmark's records carry}, [the

@@ -94,36 +94,32 @@ def prepare(
                 f"--pretrained={pretrained}: choose its weights with --tag (one of "
                 f"{', '.join(tags)})"
             )
-        weights = pretrained_lib.lookup(pretrained, tag)
+        protocol = _protocol(pretrained_lib.lookup(pretrained, tag))
         model, variables = load_pretrained(pretrained, pretrained=tag)
-        return Subject(
-            config,
-            mesh,
-            rules,
-            model,
-            extract.replicate(variables, mesh),
-            f"{pretrained}:{tag}",
-            f"{pretrained}:{tag}",
-            get_tokenizer(name, model.text["context_length"]),
-            protocol=_protocol(weights),
-            model_name=pretrained,
-            pretrained_name=tag,
-        )
-    if tag:
-        raise UsageError(f"--tag={tag} applies to a model name given as --pretrained, not a file")
-    model, variables = load_pretrained(pretrained)
-    info = paths.path(pretrained).stat()
+        shown = weights_id = f"{pretrained}:{tag}"
+        model_name, pretrained_name = pretrained, tag
+    else:
+        if tag:
+            raise UsageError(
+                f"--tag={tag} applies to a model name given as --pretrained, not a file"
+            )
+        model, variables = load_pretrained(pretrained)
+        info, protocol = paths.path(pretrained).stat(), {}
+        shown = model_name = paths.path(pretrained).name
+        weights_id = f"{paths.path(pretrained)}:{info.length}:{info.mtime}"
+        pretrained_name = str(pretrained)
     return Subject(
         config,
         mesh,
         rules,
         model,
         extract.replicate(variables, mesh),
-        paths.path(pretrained).name,
-        f"{paths.path(pretrained)}:{info.length}:{info.mtime}",
+        shown,
+        weights_id,
         get_tokenizer(name, model.text["context_length"]),
-        model_name=paths.path(pretrained).name,
-        pretrained_name=str(pretrained),
+        protocol=protocol,
+        model_name=model_name,
+        pretrained_name=pretrained_name,
     )
 
 
