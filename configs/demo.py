@@ -24,7 +24,7 @@ other prompts), never on test digits.
 Measured on 2 shared cores (load 1-5), 2026-12-02 (093ff11): 129-174 s for the whole command;
 zero-shot top-1 0.973, 0.983, 0.983 and probe top-1 0.987, 0.980, 0.967 for seeds 0, 1, 2. On
 2026-12-06 (another machine), seed 0: zero-shot 0.980, probe 0.980, 82 s, the same in every logged
-value before and after the package's regrouping. On 2026-12-07 (470e09c), with the training crops
+value before and after the package's regrouping. On 2026-12-07 (06b6ee2), with the training crops
 done by PIL, seed 0: zero-shot 0.990, probe 0.993, 166 s beside another job. A seed repeats
 exactly on one machine; XLA's CPU code, and so the last bits, can differ between machines.
 
