@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from clip_jax.data.preprocess import AUGMENTATIONS, open_image
+from clip_jax.data.preprocess import AUGMENTATIONS, open_image, shorter_side_size
 
 CROP_RATIO = (3 / 4, 4 / 3)
 DCT_SCALES = (8, 4, 2)  # libjpeg's reductions, tried largest first
@@ -88,10 +88,8 @@ def random_square_crop(data: bytes, size: int, u: np.ndarray, max_pixels: int) -
 
     image = open_image(data, max_pixels)
     width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(size * long / short)
-    new = (size, new_long) if width <= height else (new_long, size)
-    r = _reduce(image, short, size)
+    new = shorter_side_size(width, height, size)
+    r = _reduce(image, min(width, height), size)
     box = (0.0, 0.0, width / r, height / r)
     resized = image.convert("RGB").resize(new, Image.Resampling.BICUBIC, box=box)
     top = min(int(float(u[2]) * (new[1] - size + 1)), new[1] - size)

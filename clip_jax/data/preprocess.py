@@ -80,12 +80,8 @@ class Preprocess:
         size, (w, h) = self.size, image.size
         if self.resize_mode == "squash":
             image = image.resize((size, size), resample)
-        elif self.resize_mode == "shortest":  # torchvision's Resize(int): the longer side truncated
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = size, int(size * long / short)
-            image = image.resize(
-                (new_short, new_long) if w <= h else (new_long, new_short), resample
-            )
+        elif self.resize_mode == "shortest":
+            image = image.resize(shorter_side_size(w, h, size), resample)
         else:  # open_clip's ResizeKeepRatio(longest=1): both sides rounded
             ratio = max(h / size, w / size)
             image = image.resize((round(w / ratio), round(h / ratio)), resample)
@@ -110,6 +106,14 @@ class Preprocess:
         image = open_image(data, max_pixels or MAX_IMAGE_PIXELS)
         image.load()
         return self.pixels(image)
+
+
+def shorter_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's `Resize(size)`: (width, height) with the shorter side `size`, the longer
+    one truncated."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    return (size, new_long) if width <= height else (new_long, size)
 
 
 def open_image(data: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:

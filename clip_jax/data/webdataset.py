@@ -139,8 +139,9 @@ def _open(path: str):
     return open(path, "rb", buffering=READ_BUFFER)  # noqa: SIM115 (closed by the caller)
 
 
-def samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """The samples of the shard at `path`, in order: (key, {field: bytes}).
+def samples(path: str, read: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples of the shard at `path`, in order: (key, {field: bytes}); with `read=False`,
+    the keys alone, fields empty (`members` skips the data).
 
     A shard that cannot be opened or ends early is logged; its samples before the fault are
     given, then one empty sample stands for what was lost.
@@ -148,7 +149,7 @@ def samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     key, fields = None, {}
     try:
         with _open(path) as f:
-            for name, _, data in members(f):
+            for name, _, data in members(f, read):
                 k, field = split_name(name)
                 if not k or k.rpartition("/")[2].startswith("__"):  # no key, or metadata
                     continue
@@ -196,16 +197,6 @@ def label_of(fields: dict[str, bytes]) -> int:
 
 
 def count(path: str) -> int:
-    """The number of samples in a shard, as `samples` gives them (members over the size limit
-    are not read; local shards are read header by header)."""
-    n, key = 0, None
-    try:
-        with _open(path) as f:
-            for name, _, _ in members(f, read=False):
-                k, _ = split_name(name)
-                if k and not k.rpartition("/")[2].startswith("__") and k != key:
-                    n, key = n + 1, k
-    except (OSError, tarfile.TarError, EOFError, ValueError) as e:
-        logging.warning("%s: unreadable after %d samples (%s)", path, n, e)
-        n += 1  # the empty sample `samples` gives for the loss
-    return n
+    """The number of samples `samples` gives for a shard, from its headers alone (a local
+    shard's data is skipped by seeking)."""
+    return sum(1 for _ in samples(path, read=False))
