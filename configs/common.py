@@ -27,10 +27,25 @@ MEANINGS = {
     "checkpoint_every_steps": "save a checkpoint every this many steps (and at the end)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "keep_period": "also keep every checkpoint whose step is a multiple of this (0: none)",
-    "nonfinite": "a step with a non-finite loss or gradient: halt (stop) or skip (count it)",
+    "resume_step": "resume from the checkpoint at this step instead of the newest (None: the "
+    "newest); the newer ones move to workdir/abandoned/, never deleted; applied once, so a "
+    "relaunch of the same command goes on from the new branch",
+    "nonfinite": "a step with a non-finite loss or gradient: halt (stop), skip (count it and go "
+    "on) or rollback (to the newest checkpoint from before the trouble, its batches skipped)",
     "nonfinite_max_consecutive": "nonfinite=skip: halt after this many skipped steps in a row",
     "nonfinite_max_fraction": "nonfinite=skip: halt when more than this fraction of the run's "
     "steps (and at least nonfinite_max_consecutive) were skipped",
+    "spike.window": "loss spikes: the mean and spread of the last this many calm losses are the "
+    "yardstick (0: no detection); detection starts once the window is full",
+    "spike.factor": "a step is a spike when its loss exceeds the window's mean by this many "
+    "spreads (standard deviations, at least 1% of the mean)",
+    "spike.length": "this many spikes in a row call for spike.policy; as many calm steps in a "
+    "row end the episode (checkpoints written during one are marked spiking)",
+    "spike.policy": "a run of spike.length spikes: log (count them and go on), halt, or rollback",
+    "max_rollbacks": "nonfinite=rollback and spike.policy=rollback: halt at the rollback after "
+    "this many in the run",
+    "rollback_lr_scale": "each rollback multiplies the learning rate by this (1: the same "
+    "schedule, as PaLM restarted; below 1: lower, as OPT's runs were restarted by hand)",
     "init_from": "OpenAI / OpenCLIP / clip_jax weights to start a fresh run from ('': none)",
     "init_from_allow_torchscript_code": "run the TorchScript code inside init_from's file "
     "(torch.jit.load): unsafe, only for a file you trust as a program",
@@ -108,7 +123,12 @@ MEANINGS = {
 
 # The keys whose default is None, with the type a value given to them has: ml_collections can
 # override a None key from the command line only as a typed placeholder.
-NONE_KEYS = {"model.attn_impl": str, "model.init_logit_bias": float, "model.text.eot_token_id": int}
+NONE_KEYS = {
+    "resume_step": int,
+    "model.attn_impl": str,
+    "model.init_logit_bias": float,
+    "model.text.eot_token_id": int,
+}
 
 
 def base_config(
@@ -125,9 +145,14 @@ def base_config(
     c.checkpoint_every_steps = 2000
     c.keep_checkpoints = 3  # the newest ones; plus every keep_period-th step when > 0
     c.keep_period = 0
-    c.nonfinite = "halt"  # or "skip": a step with a non-finite loss or gradient is not applied
+    c.nonfinite = "halt"  # or "skip" or "rollback": a non-finite step is never applied
     c.nonfinite_max_consecutive = 5  # a run that keeps skipping is dead: halt
     c.nonfinite_max_fraction = 0.05
+    # Loss spikes: a loss 6 spreads above the last 100 calm steps' mean; 3 in a row call for the
+    # policy (PaLM rolled back about 100 steps before a spike and skipped the batches between).
+    c.spike = ml_collections.ConfigDict(dict(window=100, factor=6.0, length=3, policy="log"))
+    c.max_rollbacks = 3
+    c.rollback_lr_scale = 1.0
     c.init_from = ""  # OpenAI / OpenCLIP / clip_jax weights to start from (fresh runs only)
     c.init_from_allow_torchscript_code = False  # unsafe: torch.jit.load runs the file's code
 
@@ -144,7 +169,7 @@ def base_config(
     for key, kind in NONE_KEYS.items():  # None, yet settable from the command line
         parent, _, leaf = key.rpartition(".")
         node = c
-        for part in parent.split("."):
+        for part in filter(None, parent.split(".")):
             node = node[part]
         node[leaf] = ml_collections.config_dict.placeholder(kind, required=False)
 

@@ -185,8 +185,9 @@ def read_rows(workdir) -> list[dict]:
 
 
 def read_losses(workdir) -> dict[int, float]:
-    """{step: loss} of a run's metrics; a resumed run's rows come last and win."""
-    return {r["step"]: r["loss"] for r in read_rows(workdir)}
+    """{step: loss} of a run's metrics; a resumed run's rows come last and win (rows without a
+    loss, as a rollback's, left out)."""
+    return {r["step"]: r["loss"] for r in read_rows(workdir) if "loss" in r}
 
 
 def worst_rel_err(ours, ref) -> float:

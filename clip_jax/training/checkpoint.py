@@ -29,6 +29,8 @@ from jax.experimental import multihost_utils
 from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
 
+ITEMS = ("state", "data", "config", "trainer")
+
 
 class CheckpointWriteError(UsageError):
     """An asynchronous checkpoint write failed (a full disk, lost access): one line, and the
@@ -45,11 +47,23 @@ def _os_reason(e: BaseException) -> str | None:
     return os.strerror(code) if code else None
 
 
+class _Protected(ocp.checkpoint_managers.PreservationPolicy):
+    """Keeps the steps in `steps` whatever the other rules say."""
+
+    def __init__(self):
+        self.steps: set[int] = set()
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [info.step in self.steps for info in checkpoints]
+
+
 class Checkpointer:
-    """Saves and restores `(train_state, data_state)` under `workdir/checkpoints`.
+    """Saves and restores `(train_state, data_state)` under `workdir/checkpoints`, with the
+    trainer's own record of each step (`trainer_record`: spikes, rollbacks).
 
     Keeps the last `keep` checkpoints (None: all of them), plus every step that is a multiple of
-    `keep_period` (None or 0: none).
+    `keep_period` (None or 0: none), plus the step `protect` names (the newest one from before a
+    loss spike, while the run has not recovered).
     """
 
     def __init__(
@@ -60,9 +74,15 @@ class Checkpointer:
         async_save: bool = True,
         create: bool = True,
     ):
+        self._protected = _Protected()
+        policies = [ocp.checkpoint_managers.LatestN(n=keep), self._protected]
+        if keep_period:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(keep_period))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if create else None,
-            keep_period=(keep_period or None) if create else None,
+            # readers (evaluation, export) never delete
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+            if create
+            else None,
             cleanup_tmp_directories=create,  # what a killed save left behind (writers only)
             enable_async_checkpointing=async_save,
             create=create,
@@ -70,9 +90,7 @@ class Checkpointer:
         )
         self.directory = str(paths.path(workdir) / "checkpoints")
         self._writing: int | None = None  # the step whose asynchronous write is in flight
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -80,11 +98,19 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict, config: dict | None = None) -> float:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict,
+        config: dict | None = None,
+        trainer: dict | None = None,
+    ) -> float:
         """Starts saving; returns the seconds the training loop was blocked.
 
         `config` (the run's config as a dict) is saved with the step, so that the step can be
-        read back as the run that wrote it, whatever config.json says later.
+        read back as the run that wrote it, whatever config.json says later; `trainer` is the
+        trainer's own record (JSON), read back by `trainer_record`.
         """
         t0 = time.perf_counter()
         self._check_previous_write()
@@ -95,6 +121,8 @@ class Checkpointer:
         }
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
+        if trainer is not None:
+            items["trainer"] = ocp.args.JsonSave(trainer)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._writing = step
         return time.perf_counter() - t0
@@ -127,13 +155,27 @@ class Checkpointer:
 
     def config(self, step: int) -> dict | None:
         """The config saved with `step`; None for checkpoints written without one."""
-        item = paths.path(self.directory) / str(step) / "config"
-        if not item.exists():
+        return self._json_item(step, "config")
+
+    def trainer_record(self, step: int) -> dict | None:
+        """The trainer's record saved with `step`; None for checkpoints written without one."""
+        return self._json_item(step, "trainer")
+
+    def _json_item(self, step: int, name: str) -> dict | None:
+        if not (paths.path(self.directory) / str(step) / name).exists():
             return None
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()})
         )
-        return restored["config"]
+        return restored[name]
+
+    def protect(self, step: int | None) -> None:
+        """Keeps `step` whatever `keep` says, until another step (or None) is protected."""
+        self._protected.steps = set() if step is None else {step}
+
+    def reload(self) -> None:
+        """Reads the directory again, after checkpoints were moved out of it."""
+        self._manager.reload()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
         """The state at `step`, laid out as `abstract_state`'s shardings say, and this process's
@@ -208,7 +250,7 @@ class Checkpointer:
             source.rename(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"clip_jax set aside checkpoint {step}")
-        self._manager.reload()
+        self.reload()
         return str(target)
 
     def wait(self) -> None:

@@ -44,16 +44,28 @@ class MetricsWriter:
         self._path = paths.path(workdir) / METRICS_FILE
         self._flush_secs = flush_secs
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        self.rewind(start_step)
+
+    def rewind(self, step: int) -> None:
+        """Drops the rows past `step`: logged after the checkpoint that the run resumes, or
+        goes back to (a rollback)."""
+        if not self.enabled:
+            return
+        if self._file is not None:
+            self.flush()
+            self._file.close()
+            self._file = None
         text = self._path.read_text() if self._path.exists() else ""
         rows = parse_rows(text, str(self._path))
-        kept = [row for row in rows if row["step"] <= start_step]
+        kept = [row for row in rows if row["step"] <= step]
         kept_text = "".join(json.dumps(row) + "\n" for row in kept)
         if kept_text != text:
             logging.info(
-                "%s: dropped %d rows past step %d (logged after the checkpoint this run resumes)",
+                "%s: dropped %d rows past step %d (logged after the checkpoint this run goes on "
+                "from)",
                 self._path,
                 len(rows) - len(kept),
-                start_step,
+                step,
             )
             paths.write_text(self._path, kept_text)
 

@@ -7,6 +7,7 @@ directly.
 
 import collections
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -24,9 +25,8 @@ from clip_jax.evals import runner
 from clip_jax.infra import paths, runlock
 from clip_jax.infra.errors import UsageError
 from clip_jax.parallel import sharding
-from clip_jax.training import checkpoint, runs, validate
+from clip_jax.training import checkpoint, recovery, runs, validate
 from clip_jax.training import state as state_lib
-from clip_jax.training.guard import NonFiniteGuard
 from clip_jax.training.metrics import MetricsWriter, Progress
 from clip_jax.training.summary import end_summary, format_flops, start_summary
 from clip_jax.training.train_step import TrainState
@@ -116,7 +116,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(spec.rules):
         ckpt = checkpoint.Checkpointer(
-            workdir, keep=config.keep_checkpoints, keep_period=config.keep_period
+            workdir, keep=recovery.keep_count(config), keep_period=config.keep_period
         )
         logging.info(
             "%s", start_summary(config, mesh, spec, workdir, ckpt.latest_step(), accum_steps)
@@ -129,7 +129,7 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
                 mark_done(workdir, ckpt.latest_step())
             ckpt.close()
             return {}
-        step, state, data_state = start
+        step, state, data_state, record, skip = start
         if is_main and step < config.total_steps:  # accepted: it restored (or started) the run
             runs.write_run_config(config, workdir)
             (paths.path(workdir) / DONE_FILE).unlink(missing_ok=True)  # more steps to come
@@ -144,7 +144,8 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
                 # runs and the pace of the first steps leaves the compilation out -------------
                 logging.info("compiling the train step ...")
                 t0 = time.perf_counter()
-                train_step, flops = state_lib.compile_train_step(spec, config.batch_size)
+                lr_scale = float((record or {}).get("lr_scale", 1.0))
+                train_step, flops = _compile(config, spec, lr_scale)
                 logging.info(
                     "compiled the train step in %.1fs: %s per step (XLA's cost analysis)",
                     time.perf_counter() - t0,
@@ -152,10 +153,19 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
                 )
 
                 # --- Loop ------------------------------------------------------------------
-                batches = prefetch_to_devices(
-                    source.batches(config.batch_size, shard.rows, state=data_state),
-                    mesh,
-                    config.batch_size,
+                local = source.batches(config.batch_size, shard.rows, state=data_state)
+                for _ in range(skip):  # a rollback's skipped batches, as the run skipped them
+                    next(local)
+                batches = prefetch_to_devices(local, mesh, config.batch_size)
+                keeper = recovery.Recovery(
+                    config,
+                    ckpt,
+                    writer,
+                    workdir,
+                    step,
+                    int(state.nonfinite_steps),
+                    record,
+                    lambda s: ckpt.restore(s, spec.abstract_with_shardings()),
                 )
                 watcher = checkpoint.PreemptionWatcher()
                 with _closing(watcher.close):
@@ -169,6 +179,8 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
                         writer,
                         evaluators,
                         workdir,
+                        keeper,
+                        lambda scale: _compile(config, spec, scale)[0],
                     )
 
     # --- Close: done once the last step and its evals are (a preemption at the last step skips
@@ -183,11 +195,18 @@ def _train(config, workdir: str, config_change_ok: bool) -> dict[str, float]:
     return last
 
 
-def _restore_or_init(config, spec, ckpt, evaluators, workdir) -> tuple[int, TrainState, Any] | None:
-    """(step, state, data position) the run goes on from: its latest readable checkpoint, or a
-    fresh state born sharded (with `init_from`'s weights) at step 0 without a data position.
-    None when the run had reached its last step and run that step's evals: nothing is left."""
+def _restore_or_init(config, spec, ckpt, evaluators, workdir) -> tuple | None:
+    """(step, state, data position, trainer record, batches to skip) the run goes on from: the
+    checkpoint `resume_step` names (the newer ones moved aside), else its latest readable one,
+    else a fresh state born sharded (with `init_from`'s weights) at step 0. None when the run
+    had reached its last step and run that step's evals: nothing is left."""
     total = config.total_steps
+    chosen = recovery.resume_step_target(config, ckpt, workdir)
+    if chosen is not None:
+        recovery.abandon_after(workdir, ckpt, chosen, {"kind": "resume_step"})
+        state, data_state = ckpt.restore(chosen, spec.abstract_with_shardings())
+        logging.info("resuming from the checkpoint at step %d (resume_step)", chosen)
+        return chosen, state, data_state, ckpt.trainer_record(chosen), 0
     latest = ckpt.latest_step()
     finished = latest is not None and latest >= total
     if finished and not runner.missing(evaluators, workdir, latest, total):
@@ -197,12 +216,20 @@ def _restore_or_init(config, spec, ckpt, evaluators, workdir) -> tuple[int, Trai
         step, state, data_state = ckpt.restore_latest(spec.abstract_with_shardings())
         if step is not None:
             logging.info("resuming from the checkpoint at step %d in %s", step, ckpt.directory)
-            return step, state, data_state
+            rolled = recovery.pending_skip(workdir, step)
+            if rolled is not None:  # rolled back to `step` and stopped before the next save
+                logging.info(
+                    "the run had rolled back to step %d: skipping the %d batches it skipped",
+                    step,
+                    rolled["skipped_batches"],
+                )
+                return step, state, data_state, rolled["trainer"], rolled["skipped_batches"]
+            return step, state, data_state, ckpt.trainer_record(step), 0
     logging.info("initialising the parameters ...")
     state = state_lib.init(spec, config.seed)
     if config.init_from:
         state = _init_from(state, spec.shardings, config)
-    return 0, state, None
+    return 0, state, None, None, 0
 
 
 DONE_FILE = "done.json"
@@ -268,54 +295,82 @@ def prefetch_to_devices(
         yield queue.popleft()
 
 
+def _compile(config, spec: state_lib.StateSpec, lr_scale: float):
+    """The train step (and its FLOPs) at `lr_scale` times the configured learning rate: lower
+    after rollbacks under rollback_lr_scale < 1."""
+    if lr_scale != 1.0:
+        config = copy.deepcopy(config)
+        config.optim.learning_rate *= lr_scale
+        logging.info("learning rate scaled by %g after rollbacks", lr_scale)
+        spec = state_lib.build(config, spec.mesh)
+    return state_lib.compile_train_step(spec, config.batch_size)
+
+
 def _loop(
-    config, state, train_step, batches, ckpt, watcher, writer, evaluators, workdir
+    config,
+    state,
+    train_step,
+    batches,
+    ckpt,
+    watcher,
+    writer,
+    evaluators,
+    workdir,
+    keeper,
+    recompile,
 ) -> tuple[dict, int, float]:
     """Trains from the state's step on; returns the last logged metrics, the step reached and
-    the seconds spent training (evals excluded)."""
+    the seconds spent training (evals excluded). `keeper` (recovery.Recovery) reads each step's
+    loss and non-finite count and may halt the run or roll it back to an earlier checkpoint;
+    `recompile(lr_scale)` is the step at a rollback's lower learning rate."""
     start = step = int(state.step)
     progress = Progress(config.total_steps, start, config.batch_size)
     last: dict[str, Any] = {}
     window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
-    guard = NonFiniteGuard(config, start, int(state.nonfinite_steps))
     config_dict = json.loads(config.to_json_best_effort())  # saved with each checkpoint
-    pending = None  # the previous step's non-finite count, read while the current step runs
+    lr_scale = keeper.lr_scale
+    pending = None  # the previous step's loss and non-finite count, read while this step runs
     postponed = False  # a periodic checkpoint waiting for the previous one to be written
-    for step in range(start + 1, config.total_steps + 1):
+    while step < config.total_steps:
+        step += 1
         t = time.perf_counter()
         batch, data_state = next(batches)
         wait_s += time.perf_counter() - t
         state, metrics = train_step(state, batch)
         window_steps += 1
-        if pending is not None:
-            guard.check(step - 1, pending)
-        pending = metrics.pop("nonfinite_steps")
+        back = keeper.check(*pending, now=step) if pending is not None else None
+        pending = (step, metrics.pop("nonfinite_steps"), metrics["loss"])
 
-        preempted = watcher.reached(step)
+        preempted = False if back else watcher.reached(step)
         # A periodic save while the previous one is still being written would wait for it:
         # it moves to the first step after that one is done. The last step, a preemption and
         # the steps kept for good (keep_period) save at once, waiting if they must.
         wants = postponed or step % config.checkpoint_every_steps == 0
         keep_period = config.keep_period
         must = step == config.total_steps or preempted or (keep_period and step % keep_period == 0)
-        if must or (wants and not ckpt.busy()):
-            guard.check(step, pending)  # never save a step that halts: a resume would halt too
-            blocked = ckpt.save(step, state, data_state, config=config_dict)
+        save_now = back is None and (must or (wants and not ckpt.busy()))
+        if save_now:
+            back = keeper.check(*pending, now=step)  # never save a step that halts or rolls back
+        if save_now and back is None:
+            record = keeper.record()
+            blocked = ckpt.save(step, state, data_state, config=config_dict, trainer=record)
             save_s += blocked
             postponed = False
             writer.flush()  # an object store's metrics up to the checkpoint, before a kill
             logging.info("saving step %d in the background (the loop waited %.2fs)", step, blocked)
-        elif wants and not postponed:
+        elif back is None and wants and not postponed:
             postponed = True
             logging.info(
                 "step %d: the previous checkpoint is still being written; this one is saved at "
                 "the first step after it",
                 step,
             )
-        due = [] if preempted else runner.due(evaluators, step, config.total_steps)
-        if step % config.log_every_steps == 0 or step == config.total_steps or preempted or due:
+        due = [] if preempted or back else runner.due(evaluators, step, config.total_steps)
+        log = step % config.log_every_steps == 0 or step == config.total_steps or preempted or due
+        if back is None and log:
+            back = keeper.check(*pending, now=step)
+        if back is None and log:
             metrics = jax.device_get(metrics)
-            guard.check(step, pending)
             elapsed = time.perf_counter() - window_t0
             pairs_per_sec = window_steps * config.batch_size / elapsed
             last = {
@@ -326,6 +381,7 @@ def _loop(
                 "checkpoint/blocking_seconds": save_s,
                 "skipped_examples": _total_skipped(data_state["skipped_examples"]),
                 "nonfinite_steps": int(state.nonfinite_steps),
+                **keeper.metrics(),
             }
             writer.write(step, last)
             progress.log(step, last["loss"])
@@ -336,8 +392,19 @@ def _loop(
                 last = {**last, **evals}
                 progress.exclude(time.perf_counter() - t)
             window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
-        elif progress.due(step):  # early and regular signs of life between logged rows
+        elif back is None and progress.due(step):  # early and regular signs of life
             progress.log(step, float(metrics["loss"]))
+        if back is not None:  # rolled back: on from the restored step, the batches between skipped
+            step, state, rollback = back
+            if rollback["rollback/lr_scale"] != lr_scale:
+                lr_scale = rollback["rollback/lr_scale"]
+                train_step = recompile(lr_scale)
+            writer.write(step, {**rollback, **keeper.metrics()})
+            writer.flush()
+            pending, postponed = None, False
+            progress = Progress(config.total_steps, step, config.batch_size)
+            window_t0, window_steps, wait_s, save_s = time.perf_counter(), 0, 0.0, 0.0
+            continue
         if preempted:
             logging.warning("%s: saved step %d and stopping; rerun to resume", watcher.reason, step)
             break

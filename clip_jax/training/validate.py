@@ -43,7 +43,8 @@ from clip_jax.models.text import POOL_TYPES
 from clip_jax.parallel import sharding
 from clip_jax.training import losses
 
-NONFINITE_POLICIES = ("halt", "skip")
+NONFINITE_POLICIES = ("halt", "skip", "rollback")
+SPIKE_POLICIES = ("log", "halt", "rollback")
 SCHEDULES = ("cosine", "constant")  # optim.make_schedule's
 ATTN_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's `implementation`
 FROZEN_GROUPS = ("visual", "text_tower", "logit_scale", "logit_bias")  # CLIP's top-level params
@@ -63,9 +64,16 @@ RULES: dict[str, Rule] = {
     "checkpoint_every_steps": POSITIVE_INT,
     "keep_checkpoints": POSITIVE_INT,
     "keep_period": Rule(COUNT.ok, "an integer >= 0 (0: none)"),
+    "resume_step": Rule(lambda v: v is None or POSITIVE_INT.ok(v), "None or a checkpoint's step"),
     "nonfinite": one_of(NONFINITE_POLICIES),
     "nonfinite_max_consecutive": POSITIVE_INT,
     "nonfinite_max_fraction": FRACTION,
+    "spike.window": Rule(COUNT.ok, "an integer >= 0 (0: no spike detection)"),
+    "spike.factor": POSITIVE,
+    "spike.length": POSITIVE_INT,
+    "spike.policy": one_of(SPIKE_POLICIES),
+    "max_rollbacks": COUNT,
+    "rollback_lr_scale": Rule(lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "init_from": STRING,
     "init_from_allow_torchscript_code": BOOL,
     "mesh.data": MESH_AXIS,
