@@ -7,6 +7,11 @@ unless `--config_change_ok`.
 
 Multi-host: pass `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; without them,
 TPU pods and SLURM jobs are detected by `jax.distributed.initialize()`, else one process runs.
+
+Exit status: 0 done or saved (SIGTERM); 2 a user's mistake (one `error:` line); 3 the run halted
+itself (a non-finite loss, loss spikes: the line names the checkpoint to resume from and the
+command); 75 a process of the job was lost (`--heartbeat_timeout_seconds`): rerun the same
+command, which resumes from the last checkpoint; 1 a bug (with its traceback).
 """
 
 from absl import flags, logging
@@ -47,7 +52,7 @@ def main(argv: list[str]) -> None:
                 logging.info("workdir: %s (the default; --workdir chooses another)", workdir)
             _JOIN()
             trainer.run(_CONFIG.value, workdir, config_change_ok=_CONFIG_CHANGE_OK.value)
-    except guard.NonFiniteLossError as e:
+    except guard.HaltError as e:  # a non-finite loss or spikes; the line says where to resume
         cli.exit_with_error(str(e), 3)
 
 

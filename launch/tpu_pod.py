@@ -4,7 +4,9 @@ Creates the slice (or reuses it), copies the code to every worker and installs i
 version, starts the run on all workers detached, then watches the slice and WORKDIR/done.json:
 after a preemption it deletes and recreates the slice (or its queued resource) and starts again,
 the run resuming from its latest checkpoint; a run that stopped with exit status 0 but without
-done.json (it saved on SIGTERM) is started again; a run that fails ends the watch with status 1.
+done.json (it saved on SIGTERM) is started again, and so is one whose process was lost (the others
+stopped with RELAUNCH_STATUS; the lost one may have been killed); a run that fails otherwise ends
+the watch with status 1.
 `--dry-run` prints the commands one per line on stdout (what each group is for on stderr) and
 runs none. Standard library only.
 """
@@ -34,6 +36,8 @@ RECREATE_STATES = {"PREEMPTED", "TERMINATED", "SUSPENDED", "FAILED"}
 # Everything on a worker lives under the ssh user's ~/clip_jax: code/VERSION, logs/, state/.
 REMOTE = "clip_jax"
 TPUS = ["gcloud", "compute", "tpus"]
+# clip_jax.infra.watchdog.RELAUNCH_STATUS: a process of the run was lost and the others stopped.
+RELAUNCH_STATUS = 75
 STATUS = re.compile(r"clip_jax-status: (running|lost|absent|exited) ?(-?\d+)?")
 ZONE = re.compile(r"^[a-z]+-[a-z]+\d+-[a-z]$")
 
@@ -357,11 +361,17 @@ class Watch:
         if self.done(text):
             return self.finish()
         failed = [rc for status, rc in statuses if status == "exited" and rc != 0]
-        if failed and self.started:
+        # A process lost: the others stopped with the relaunch status; it may have been killed.
+        lost = RELAUNCH_STATUS in failed and all(rc == RELAUNCH_STATUS or rc > 128 for rc in failed)
+        if failed and self.started and not lost:
             say(f"the run failed with status {failed[0]}: stopping it; see {c.log} on the workers")
             self.call(c.stop())
             return 1
         if any(status == "running" for status, _ in statuses):
+            if lost and self.started:  # they stop by themselves; SIGTERM for one that hangs
+                say("a process of the run was lost: stopping the others")
+                self.call(c.stop())
+                return None
             if c.a.no_watch:
                 say(f"the run is running; each worker logs to {c.log}")
                 return 0
@@ -369,7 +379,12 @@ class Watch:
         if self.done():  # it may have finished since the first look
             return self.finish()
         if self.started:
-            self.relaunch("the run stopped without done.json (it saved)")
+            why = (
+                f"a process was lost (exit status {RELAUNCH_STATUS})"
+                if lost
+                else "the run stopped without done.json (it saved)"
+            )
+            self.relaunch(why)
         if self.deploy_and_start() and c.a.no_watch:
             return 0
         return None

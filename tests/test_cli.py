@@ -186,6 +186,85 @@ def test_other_config_mistakes(tmp_path):
         assert err.strip().splitlines()[-1].startswith(message), (argv, err[-2000:])
 
 
+BROKEN_CONFIGS = {
+    "syntax.py": "from configs import common\n\n\ndef get_config(arg=None:\n    return 1\n",
+    "imports.py": "import nonexistent_module\n\n\ndef get_config(arg=None):\n    return None\n",
+    "raises.py": (
+        "from configs import common\n\n\n"
+        "def get_config(arg=None):\n"
+        "    if arg:\n"
+        '        raise ValueError(f"no variant {arg!r}")\n'
+        '    return common.base_config("tiny", learning_rate=1e-3, warmup=5)\n'
+    ),
+}
+
+
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
+    for name, text in BROKEN_CONFIGS.items():
+        (tmp_path / name).write_text(text)
+    syntax, imports, raises = (tmp_path / name for name in BROKEN_CONFIGS)
+    main, workdir = "clip_jax.main", f"--workdir={tmp_path}/w"
+    import_error = (
+        f"error: --config={imports} does not load: {imports}:1: `import nonexistent_module`: "
+        "ModuleNotFoundError: No module named 'nonexistent_module'"
+    )
+    cases = [
+        (
+            [main, f"--config={syntax}", workdir],
+            [
+                f"error: --config={syntax} does not load: {syntax}:4: SyntaxError: invalid syntax",
+                "    def get_config(arg=None:",
+                "                           ^",
+            ],
+        ),
+        ([main, f"--config={imports}", workdir], [import_error]),
+        (  # raised deeper, in configs/common.py: the config file's line that called it
+            [main, f"--config={raises}", workdir],
+            [
+                f"error: --config={raises} does not load: {raises}:7: `return common.base_config("
+                '"tiny", learning_rate=1e-3, warmup=5)`: TypeError: base_config() got an '
+                "unexpected keyword argument 'warmup'"
+            ],
+        ),
+        (
+            [main, f"--config={raises}:big", workdir],
+            [
+                f"error: --config={raises}:big does not load: {raises}:6: `raise ValueError("
+                "f\"no variant {arg!r}\")`: ValueError: no variant 'big'"
+            ],
+        ),
+    ]
+    # Every entry point that takes --config reads it the same way.
+    for command in (
+        ["clip_jax.evaluate", f"--workdir={tmp_path}/w"],
+        ["clip_jax.linear_probe"],
+        ["clip_jax.benchmark"],
+        ["clip_jax.aot", "--topology=v5e:2x2"],
+    ):
+        cases.append(([*command, f"--config={imports}"], [import_error]))
+    procs = [(argv, lines, start(*argv)) for argv, lines in cases]
+    for argv, lines, proc in procs:
+        code, _, err = finish(proc)
+        assert code == 2 and "Traceback" not in err, (argv, err[-3000:])
+        assert [line for line in err.splitlines() if "error:" in line] == lines[:1], (argv, err)
+        assert err.strip().splitlines()[-len(lines) :] == lines, (argv, err[-3000:])
+
+
+def test_a_config_file_that_does_not_load_keeps_its_traceback_under_debug(tmp_path):
+    config = tmp_path / "raises.py"
+    config.write_text(BROKEN_CONFIGS["raises.py"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_jax.main", f"--config={config}:big", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        env={**cpu_env(), "CLIP_JAX_DEBUG": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-3000:]
+    assert f'File "{config}", line 6, in get_config' in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_workdir_holding_another_run_is_refused(tmp_path):
     other = tiny.get_config()
     other.model.vision.width = 64

@@ -1,7 +1,8 @@
 """The launchers without a cluster: launch/slurm.sbatch under fake srun, scancel and scontrol in a
-fake SLURM environment; launch/tpu_pod.sh against a fake gcloud whose TPU workers are local
-folders, in which it runs the workers' commands (the worker script, a fake python3 and the
-metadata server's curl) as a TPU VM would."""
+fake SLURM environment; launch/local_multiprocess.sh under a fake python; launch/tpu_pod.sh
+against a fake gcloud whose TPU workers are local folders, in which it runs the workers' commands
+(the worker script, a fake python3 and the metadata server's curl) as a TPU VM would. Each
+relaunches a run whose process was lost (exit status watchdog.RELAUNCH_STATUS)."""
 
 import contextlib
 import json
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from clip_jax.infra import watchdog
 from tests.conftest import ROOT
 
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
@@ -77,6 +79,8 @@ if mode == "finish":
     sys.exit(0)
 if mode == "fail":
     sys.exit(3)
+if mode == "lost":  # a process was lost: the others stopped with the relaunch status
+    sys.exit(75)
 note("running")
 time.sleep(20)
 sys.exit(1)
@@ -265,11 +269,85 @@ def test_slurm_scancel_saves_and_stops(slurm):
     assert "not requeueing" in err
 
 
+def test_slurm_lost_process_requeues(slurm):
+    code, _, err = slurm.run("configs/b16.py", slurm.workdir, mode="lost")
+    assert code == 0, err
+    assert slurm.events("scontrol")[0]["argv"] == ["requeue", "4242"]
+    assert f"a process was lost (status {watchdog.RELAUNCH_STATUS}); requeueing" in err
+
+
 def test_slurm_failed_run_is_not_requeued(slurm):
     code, _, err = slurm.run("configs/b16.py", slurm.workdir, mode="fail")
     assert code == 3
     assert slurm.events("scontrol") == []
     assert "failed with status 3" in err
+
+
+def test_every_launcher_knows_the_relaunch_status():
+    status = watchdog.RELAUNCH_STATUS
+    for name, line in [
+        ("slurm.sbatch", f"RELAUNCH_STATUS={status}\n"),
+        ("local_multiprocess.sh", f"RELAUNCH_STATUS={status}\n"),
+        ("tpu_pod.py", f"RELAUNCH_STATUS = {status}\n"),
+    ]:
+        with open(os.path.join(ROOT, "launch", name)) as f:
+            assert line in f.read(), name
+
+
+# --- One machine, several processes ----------------------------------------------------------
+
+LOCAL = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+# python: logs its argv, then exits with the status FAKE_PLAN gives this launch and process.
+FAKE_LOCAL_PYTHON = r"""#!PYTHON
+import json, os, sys
+log = os.environ["FAKE_LOG"]
+index = int(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--process_id=")))
+launch = 0
+if os.path.exists(log):
+    with open(log) as f:
+        launch = sum(1 for line in f if json.loads(line)["index"] == index)
+with open(log, "a") as f:
+    f.write(json.dumps({"index": index, "argv": sys.argv[1:]}) + "\n")
+sys.exit(json.loads(os.environ["FAKE_PLAN"])[launch][index])
+"""
+
+
+def run_local(tmp_path, plan: list[list[int]], **extra: str):
+    """local_multiprocess.sh for 2 processes under a fake python; (status, stderr, launches)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    write_executable(bin_dir / "python", FAKE_LOCAL_PYTHON)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_LOG": str(tmp_path / "events.jsonl"),
+        "FAKE_PLAN": json.dumps(plan),
+        **extra,
+    }
+    env.pop("PORT", None)
+    command = ["bash", LOCAL, "2", "configs/tiny.py", str(tmp_path / "run"), "--config.seed=1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    runs = events(tmp_path / "events.jsonl")
+    return done.returncode, done.stderr, [runs[i : i + 2] for i in range(0, len(runs), 2)]
+
+
+def test_local_relaunches_after_a_lost_process(tmp_path):
+    lost = watchdog.RELAUNCH_STATUS
+    code, err, launches = run_local(tmp_path, [[lost, 137], [0, 0]])  # process 1 killed
+    assert code == 0, err
+    assert len(launches) == 2 and "relaunch 1 of 3" in err, err
+    for launch in launches:
+        assert sorted(e["index"] for e in launch) == [0, 1]
+        assert all(e["argv"][-1] == "--config.seed=1" for e in launch)
+    code, err, launches = run_local(tmp_path / "again", [[lost, lost]] * 3, RELAUNCHES="1")
+    assert code == lost and len(launches) == 2, err
+
+
+def test_local_does_not_relaunch_a_mistake_or_a_bug(tmp_path):
+    lost = watchdog.RELAUNCH_STATUS
+    for name, plan, status in [("usage", [[2, 2]], 2), ("bug", [[lost, 1]], 1)]:
+        code, err, launches = run_local(tmp_path / name, plan)
+        assert code == status and len(launches) == 1, (name, err)
 
 
 # --- TPU pods -------------------------------------------------------------------------------
@@ -374,8 +452,9 @@ else:
     sys.exit(22)
 """
 # python3 on a worker: pip installs are noted; the trainer does what state.json's "train" says
-# for this launch and worker: finish (worker 0 writes done.json), exit0, fail, or wait (saves
-# and exits 0 on SIGTERM).
+# for this launch and worker: finish (worker 0 writes done.json), exit0, fail, lost (the
+# others of a run whose process was lost), killed (SIGKILL), or wait (saves and exits 0 on
+# SIGTERM).
 FAKE_PYTHON = r"""#!PYTHON
 import json, os, signal, sys, time
 cloud, worker = os.environ["FAKE_CLOUD"], int(os.environ["FAKE_WORKER"])
@@ -404,8 +483,8 @@ if behaviour == "finish":
         with open(os.path.join(workdir, "done.json"), "w") as f:
             f.write('{"step": 10}')
     sys.exit(0)
-if behaviour in ("exit0", "fail"):
-    sys.exit(3 if behaviour == "fail" else 0)
+if behaviour in ("exit0", "fail", "lost", "killed"):
+    sys.exit({"exit0": 0, "fail": 3, "lost": 75, "killed": 137}[behaviour])
 def on_term(*_):
     note(event="saved")
     sys.exit(0)
@@ -583,6 +662,15 @@ def test_tpu_resume_on_the_same_slice_does_not_reinstall(pod):
         assert e["argv"] == trainer_argv(e["worker"], [])  # no empty argument
     log = pod.worker_file(0, "clip_jax/logs/run.log")
     assert log.count("worker 0 of 2") == 2 and log.count("exit status 0") == 2
+
+
+def test_tpu_relaunches_a_run_whose_process_was_lost(pod):
+    pod.state(train=[["lost", "killed"], ["finish", "finish"]])  # worker 1 killed, 0 stopped
+    code, _, err = pod.run(*LAUNCH)
+    assert code == 0, err
+    assert f"a process was lost (exit status {watchdog.RELAUNCH_STATUS}): relaunch 1" in err
+    assert len(pod.workers("train")) == 4
+    assert pod.verbs().count("create") == 0 and pod.verbs().count("scp") == 1  # the same slice
 
 
 def test_tpu_failed_run_stops_the_others_and_is_not_relaunched(pod):

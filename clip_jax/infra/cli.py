@@ -2,9 +2,11 @@
 and a user's mistake as one line and exit status 2.
 
 Every entry point takes absl flags (`--name=value` or `--name value`); `--help` prints its usage
-and exits 0; a bad flag, config file, config key or other `UsageError` ends it with one `error:`
-line on stderr and exit status 2 (`CLIP_JAX_DEBUG=1` shows the traceback). Anything else is a bug
-and keeps its traceback.
+and exits 0; a bad flag, config file (one that does not load too: its file, line and Python's
+message), config key or other `UsageError` ends it with one `error:` line on stderr and exit
+status 2 (`CLIP_JAX_DEBUG=1` shows the traceback). Anything else is a bug and keeps its traceback.
+In a job of several processes, one that stops makes the others stop too, and one that is lost
+makes them stop with exit status 75 (`clip_jax.infra.watchdog`).
 
     cli.run(main)                                  main, evaluate, linear_probe, benchmark: absl's
                                                    app.run with these rules
@@ -30,7 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
 
-from clip_jax.infra import logs
+from clip_jax.infra import logs, watchdog
 from clip_jax.infra.errors import UsageError
 from clip_jax.infra.logs import quiet_libraries, start_process_logs  # noqa: F401 (entry points' API)
 
@@ -46,38 +48,55 @@ def _cluster_detected() -> bool:
 
 
 def define_distributed_flags():
-    """The `--coordinator_address --num_processes --process_id` flags every entry point takes;
-    returns a function that joins the job they describe (`initialize_distributed`)."""
+    """The `--coordinator_address --num_processes --process_id --heartbeat_timeout_seconds` flags
+    every entry point that can run as several processes takes; returns a function that joins the
+    job they describe (`initialize_distributed`)."""
     global _PROCESS_ID_FLAG
     coordinator = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
     num_processes = flags.DEFINE_integer("num_processes", None, "Number of processes.")
     process_id = flags.DEFINE_integer("process_id", None, "This process's index.")
+    heartbeat = flags.DEFINE_float(
+        "heartbeat_timeout_seconds", 60.0, watchdog.HEARTBEAT_TIMEOUT_HELP, lower_bound=1.0
+    )
     _PROCESS_ID_FLAG = process_id
-    return lambda: initialize_distributed(coordinator.value, num_processes.value, process_id.value)
+    return lambda: initialize_distributed(
+        coordinator.value, num_processes.value, process_id.value, heartbeat.value
+    )
 
 
 _PROCESS_ID_FLAG: flags.FlagHolder | None = None  # --process_id, once an entry point defines it
 
 
 def initialize_distributed(
-    coordinator: str | None, num_processes: int | None, process_id: int | None
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    heartbeat_timeout: float,
 ) -> None:
     """Joins a multi-process job: explicit flags, else TPU pods and SLURM detected, else alone;
-    then routes this process's logs by its index (`start_process_logs`)."""
+    then routes this process's logs by its index (`start_process_logs`) and, in a job of several
+    processes, starts the watchdog that stops this one when another is lost (`watchdog`)."""
     import jax
 
     # CPU collectives across processes (tests, CPU clusters); accelerators are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's own detection of a lost process aborts every process with a stack trace: it stays
+    # well behind the watchdog's, as a backstop.
+    jax_heartbeat = max(100, int(2 * heartbeat_timeout))
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise UsageError("--coordinator_address needs --num_processes and --process_id")
         logs.start_process_logs(process_id)  # before JAX's own lines about joining
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, heartbeat_timeout_seconds=jax_heartbeat
+        )
     elif _cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=jax_heartbeat)
         logs.start_process_logs(jax.process_index())
     else:
         logs.start_process_logs(0)
+        return
+    watchdog.start(heartbeat_timeout, coordinator or "the detected coordinator")
 
 
 @contextlib.contextmanager
@@ -95,11 +114,11 @@ def user_errors() -> Iterator[None]:
 
 def exit_with_error(message: str, status: int) -> NoReturn:
     """Ends the program with `error: MESSAGE` on stderr (prefixed on processes after the first,
-    and in the `--log_dir` file) and exit `status`."""
-    line = f"error: {message}\n"
-    if logs.STATE.file is not None:
-        logs.STATE.file.write(line)
-    print(logs.prefixed(line), end="", file=sys.stderr, flush=True)
+    and in the `--log_dir` file) and exit `status`; in a multi-process job, the other processes
+    stop too, with a line naming this one (`watchdog.Watchdog.stop`)."""
+    if watchdog.ACTIVE is not None:  # the other processes of the job stop too
+        watchdog.ACTIVE.stop(status, message)
+    logs.print_error(message)
     sys.exit(status)
 
 
@@ -122,7 +141,9 @@ def _flag_error(e: flags.Error) -> str:
     cause = e.__context__
     while cause is not None and not isinstance(cause, UsageError):
         cause = cause.__context__
-    message = str(cause if cause is not None else e).strip().splitlines()[0]
+    if cause is not None:  # its whole message: a config's syntax error shows the line after it
+        return str(cause).strip()
+    message = str(e).strip().splitlines()[0]
     required = re.search(r"Flag --(\S+) must have a value other than None", message)
     if required:
         return f"--{required.group(1)} is required (--help lists the flags)"
@@ -160,6 +181,12 @@ def run(main: Callable[[list[str]], Any]) -> None:
             logs.start_process_logs(_PROCESS_ID_FLAG.value)
         try:
             return main(argv)
+        except Exception as e:
+            if watchdog.ACTIVE is None:  # alone: a bug, its traceback printed by Python
+                raise
+            # In a job: the news of another process lost or stopped, else a bug, with its
+            # traceback; either way every process stops.
+            watchdog.ACTIVE.stop_with_traceback(e)
         finally:
             if logs.STATE.index is None:  # ended before joining the job it was launched in
                 logs.start_process_logs(0)
@@ -228,19 +255,49 @@ class _ConfigFileParser(config_flags_lib.ConfigFileFlagParser):
             )
         spec = importlib.util.spec_from_file_location(f"{self.name}_config", file)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
         try:
-            config = module.get_config(arg) if has_arg else module.get_config()
+            spec.loader.exec_module(module)
+            get_config = getattr(module, "get_config", None)
+            if not callable(get_config):
+                raise UsageError(f"{file} defines no `get_config(arg=None)`")
+            config = get_config(arg) if has_arg else get_config()
         except UsageError as e:
-            raise UsageError(f"--{self.name}={path}: {e}") from None
-        except (AttributeError, KeyError, TypeError) as e:
-            message = _config_dict_error(e)
-            if message is None:  # not a ConfigDict refusing a key: a bug in the file
-                raise
-            raise UsageError(message) from None
+            raise UsageError(f"--{self.name}={path}: {e}") from e
+        except Exception as e:  # the config file is the user's code: whatever it raises is theirs
+            message = None
+            if isinstance(e, (AttributeError, KeyError, TypeError)):
+                message = _config_dict_error(e)
+            raise UsageError(message or _config_load_error(e, self.name, path)) from e
+        if not isinstance(config, ml_collections.ConfigDict):
+            raise UsageError(
+                f"--{self.name}={path}: get_config() returned a {type(config).__name__}, not an "
+                "ml_collections.ConfigDict"
+            )
         _check_overrides(config, self.name, file)
         config.lock()
         return config
+
+
+def _config_load_error(e: Exception, name: str, path: str) -> str:
+    """A config file that does not load (a syntax error, a failed import, an exception in its
+    get_config) as one line: the file, the line of it where things went wrong (the innermost
+    frame in that file, so a call into other code is named by the call), and Python's message. A
+    syntax error in the file itself is followed by its source line and caret line."""
+    file = path.partition(":")[0]
+    here = os.path.abspath(file)
+    head = f"--{name}={path} does not load"
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == here:
+        shown = traceback.format_exception_only(type(e), e)  # File..., source, carets, message
+        source = "".join(line for line in shown[1:-1] if line.strip()).rstrip("\n")
+        where = f"{head}: {file}:{e.lineno}: {type(e).__name__}: {e.msg}"
+        return f"{where}\n{source}" if source else where
+    text = str(e).strip().splitlines()
+    message = type(e).__name__ + (f": {text[0]}" if text else "")
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if os.path.abspath(f.filename) == here]
+    if not ours:  # raised on calling get_config (it takes no ARG, say)
+        return f"{head}: {message}"
+    return f"{head}: {file}:{ours[-1].lineno}: `{(ours[-1].line or '').strip()}`: {message}"
 
 
 def _config_dict_error(e: Exception) -> str | None:

@@ -108,6 +108,25 @@ class _PrefixFormatter(pylogging.Formatter):
         return prefixed(self.inner.format(record))
 
 
+def print_error(message: str) -> None:
+    """`error: MESSAGE` on stderr (prefixed on processes after the first) and in the `--log_dir`
+    file: the line that ends a program."""
+    line = f"error: {message}\n"
+    if STATE.file is not None:
+        STATE.file.write(line)
+    print(prefixed(line), end="", file=sys.stderr, flush=True)
+
+
+def flush() -> None:
+    """Everything written so far out of this process's buffers and into the `--log_dir` file
+    (closed): for a process that ends with `os._exit`, which skips the usual clean-up."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if STATE.file is not None:
+        STATE.file.close()
+
+
 def _excepthook(kind, value, tb) -> None:
     """An uncaught exception's traceback: into the log file too, and prefixed on stderr."""
     text = "".join(traceback.format_exception(kind, value, tb))
