@@ -67,6 +67,11 @@ def _reduce(image, shortest: float, size: int) -> int:
     return 1
 
 
+def _rgb(image):
+    """The image in RGB: itself when it is (`convert` would copy every decoded pixel)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def random_resized_crop(
     data: bytes, size: int, u: np.ndarray, scale: tuple[float, float], max_pixels: int
 ) -> np.ndarray:
@@ -77,8 +82,7 @@ def random_resized_crop(
     left, top, w, h = window(*image.size, u, scale)
     r = _reduce(image, min(w, h), size)
     box = (left / r, top / r, (left + w) / r, (top + h) / r)  # libjpeg's pixel i covers r*i..
-    rgb = image.convert("RGB")
-    return np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC, box=box))
+    return np.asarray(_rgb(image).resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
 def random_square_crop(data: bytes, size: int, u: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -91,7 +95,7 @@ def random_square_crop(data: bytes, size: int, u: np.ndarray, max_pixels: int) -
     new = shorter_side_size(width, height, size)
     r = _reduce(image, min(width, height), size)
     box = (0.0, 0.0, width / r, height / r)
-    resized = image.convert("RGB").resize(new, Image.Resampling.BICUBIC, box=box)
+    resized = _rgb(image).resize(new, Image.Resampling.BICUBIC, box=box)
     top = min(int(float(u[2]) * (new[1] - size + 1)), new[1] - size)
     left = min(int(float(u[3]) * (new[0] - size + 1)), new[0] - size)
     return np.asarray(resized)[top : top + size, left : left + size]
