@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clip_jax.infra.errors import UsageError
-from clip_jax.training import checkpoint, recovery, runs
+from clip_jax.training import checkpoint, guard, recovery, runs
 from clip_jax.training import trainer as train
 from clip_jax.training.spikes import SpikeDetector
 from tests import spiked_run
@@ -198,6 +198,18 @@ def test_a_spike_rolled_back_on_two_processes_gives_the_same_losses(tmp_path, sp
         assert abs(ours[step] - reference[step]) <= 1e-5, step
     (back,) = [r for r in read_rows(workdir) if "rollback/from_step" in r]
     assert back["step"] == 6 and back["rollback/skipped_batches"] == 2
+
+
+def test_spike_policy_halt_names_the_checkpoint_before_the_spike(tmp_path):
+    saved = spiked_run.patch()
+    try:
+        with pytest.raises(guard.LossSpikeError) as e:
+            train.run(tiny_config(**{**SPIKE, "spike.policy": "halt"}), str(tmp_path))
+    finally:
+        spiked_run.unpatch(saved)
+    assert "a loss spike at step 8" in str(e.value) and "is step 6" in str(e.value)
+    assert "rerun with --config.resume_step=6" in str(e.value)
+    assert 8 not in checkpoint.Checkpointer(str(tmp_path), create=False).all_steps()
 
 
 class StopAfterRollback(Exception):

@@ -110,6 +110,7 @@ def resume_step_target(config, ckpt: checkpoint.Checkpointer, workdir: str) -> i
         return None
     steps = ckpt.all_steps()
     records = branch_records(workdir)
+    _sync("resume_step read")  # every process has read before process 0 moves anything
     last = records[-1] if records else None
     done = (
         last is not None
