@@ -25,7 +25,8 @@ MEANINGS = {
     "total_steps": "optimizer steps of the whole run (also the length of the LR schedule)",
     "log_every_steps": "a row of metrics.jsonl (and TensorBoard) every this many steps",
     "checkpoint_every_steps": "save a checkpoint every this many steps (and at the end)",
-    "keep_checkpoints": "how many of the newest checkpoints to keep",
+    "keep_checkpoints": "how many of the newest checkpoints to keep (at least 2 while spikes are "
+    "watched or nonfinite=rollback; and the newest from before a spike, until it is over)",
     "keep_period": "also keep every checkpoint whose step is a multiple of this (0: none)",
     "resume_step": "resume from the checkpoint at this step instead of the newest (None: the "
     "newest); the newer ones move to workdir/abandoned/, never deleted; applied once, so a "
