@@ -1,14 +1,18 @@
 """A multi-process job whose process is lost, or stops on its own, ends on every process within
 the heartbeat timeout, with one line naming that process: the watch itself (a fake key-value
-store), a real two-process training run with one process killed, and a small program whose one
-process makes a user's mistake or hits a bug.
+store), a real two-process training run with process 1 killed, then process 0 (whose host runs
+the coordination service), and a small program whose one process makes a user's mistake or hits
+a bug.
 
 Run as a program (`python -m tests.test_watchdog`), this module is one process of such a job:
 it joins, then takes part in a collective every 0.1 s; `--fail_on=I --end=usage|bug` makes
 process I fail at the third."""
 
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -115,14 +119,14 @@ def _start(module: str, args: list[str], port: int, index: int, devices: int):
 
 
 def _no_stack_trace(err: str) -> None:
-    for mark in ("Traceback", "Check failure", "Fatal Python error", "*** "):
+    for mark in ("Traceback", "F0000", "Check failure", "Fatal Python error", "*** "):
         assert mark not in err, err[-3000:]
 
 
 def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
     """SIGKILL process 1 of a real two-process training run: process 0 ends with one line naming
     it and the relaunch status within the timeout (JAX alone: aborted with a stack trace after
-    about 75 s). Process 0 killed cannot be helped: JAX's client aborts the others at once."""
+    about 75 s)."""
     from tests.conftest import free_port, read_losses
 
     args = ["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.log_every_steps=1"]
@@ -146,6 +150,95 @@ def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
         f"gone); {RESUME}"
     ], err[-3000:]
     _no_stack_trace(err)
+
+
+def _coordination_processes(port: int) -> list[int]:
+    """The running (not zombie) coordination service processes for `port`, from /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:  # ended since listed
+            continue
+        if "clip_jax.infra.coordination" in command and f":{port}" in command and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on `port` of any interface (`::`, as the service binds)."""
+    try:
+        s, address = socket.socket(socket.AF_INET6), ("::", port)
+    except OSError:  # a host without IPv6
+        s, address = socket.socket(), ("0.0.0.0", port)
+    with s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError:
+            return False
+    return True
+
+
+def _gone(port: int, seconds: float) -> bool:
+    """Whether the coordination service's process for `port` ends within `seconds` (it exits
+    once process 0 is gone and no process is connected to it) and leaves its port free."""
+    deadline = time.monotonic() + seconds
+    while _coordination_processes(port) or not _port_free(port):  # its /proc entry goes first
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_killed_process_0_stops_the_other_within_the_timeout_and_the_run_resumes(tmp_path):
+    """SIGKILL process 0, beside which the coordination service runs in a process of its own:
+    process 1 ends as when any process is lost (JAX alone: aborted with its fatal error and a
+    stack trace 0.2 s after the kill, exit status 134); the service's process is gone right
+    after, its port free, and the same command resumes the run and finishes it."""
+    from tests.conftest import free_port, read_losses
+
+    args = ["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.log_every_steps=1"]
+    args += ["--config.total_steps=6", "--config.checkpoint_every_steps=2"]
+    args += ["--config.mesh.data=8"]
+    port = free_port()
+    procs = [_start("clip_jax.main", args, port, i, devices=4) for i in range(2)]
+
+    def resumable() -> bool:  # step 3 logged, step 2's checkpoint complete (orbax renames it)
+        with contextlib.suppress(OSError, json.JSONDecodeError):  # not yet there, half written
+            steps = max(read_losses(tmp_path), default=0)
+            return steps >= 3 and "2" in os.listdir(tmp_path / "checkpoints")
+        return False
+
+    deadline = time.monotonic() + 240
+    while not resumable():
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "step 3 never logged"
+        time.sleep(0.05)
+    assert len(_coordination_processes(port)) == 1
+    procs[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[1].communicate(timeout=120)
+    seconds = time.monotonic() - killed
+    procs[0].communicate()
+    assert procs[1].returncode == watchdog.RELAUNCH_STATUS, err[-3000:]
+    assert TIMEOUT - 3 < seconds < TIMEOUT + 20, seconds  # its last beat came before the kill
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"[process 1] error: process 0 of 2 lost: no heartbeat for 10 s (killed, out of memory, "
+        f"or its host gone); {RESUME}"
+    ], err[-3000:]
+    _no_stack_trace(err)
+    assert _gone(port, 2)
+
+    procs = [_start("clip_jax.main", args, port, i, devices=4) for i in range(2)]
+    outs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "resuming from the checkpoint at step" in outs[0], outs[0][-3000:]
+    assert max(read_losses(tmp_path)) == 6
+    assert _gone(port, 2)
 
 
 def _run_program(fail_on: int, end: str) -> list[tuple[int, str, float]]:

@@ -32,12 +32,15 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_flags_lib
 
-from clip_jax.infra import logs, watchdog
+from clip_jax.infra import coordination, logs, watchdog
 from clip_jax.infra.errors import UsageError
 from clip_jax.infra.logs import quiet_libraries, start_process_logs  # noqa: F401 (entry points' API)
 
 HELP_FLAGS = ("-h", "-?", "-help", "--help", "-helpshort", "--helpshort", "-helpfull", "--helpfull")
 KEYS_HINT = "python -m clip_jax.main --config=FILE --show_config lists every key"
+# jax.distributed.initialize's defaults, given to the coordination service's process too
+INITIALIZATION_TIMEOUT = 300  # seconds for every process to join
+SHUTDOWN_TIMEOUT = 300  # seconds JAX's shutdown barrier waits for the other processes
 
 
 def _cluster_detected() -> bool:
@@ -75,28 +78,54 @@ def initialize_distributed(
 ) -> None:
     """Joins a multi-process job: explicit flags, else TPU pods and SLURM detected, else alone;
     then routes this process's logs by its index (`start_process_logs`) and, in a job of several
-    processes, starts the watchdog that stops this one when another is lost (`watchdog`)."""
+    processes, starts the watchdog that stops this one when another is lost (`watchdog`).
+    Process 0 hosts the job's coordination service in a process of its own (`coordination`),
+    so that its death is noticed like any other process's."""
     import jax
 
     # CPU collectives across processes (tests, CPU clusters); accelerators are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # JAX's own detection of a lost process aborts every process with a stack trace: it stays
-    # well behind the watchdog's, as a backstop.
-    jax_heartbeat = max(100, int(2 * heartbeat_timeout))
+    local_devices = None
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise UsageError("--coordinator_address needs --num_processes and --process_id")
-        logs.start_process_logs(process_id)  # before JAX's own lines about joining
-        jax.distributed.initialize(
-            coordinator, num_processes, process_id, heartbeat_timeout_seconds=jax_heartbeat
-        )
     elif _cluster_detected():
-        jax.distributed.initialize(heartbeat_timeout_seconds=jax_heartbeat)
-        logs.start_process_logs(jax.process_index())
+        from jax._src import clusters  # what jax.distributed.initialize() would detect
+
+        coordinator, num_processes, process_id, local_devices = (
+            clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                None, None, None, None, None, INITIALIZATION_TIMEOUT
+            )
+        )
+        if None in (coordinator, num_processes, process_id):
+            raise UsageError(
+                "a multi-process launch was detected, but not its coordinator, size or this "
+                "process's index: pass --coordinator_address, --num_processes and --process_id"
+            )
     else:
         logs.start_process_logs(0)
         return
-    watchdog.start(heartbeat_timeout, coordinator or "the detected coordinator")
+    logs.start_process_logs(process_id)  # before JAX's own lines about joining
+    # JAX's own detection of a lost process aborts every process with a stack trace: it stays
+    # well behind the watchdog's, as a backstop.
+    jax_heartbeat = max(100, int(2 * heartbeat_timeout))
+    bind = None
+    if process_id == 0 and num_processes > 1:
+        coordination.start(
+            coordinator, num_processes, jax_heartbeat, SHUTDOWN_TIMEOUT, heartbeat_timeout
+        )
+        bind = coordination.IDLE_ADDRESS
+    jax.distributed.initialize(
+        coordinator,
+        num_processes,
+        process_id,
+        local_device_ids=local_devices,
+        initialization_timeout=INITIALIZATION_TIMEOUT,
+        heartbeat_timeout_seconds=jax_heartbeat,
+        shutdown_timeout_seconds=SHUTDOWN_TIMEOUT,
+        coordinator_bind_address=bind,
+    )
+    watchdog.start(heartbeat_timeout, coordinator)
 
 
 @contextlib.contextmanager

@@ -10,16 +10,15 @@ every few seconds and reads the others' beats:
 - a process whose beat has not changed for `--heartbeat_timeout_seconds` is lost: every other
   process stops with one line naming it and exit status `RELAUNCH_STATUS` (75), which the
   launchers take as "relaunch"; rerunning the same command resumes the run from its last
-  checkpoint. A coordinator (process 0) that stops answering is lost the same way.
+  checkpoint. Process 0 is no exception: the coordination service runs in a process of its own
+  beside it (`clip_jax.infra.coordination`), which outlives it until the others have stopped. A
+  coordination service that stops answering (process 0's host gone) is lost the same way.
 - a process that stops on its own with a non-zero status (a user's mistake, a bug, a non-finite
   loss) records it before it exits, and the others stop at once with its status and a line
   naming it (`Watchdog.stop`).
 
 A process that has stopped skips JAX's shutdown barrier (which only waits for the processes still
-running); process 0, whose exit takes the coordination service down, waits for the others to
-stop first, or else JAX would abort them. When process 0 itself is killed, JAX's client ends the
-others at once with its own fatal error (exit status 134) before any Python code can run: the
-`missed_heartbeat_callback` that would replace it cannot take a Python function in jax 0.10.
+running).
 """
 
 import atexit
@@ -174,13 +173,10 @@ class Watchdog:
 
     def stop(self, status: int, line: str) -> NoReturn:
         """Ends this process with `error: LINE` and `status`, after recording both for the
-        others; process 0 first waits (bounded) for the others to stop, as its exit takes the
-        coordination service down."""
+        others."""
         self.stopping.acquire()  # a second caller waits here for the first one's exit
         logs.print_error(line)
         self._record(status, line)
-        if self.index == 0:
-            self._wait_for_peers()
         logs.flush()
         os._exit(status)
 
@@ -203,8 +199,6 @@ class Watchdog:
         else:
             status, cause = 1, f"{text} (a bug: see process {self.index}'s traceback)"
         self._record(status, cause)
-        if self.index == 0:
-            self._wait_for_peers()
         logs.flush()
         os._exit(status)
 
@@ -220,23 +214,6 @@ class Watchdog:
         record = json.dumps({"status": status, "cause": cause})
         key = f"{KEYS}stop/{self.index}"
         _in_thread(self.client.key_value_set, key, record, True, timeout=self.interval)
-
-    def _wait_for_peers(self) -> None:
-        """Until every other process has stopped or is lost, at most the timeout, then a moment
-        for the last ones to exit after recording it."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            now = time.monotonic()
-            with self.lock:
-                running = [
-                    i
-                    for i, p in self.peers.items()
-                    if p.stop is None and now - p.changed <= self.timeout
-                ]
-            if not running:
-                break
-            time.sleep(self.interval / 4)
-        time.sleep(min(self.interval, 0.5))
 
 
 def _in_thread(fn, *args, timeout: float) -> None:
