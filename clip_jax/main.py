@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         with cli.user_errors():
             cli.no_arguments(argv)
             if _SHOW_CONFIG.value:
-                print(cli.describe_config(_CONFIG.value, validate.config_meanings()))
+                cli.print_stdout(cli.describe_config(_CONFIG.value, validate.config_meanings()))
                 return
             workdir = _WORKDIR.value
             if not workdir:

@@ -141,6 +141,15 @@ def user_errors() -> Iterator[None]:
         exit_with_error(str(e), 2)
 
 
+def print_stdout(text: str) -> None:
+    """Prints `text`; a reader that stopped reading (`| head`) is no error: the rest of the
+    output goes nowhere, without the BrokenPipeError Python would raise now and at exit."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def exit_with_error(message: str, status: int) -> NoReturn:
     """Ends the program with `error: MESSAGE` on stderr (prefixed on processes after the first,
     and in the `--log_dir` file) and exit `status`; in a multi-process job, the other processes

@@ -62,7 +62,7 @@ class MetricsWriter:
         if kept_text != text:
             logging.info(
                 "%s: dropped %d rows past step %d (logged after the checkpoint this run goes on "
-                "from)",
+                "from; those of an abandoned branch are kept in its folder)",
                 self._path,
                 len(rows) - len(kept),
                 step,

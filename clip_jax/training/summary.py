@@ -36,6 +36,8 @@ def start_summary(config, mesh, spec, workdir: str, latest, accum_steps: int) ->
     micro = f", micro-batches of {per_device // accum_steps}" if accum_steps > 1 else ""
     if latest is None:
         where = "a fresh run"
+    elif config.resume_step is not None and config.resume_step < latest:
+        where = f"resume_step={config.resume_step} asked for; its newest checkpoint: step {latest}"
     elif latest >= config.total_steps:
         where = f"finished at step {latest}"
     else:
