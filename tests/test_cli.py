@@ -384,3 +384,19 @@ def test_progress_line_leaves_compilation_and_evals_out(monkeypatch):
     clock[0] += metrics.PROGRESS_EVERY_S
     assert progress.due(3)
     assert summary.format_flops(2.5e12) == "2.50 TFLOPs" and summary.format_flops(None) == "unknown"
+
+
+def test_show_config_into_a_pipe_closed_early_is_no_error():
+    """`--show_config | head`: the reader stops after a line; no traceback, exit 0."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "clip_jax.main", "--config=configs/tiny.py", "--show_config"],
+        cwd=ROOT,
+        env=cpu_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdout.close()  # before a line is written: the write finds no reader, as after `head`
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
