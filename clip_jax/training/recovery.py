@@ -202,9 +202,9 @@ class Recovery:
 
     def check(self, step: int, count: jax.Array, loss: jax.Array, now: int):
         """Reads the figures of `step` (`count`: nonfinite_steps after it, `loss`: its loss);
-        `now` is the step whose batch was taken last. Returns None to go on, or `(step, state)`
-        after a rollback: the restored checkpoint's. Raises NonFiniteLossError or
-        LossSpikeError to halt."""
+        `now` is the step whose batch was taken last. Returns None to go on, or after a
+        rollback `(step, state, values)`: the restored checkpoint's step and state, and the
+        rollback's metrics row. Raises NonFiniteLossError or LossSpikeError to halt."""
         if step <= self.guard.checked and step <= self.detector.checked:
             return None
         started = self.detector.episode_start
