@@ -101,7 +101,7 @@ def start(
     _PROCESS.stdout.close()
     if output is None:
         logging.info(
-            "coordination service on %s in process %d (the one JAX starts here stays idle)",
+            "coordination service on %s, pid %d (the one JAX starts here stays idle)",
             spec["bind"],
             _PROCESS.pid,
         )
