@@ -138,11 +138,7 @@ def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
         assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
         assert time.monotonic() < deadline, "step 3 never logged"
         time.sleep(0.05)
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    _, err = procs[0].communicate(timeout=120)
-    seconds = time.monotonic() - killed
-    procs[1].communicate()
+    err, seconds = _kill_and_wait(procs, victim=1)
     assert procs[0].returncode == watchdog.RELAUNCH_STATUS, err[-3000:]
     assert TIMEOUT - 3 < seconds < TIMEOUT + 20, seconds  # its last beat came before the kill
     assert [line for line in err.splitlines() if "error:" in line] == [
@@ -150,6 +146,17 @@ def test_a_killed_process_stops_the_other_within_the_timeout(tmp_path):
         f"gone); {RESUME}"
     ], err[-3000:]
     _no_stack_trace(err)
+
+
+def _kill_and_wait(procs, victim: int) -> tuple[str, float]:
+    """SIGKILLs process `victim` of two; returns the survivor's stderr and the seconds from the
+    kill to its exit."""
+    procs[victim].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[1 - victim].communicate(timeout=120)
+    seconds = time.monotonic() - killed
+    procs[victim].communicate()
+    return err, seconds
 
 
 def _coordination_processes(port: int) -> list[int]:
@@ -219,11 +226,7 @@ def test_a_killed_process_0_stops_the_other_within_the_timeout_and_the_run_resum
         assert time.monotonic() < deadline, "step 3 never logged"
         time.sleep(0.05)
     assert len(_coordination_processes(port)) == 1
-    procs[0].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    _, err = procs[1].communicate(timeout=120)
-    seconds = time.monotonic() - killed
-    procs[0].communicate()
+    err, seconds = _kill_and_wait(procs, victim=0)
     assert procs[1].returncode == watchdog.RELAUNCH_STATUS, err[-3000:]
     assert TIMEOUT - 3 < seconds < TIMEOUT + 20, seconds  # its last beat came before the kill
     assert [line for line in err.splitlines() if "error:" in line] == [
