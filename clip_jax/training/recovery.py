@@ -212,13 +212,14 @@ class Recovery:
             nonfinite = self.guard.check(step, count)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}; {self._advice(started or step)}") from None
-        act = self.detector.observe(step, float(loss))
+        loss = float(loss)  # waits for the step: the previous one, while this one runs
+        act = self.detector.observe(step, loss)
         if self.detector.episode_start is not None and started is None:
             logging.warning(
                 "step %d: loss spike (%.4f, above %.4f: the mean of the last %d calm steps plus "
                 "%g times their spread)",
                 step,
-                float(loss),
+                loss,
                 self._last_threshold(),
                 self.config.spike.window,
                 self.config.spike.factor,
