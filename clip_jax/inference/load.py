@@ -23,6 +23,7 @@ import numpy as np
 from clip_jax.data.preprocess import preprocess
 from clip_jax.infra import paths
 from clip_jax.infra.errors import UsageError
+from clip_jax.models import sizes
 from clip_jax.models.clip import CLIP, is_resnet, layers_layout
 from clip_jax.training import runs, state
 from clip_jax.weights import files as weight_files
@@ -81,12 +82,18 @@ def load_pretrained(
     if step is not None:
         raise UsageError(f"step={step} applies to a training run's directory, not to {path}")
     sd, stored = weight_files.read_state_dict(path, allow_torchscript_code=allow_torchscript_code)
-    cfg = stored if stored is not None else {**infer_config(sd), "quick_gelu": True}
+    cfg = stored if stored is not None else _assumed_activation(infer_config(sd))
     if is_resnet(cfg["vision"]):
         cfg["vision"] = {**cfg["vision"], "layers": tuple(cfg["vision"]["layers"])}
     cfg = merge_config(cfg, overrides)
     variables = jax.device_put(from_state_dict(sd, cfg))
     return CLIP(**cfg), variables
+
+
+def _assumed_activation(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An inferred config with QuickGELU for OpenAI's layout (OpenAI's models use it; pass
+    `quick_gelu=False` for OpenCLIP's GELU models); SigLIP's layout has its activations already."""
+    return cfg if sizes.is_siglip(cfg) else {**cfg, "quick_gelu": True}
 
 
 def save_pretrained(path: str, variables: Variables, cfg: Mapping[str, Any]) -> None:

@@ -33,17 +33,29 @@ def exact_gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def activation(quick: bool) -> Callable[[jax.Array], jax.Array]:
-    return quick_gelu if quick else exact_gelu
+def tanh_gelu(x: jax.Array) -> jax.Array:
+    """GELU's tanh approximation (PyTorch's `approximate="tanh"`, timm's "gelu_tanh"), what
+    big_vision's SigLIP towers use."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def activation(quick: bool, tanh: bool = False) -> Callable[[jax.Array], jax.Array]:
+    """QuickGELU, GELU's tanh approximation, or exact GELU; asking for both approximations is a
+    mistake."""
+    if quick and tanh:
+        raise UsageError("quick_gelu and gelu_tanh are two different activations: choose one")
+    if quick:
+        return quick_gelu
+    return tanh_gelu if tanh else exact_gelu
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = LN_EPS) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=LN_EPS,
+        epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=partitioned(nn.initializers.ones, ("norm",)),
@@ -174,6 +186,7 @@ class MLP(nn.Module):
     fc_init: DenseInit
     proj_init: DenseInit
     quick_gelu: bool = False
+    gelu_tanh: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -190,7 +203,7 @@ class MLP(nn.Module):
             name="c_fc",
         )(x)
         h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
-        h = activation(self.quick_gelu)(h)
+        h = activation(self.quick_gelu, self.gelu_tanh)(h)
         return DenseGeneral(
             (width,),
             kernel_axes=("mlp", "embed"),
@@ -300,6 +313,8 @@ class ResidualAttentionBlock(nn.Module):
     mlp_ratio: float = 4.0
     causal: bool = False
     quick_gelu: bool = False
+    gelu_tanh: bool = False
+    ln_eps: float = LN_EPS
     layers: int = 12  # depth of the tower, for the output-projection init scale
     block_init: str = "scaled_normal"  # one of BLOCK_INITS
     attn_impl: str | None = None
@@ -321,16 +336,17 @@ class ResidualAttentionBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attn",
-        )(layer_norm("ln_1", self.dtype, self.param_dtype)(x))
+        )(layer_norm("ln_1", self.dtype, self.param_dtype, self.ln_eps)(x))
         x = x + MLP(
             mlp_dim,
             fc_init=inits["c_fc"],
             proj_init=inits["c_proj"],
             quick_gelu=self.quick_gelu,
+            gelu_tanh=self.gelu_tanh,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="mlp",
-        )(layer_norm("ln_2", self.dtype, self.param_dtype)(x))
+        )(layer_norm("ln_2", self.dtype, self.param_dtype, self.ln_eps)(x))
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -351,6 +367,8 @@ class Transformer(nn.Module):
     mlp_ratio: float = 4.0
     causal: bool = False
     quick_gelu: bool = False
+    gelu_tanh: bool = False
+    ln_eps: float = LN_EPS
     remat_policy: str = "none"
     block_init: str = "scaled_normal"  # one of BLOCK_INITS
     attn_impl: str | None = None
@@ -376,6 +394,8 @@ class Transformer(nn.Module):
             mlp_ratio=self.mlp_ratio,
             causal=self.causal,
             quick_gelu=self.quick_gelu,
+            gelu_tanh=self.gelu_tanh,
+            ln_eps=self.ln_eps,
             layers=self.layers,
             block_init=self.block_init,
             attn_impl=self.attn_impl,

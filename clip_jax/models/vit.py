@@ -1,5 +1,6 @@
 """The CLIP Vision Transformer (Radford et al. 2021, section 2.4), with FLIP's patch dropout
-(Li et al. 2023) for training."""
+(Li et al. 2023) for training, and SigLIP's form of it (Zhai et al. 2023): no class token, the
+tokens pooled by a multihead attention-pooling head (MAP)."""
 
 from typing import Any
 
@@ -9,6 +10,10 @@ import jax.numpy as jnp
 
 from clip_jax.infra.errors import UsageError
 from clip_jax.models.layers import (
+    LN_EPS,
+    MLP,
+    DenseGeneral,
+    DenseInit,
     Dtype,
     Transformer,
     check_init_scheme,
@@ -18,6 +23,11 @@ from clip_jax.models.layers import (
     symmetric_uniform,
 )
 from clip_jax.parallel.fsdp import fsdp_add, fsdp_dot, kernel_layout
+
+# How the tokens become one vector: "token", CLIP's class token (ln_pre before the blocks, ln_post
+# on the class token, a projection); "map", SigLIP's (timm's `global_pool="map"`): no class token
+# and no ln_pre, ln_post on every token, then `MAPHead`, whose output is the embedding.
+POOL_TYPES = ("token", "map")
 
 
 class VisionTransformer(nn.Module):
@@ -39,6 +49,11 @@ class VisionTransformer(nn.Module):
     tokens (`patches_kept`), drawn after the positional embedding is added, as open_clip's
     PatchDropout does; the tower then runs on the shorter sequence, which is what makes a step
     cheaper. Evaluation (`train=False`) sees every patch.
+
+    `pool_type="map"` gives SigLIP's image tower (timm's `vit_*_siglip_*`): see `POOL_TYPES`.
+    Its patch convolution has a bias (`patch_bias`), its LayerNorms eps 1e-6 (`ln_eps`) and some
+    sizes GELU's tanh approximation (`gelu_tanh`); the embedding is the MAP head's output, of the
+    tower's width, with no projection after it (`output_dim` must equal `width`).
     """
 
     image_size: int
@@ -54,18 +69,30 @@ class VisionTransformer(nn.Module):
     attn_impl: str | None = None
     patch_dropout: float = 0.0  # fraction of patch tokens dropped per image in training
     scan_layers: bool = False  # see layers.Transformer
+    pool_type: str = "token"  # one of POOL_TYPES
+    patch_bias: bool = False  # a bias in the patch convolution (SigLIP's towers have one)
+    ln_eps: float = LN_EPS
+    gelu_tanh: bool = False  # GELU's tanh approximation instead of exact GELU
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, project: bool = True) -> jax.Array:
-        """Images [B, H, W, 3] -> [B, output_dim]; with `project=False` the class token's features
-        before the projection, [B, width] (what the CLIP paper's linear probes of ViTs read).
+        """Images [B, H, W, 3] -> [B, output_dim]; with `project=False` the features before the
+        projection, [B, width]: the class token's (what the CLIP paper's linear probes of ViTs
+        read), or for `pool_type="map"` the MAP head's, which have no projection after them.
 
         With `train` and `patch_dropout > 0`, patches are dropped (the class docstring), drawn
         from the "dropout" random stream (`rngs={"dropout": key}`)."""
         if not 0 <= self.patch_dropout < 1:
             raise UsageError(f"patch_dropout={self.patch_dropout!r}: use a number in [0, 1)")
+        if self.pool_type not in POOL_TYPES:
+            raise UsageError(f"unknown pool_type {self.pool_type!r}; choose one of {POOL_TYPES}")
+        if self.pool_type == "map" and self.output_dim != self.width:
+            raise UsageError(
+                f"a MAP-pooled image tower has no projection: its embedding is its width "
+                f"{self.width}, not {self.output_dim} (set embed_dim={self.width})"
+            )
         if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
@@ -81,40 +108,47 @@ class VisionTransformer(nn.Module):
             self.patch_size,
             self.width,
             kernel_init=conv_init,
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv1",
         )(images)  # [B, g*g, D]
         b = x.shape[0]
-        cls = self.param(
-            "class_embedding",
-            partitioned(nn.initializers.normal(scale), ("embed",)),
-            (self.width,),
-            self.param_dtype,
-        )
+        dtype = jnp.dtype(self.dtype)
+        token = self.pool_type == "token"  # a class token first
+        if token:
+            cls = self.param(
+                "class_embedding",
+                partitioned(nn.initializers.normal(scale), ("embed",)),
+                (self.width,),
+                self.param_dtype,
+            )
+            # Under FSDP each embedding is all-gathered in `dtype` and its gradient reduced in
+            # float32 (fsdp.fsdp_add), as the blocks' kernels are.
+            zeros = jnp.zeros((b, 1, self.width), dtype)
+            x = jnp.concatenate([fsdp_add(zeros, cls, dtype, _layout(cls, ("embed",))), x], 1)
         grid = self.image_size // self.patch_size
         pos = self.param(
             "positional_embedding",
             partitioned(nn.initializers.normal(scale), ("pos", "embed")),
-            (grid * grid + 1, self.width),
+            (grid * grid + token, self.width),
             self.param_dtype,
         )
-        dtype = jnp.dtype(self.dtype)
-        # Under FSDP each embedding is all-gathered in `dtype` and its gradient reduced in float32
-        # (fsdp.fsdp_add), as the blocks' kernels are.
-        cls = fsdp_add(jnp.zeros((b, 1, self.width), dtype), cls, dtype, _layout(cls, ("embed",)))
-        x = jnp.concatenate([cls, x], axis=1)
         x = fsdp_add(x, pos, dtype, _layout(pos, ("pos", "embed")))  # [B, T, D]
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         if train and self.patch_dropout > 0:
-            x = drop_patches(x, self.patch_dropout, self.make_rng("dropout"))  # [B, 1 + kept, D]
+            rng = self.make_rng("dropout")
+            x = drop_patches(x, self.patch_dropout, rng, prefix=int(token))  # [B, kept (+1), D]
             x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-        x = layer_norm("ln_pre", self.dtype, self.param_dtype)(x)
+        if token:
+            x = layer_norm("ln_pre", self.dtype, self.param_dtype, self.ln_eps)(x)
         x = Transformer(
             self.layers,
             self.heads,
             mlp_ratio=self.mlp_ratio,
             quick_gelu=self.quick_gelu,
+            gelu_tanh=self.gelu_tanh,
+            ln_eps=self.ln_eps,
             remat_policy=self.remat_policy,
             block_init="pytorch_default" if self.init_scheme == "openai" else "scaled_normal",
             attn_impl=self.attn_impl,
@@ -123,7 +157,19 @@ class VisionTransformer(nn.Module):
             param_dtype=self.param_dtype,
             name="transformer",
         )(x)
-        x = layer_norm("ln_post", self.dtype, self.param_dtype)(x[:, 0])  # [B, D]
+        ln_post = layer_norm("ln_post", self.dtype, self.param_dtype, self.ln_eps)
+        if not token:
+            return MAPHead(
+                self.heads,
+                mlp_ratio=self.mlp_ratio,
+                quick_gelu=self.quick_gelu,
+                gelu_tanh=self.gelu_tanh,
+                ln_eps=self.ln_eps,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="map_head",
+            )(ln_post(x))  # [B, D]
+        x = ln_post(x[:, 0])  # [B, D]
         if not project:
             return x
         proj = self.param(
@@ -134,6 +180,88 @@ class VisionTransformer(nn.Module):
         )
         layout = kernel_layout(("embed", "joint"), proj.shape)
         return fsdp_dot(x, proj, 1, jnp.dtype(self.dtype), layout)  # [B, E]
+
+
+def xavier_init(fan_in: int, fan_out: int) -> DenseInit:
+    """Xavier-uniform weights (over the layer's whole fan-in and fan-out), zero biases: how
+    big_vision initialises its MAP head."""
+    return DenseInit(symmetric_uniform((6 / (fan_in + fan_out)) ** 0.5), nn.initializers.zeros)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (Lee et al. 2019; big_vision's `MAPHead`, timm's
+    `AttentionPoolLatent`): one learned query `latent` attends over the tokens, then a residual
+    MLP on the LayerNormed result: `y = out(attn(q(latent), kv(x)))`, `y + mlp(ln(y))`.
+
+    Parameters are named for the conversion to timm's `attn_pool`: `latent` [1, D], `q`
+    [D, heads, head_dim], `kv` [D, 2, heads, head_dim] (keys then values, timm's fused order),
+    `out` [heads, head_dim, D], `ln`, `mlp` (`c_fc`, `c_proj`).
+    """
+
+    heads: int
+    mlp_ratio: float = 4.0
+    quick_gelu: bool = False
+    gelu_tanh: bool = False
+    ln_eps: float = LN_EPS
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Tokens [B, T, D] (and `mask` [B, T], True where a token is real: padding is never
+        attended) -> [B, D]."""
+        b, _, width = x.shape
+        if width % self.heads:
+            raise UsageError(f"width {width} is not divisible by heads {self.heads}")
+        head_dim = width // self.heads
+        latent = self.param(
+            "latent",
+            partitioned(nn.initializers.normal(width**-0.5), (None, "embed")),
+            (1, width),
+            self.param_dtype,
+        )
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        query = jnp.broadcast_to(latent.astype(self.dtype), (b, 1, width))
+        q = DenseGeneral(
+            (self.heads, head_dim),
+            kernel_axes=("embed", "heads", "kv"),
+            bias_axes=("heads", "kv"),
+            init=xavier_init(width, width),
+            name="q",
+            **common,
+        )(query)  # [B, 1, H, K]
+        kv = DenseGeneral(
+            (2, self.heads, head_dim),
+            kernel_axes=("embed", None, "heads", "kv"),
+            bias_axes=(None, "heads", "kv"),
+            init=xavier_init(width, 2 * width),
+            name="kv",
+            **common,
+        )(x)  # [B, T, 2, H, K]
+        k = constrain(kv[:, :, 0], ("act_batch", "act_seq", "act_heads", "act_kv"))
+        v = constrain(kv[:, :, 1], ("act_batch", "act_seq", "act_heads", "act_kv"))
+        attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T]
+        y = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)  # [B, 1, H, K]
+        y = DenseGeneral(
+            (width,),
+            kernel_axes=("heads", "kv", "embed"),
+            bias_axes=("embed",),
+            init=xavier_init(width, width),
+            in_axes=2,
+            name="out",
+            **common,
+        )(y)  # [B, 1, D]
+        mlp_dim = int(width * self.mlp_ratio)
+        y = y + MLP(
+            mlp_dim,
+            fc_init=xavier_init(width, mlp_dim),
+            proj_init=xavier_init(mlp_dim, width),
+            quick_gelu=self.quick_gelu,
+            gelu_tanh=self.gelu_tanh,
+            name="mlp",
+            **common,
+        )(layer_norm("ln", self.dtype, self.param_dtype, self.ln_eps)(y))
+        return y[:, 0]
 
 
 def _layout(param: jax.Array, names: tuple[str | None, ...]):
@@ -151,6 +279,7 @@ class PatchEmbedding(nn.Module):
     patch_size: int
     width: int
     kernel_init: Any
+    use_bias: bool = False  # a [D] bias after the product (timm's patch_embed.proj has one)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -162,9 +291,21 @@ class PatchEmbedding(nn.Module):
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, names), (p, p, c, self.width), self.param_dtype
         )
+        # Pixels past the last whole patch are dropped, as a stride-p convolution drops them
+        # (timm's `vit_so400m_patch14_siglip_384`: 27 patches of 14 over 384 pixels).
+        h, w = h // p * p, w // p * p
+        images = images[:, :h, :w]
         patches = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
         patches = patches.transpose(0, 1, 3, 2, 4, 5)  # [B, h/p, w/p, p, p, C]
         x = fsdp_dot(patches, kernel, 3, jnp.dtype(self.dtype), kernel_layout(names, kernel.shape))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                partitioned(nn.initializers.zeros, ("embed",)),
+                (self.width,),
+                self.param_dtype,
+            )
+            x = x + bias.astype(self.dtype)
         return x.reshape(b, -1, self.width)
 
 
@@ -174,8 +315,9 @@ def patches_kept(patches: int, patch_dropout: float) -> int:
     return max(1, int(patches * (1 - patch_dropout)))
 
 
-def drop_patches(x: jax.Array, patch_dropout: float, rng: jax.Array) -> jax.Array:
-    """The class token and a uniformly random subset of each row's patch tokens.
+def drop_patches(x: jax.Array, patch_dropout: float, rng: jax.Array, prefix: int = 1) -> jax.Array:
+    """The class token (the first `prefix` tokens) and a uniformly random subset of each row's
+    patch tokens.
 
     Each row draws its own subset, `patches_kept` of them, distinct, in random order: the
     patches of the lowest independent uniform scores, gathered row by row. A sort along each row
@@ -183,15 +325,16 @@ def drop_patches(x: jax.Array, patch_dropout: float, rng: jax.Array) -> jax.Arra
     XLA gathers the whole batch's scores for its CPU kernel).
 
     Args:
-      x: tokens [B, 1 + n, D], the class token first, positions already added.
+      x: tokens [B, prefix + n, D], the class token first, positions already added.
       patch_dropout: the fraction of the n patch tokens to drop, in [0, 1).
       rng: a key.
+      prefix: the tokens before the patches, always kept: 1 (a class token) or 0.
     Returns:
-      [B, 1 + patches_kept(n, patch_dropout), D].
+      [B, prefix + patches_kept(n, patch_dropout), D].
     """
-    b, n = x.shape[0], x.shape[1] - 1
+    b, n = x.shape[0], x.shape[1] - prefix
     scores = jax.random.uniform(rng, (b, n))  # [B, n]
     scores = constrain(scores, ("act_batch", "act_seq"))
     keep = jnp.argsort(scores, axis=-1)[:, : patches_kept(n, patch_dropout)]  # [B, kept]
-    patches = jnp.take_along_axis(x[:, 1:], keep[:, :, None], axis=1)  # [B, kept, D]
-    return jnp.concatenate([x[:, :1], patches], axis=1)
+    patches = jnp.take_along_axis(x[:, prefix:], keep[:, :, None], axis=1)  # [B, kept, D]
+    return jnp.concatenate([x[:, :prefix], patches], axis=1)
