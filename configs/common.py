@@ -78,6 +78,11 @@ MEANINGS = {
     "model.vision.mlp_ratio": "ViT MLP hidden units per unit of width",
     "model.vision.init_scheme": "how the image tower's weights start: default, or openai "
     "(OpenAI's code: PyTorch's own initialisers where it keeps them)",
+    "model.vision.pool_type": "token (CLIP: a class token, ln_post on it, a projection) or map "
+    "(SigLIP: no class token, an attention-pooling head whose output is the embedding)",
+    "model.vision.patch_bias": "a bias in the patch convolution (SigLIP's towers have one)",
+    "model.vision.ln_eps": "the image tower's LayerNorm epsilon (1e-5 CLIP, 1e-6 SigLIP)",
+    "model.vision.gelu_tanh": "GELU's tanh approximation in the image tower (some SigLIP sizes)",
     "model.text.context_length": "tokens per caption (longer captions are truncated)",
     "model.text.vocab_size": "text tower vocabulary (must hold the tokenizer's)",
     "model.text.width": "text tower width",
@@ -85,12 +90,20 @@ MEANINGS = {
     "model.text.heads": "attention heads of the text tower",
     "model.text.mlp_ratio": "text MLP hidden units per unit of width",
     "model.text.pool_type": "which token's features embed a caption: argmax (the highest id: the "
-    "CLIP BPE's end token) or eot (the first eot_token_id); must be where the tokenizer ends "
-    "captions",
+    "CLIP BPE's end token), eot (the first eot_token_id) or last (the last position: SigLIP's "
+    "tokenizers, which pad to the context); must be where the tokenizer ends captions",
     "model.text.eot_token_id": "the end-of-text id that pool_type=eot looks for (the "
     "sentencepiece model's eos id)",
+    "model.text.causal": "causal attention (CLIP); False: every token sees every other (SigLIP)",
+    "model.text.proj_type": "linear (a projection into the joint space) or none (the pooled "
+    "features are the embedding)",
+    "model.text.proj_bias": "the text projection has a bias (SigLIP)",
+    "model.text.ln_eps": "the text tower's LayerNorm epsilon (1e-5 CLIP, 1e-6 SigLIP)",
+    "model.text.gelu_tanh": "GELU's tanh approximation in the text tower (SigLIP 2)",
     "loss.name": "softmax (CLIP) or sigmoid (SigLIP)",
     "loss.chunk_size": "stream the loss over column blocks of this size (0: not chunked)",
+    "loss.allow_mismatch": "train with the softmax loss a model that has a logit bias (a SigLIP "
+    "model), which is refused otherwise",
     "loss.max_logit_scale": "the temperature's clamp: logit scale at most this (100 in CLIP)",
     "optim.learning_rate": "peak learning rate, after warmup",
     "optim.warmup_steps": "linear warmup from 0 over this many steps",
@@ -108,7 +121,8 @@ MEANINGS = {
     "mixture A@w,B@w",
     "train_data.image_key": "the records' image feature",
     "train_data.text_key": "the records' caption feature",
-    "train_data.tokenizer": "clip_bpe or the path of a sentencepiece .model",
+    "train_data.tokenizer": "clip_bpe, the path of a sentencepiece .model, or siglip:PATH / "
+    "siglip2:PATH (SigLIP's / SigLIP 2's tokenizer on that sentencepiece model)",
     "train_data.shuffle_buffer": "records shuffled at once (0 or 1: no shuffling)",
     "train_data.crop_scale": "random resized crop: range of the kept area fraction",
     "train_data.augmentation": "random_resized_crop (open_clip's, crop_scale of the area) or "
@@ -172,9 +186,11 @@ def base_config(
         node = c
         for part in filter(None, parent.split(".")):
             node = node[part]
-        node[leaf] = ml_collections.config_dict.placeholder(kind, required=False)
+        # A size's own value (a SigLIP's logit bias) stays; None otherwise.
+        node[leaf] = ml_collections.FieldReference(node.get(leaf), field_type=kind)
 
     c.loss = ml_collections.ConfigDict(dict(name="softmax", chunk_size=0, max_logit_scale=100.0))
+    c.loss.allow_mismatch = False  # refuse softmax on a model with a logit bias (SigLIP's)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = learning_rate
@@ -206,6 +222,27 @@ def base_config(
     # stay open for entries (`with c.unlocked():` adds another key on purpose).
     c.lock()
     c.evals.unlock()
+    return c
+
+
+# SigLIP's tokenizers by family: the sentencepiece model each needs, given as a file.
+SIGLIP_TOKENIZERS = {
+    "SigLIP": "siglip:cc_en.32000/sentencepiece.model",  # T5's English 32k (c4_en)
+    "SigLIP2": "siglip2:gemma_tokenizer.model",  # Gemma's 256k
+}
+
+
+def siglip_config(model: str, learning_rate: float = 1e-3) -> ml_collections.ConfigDict:
+    """SigLIP's recipe (Zhai et al. 2023) for a named SigLIP / SigLIP 2 size: the sigmoid loss
+    over the global batch, batch 32,768, AdamW with beta2 0.95 (the paper's fix for loss spikes at
+    large batch) and weight decay 1e-4, the logit scale and bias at t' = log 10 and b = -10 (the
+    size's), and the family's tokenizer on its sentencepiece file (a path to set)."""
+    c = base_config(model, learning_rate)
+    c.loss.name = "sigmoid"
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 1e-4
+    family = "SigLIP2" if "SigLIP2" in model else "SigLIP"
+    c.train_data.tokenizer = SIGLIP_TOKENIZERS[family]
     return c
 
 

@@ -47,3 +47,25 @@ def test_smoke_argument_shrinks_the_run(name):
 def test_unknown_argument_is_clear():
     with pytest.raises(ValueError, match="unknown config argument 'huge'"):
         load_config("b16", "huge")
+
+
+# Each shipped SigLIP config and its open_clip size (tests/test_siglip.py checks the counts).
+SIGLIP = {
+    "siglip_b16": "ViT-B-16-SigLIP",
+    "siglip2_b16": "ViT-B-16-SigLIP2",
+    "siglip2_l16": "ViT-L-16-SigLIP2-256",
+    "siglip2_so400m14": "ViT-SO400M-14-SigLIP2",
+    "siglip2_gopt16": "ViT-gopt-16-SigLIP2-256",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGLIP))
+def test_siglip_configs_build_their_size_with_siglips_recipe(name):
+    c = load_config(name)
+    assert c.model.to_dict() == {**model_config(SIGLIP[name]), "dtype": "bfloat16"}
+    assert c.model.init_logit_bias == -10.0 and c.loss.name == "sigmoid"
+    assert (c.batch_size, c.optim.b2, c.optim.weight_decay) == (32768, 0.95, 1e-4)
+    family = "siglip2:" if "SigLIP2" in SIGLIP[name] else "siglip:"
+    assert c.train_data.tokenizer.startswith(family)
+    smoke = load_config(name, "smoke")
+    assert smoke.model.to_dict() == {**c.model.to_dict(), "dtype": "float32"}

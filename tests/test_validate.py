@@ -49,6 +49,20 @@ def test_a_config_has_every_key_its_rules_name():
         validate.validate(c)
 
 
+def test_a_loss_that_does_not_fit_the_model_is_refused_unless_asked_for():
+    c = load_config("siglip2_b16", "smoke")
+    validate.validate(c)
+    with_overrides(c, **{"loss.name": "softmax"})
+    with pytest.raises(UsageError, match="^loss.name='softmax' with a model that has a logit bias"):
+        validate.validate(c)
+    with_overrides(c, **{"loss.allow_mismatch": True})
+    validate.validate(c)  # fine-tuning a SigLIP model with CLIP's loss, on purpose
+    c = load_config("tiny")
+    with_overrides(c, **{"loss.name": "sigmoid"})
+    with pytest.raises(UsageError, match="^loss.name='sigmoid' needs a learned bias"):
+        validate.validate(c)
+
+
 def test_the_frozen_groups_are_the_models_top_level_parameters():
     model = {**load_config("tiny").model.to_dict(), "init_logit_bias": -10.0}
     assert set(abstract_variables(model)["params"]) == set(validate.FROZEN_GROUPS)

@@ -5,6 +5,10 @@
   pre-tokenising pattern, start and end tokens, zero padding, and truncation that keeps the end
   token last. Its merges file ships in this package.
 - `SentencePieceTokenizer`: a sentencepiece model; ids then EOS, truncated so that EOS stays.
+- `SigLIPTokenizer`: SigLIP's and SigLIP 2's text pipeline as open_clip runs it: big_vision's
+  `canonicalize` cleaning (lower case, punctuation removed), a sentencepiece model given as a
+  file (`siglip:PATH`, T5's English 32k or mC4's 250k; `siglip2:PATH`, Gemma's 256k), EOS after
+  the ids, padded to the full context, pooled at the last position.
 
     python -m clip_jax.data.tokenizers train --input captions.txt --vocab_size 8000 --out spm.model
     python -m clip_jax.data.tokenizers encode --tokenizer clip_bpe "a photo of a cat"
@@ -15,6 +19,7 @@ import gzip
 import html
 import json
 import os
+import string
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -35,16 +40,17 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_token_id: int
     pad_token_id: int
-    pool_type: str  # how the text tower finds the end token: "argmax" or "eot"
+    pool_type: str  # how the text tower finds the end token: "argmax", "eot" or "last"
 
     def tokenize(self, texts: Sequence[str] | str) -> np.ndarray: ...
 
 
 def text_pooling(tokenizer: Tokenizer) -> dict[str, Any]:
     """The text tower's `pool_type` and `eot_token_id` that find where `tokenizer` ends each
-    caption: the highest id for the CLIP BPE (OpenAI's argmax), else the first end token."""
-    if tokenizer.pool_type == "argmax":
-        return {"pool_type": "argmax", "eot_token_id": None}
+    caption: the highest id for the CLIP BPE (OpenAI's argmax), the last position for SigLIP's
+    tokenizers (which pad every caption to the context), else the first end token."""
+    if tokenizer.pool_type in ("argmax", "last"):
+        return {"pool_type": tokenizer.pool_type, "eot_token_id": None}
     return {"pool_type": "eot", "eot_token_id": int(tokenizer.eot_token_id)}
 
 
@@ -54,13 +60,19 @@ def check_pooling(
     """A UsageError unless a text tower configured by `text` (`model.text`: `pool_type`,
     `eot_token_id`) pools at the token that ends `tokenizer`'s captions; `fix` is what the error
     tells the user to do (by default: the pooling settings that match the tokenizer)."""
-    eot, pool, pool_eot = tokenizer.eot_token_id, text["pool_type"], text["eot_token_id"]
-    if pool == "argmax":
+    eot, pool, pool_eot = tokenizer.eot_token_id, text["pool_type"], text.get("eot_token_id")
+    pools_at = {
+        "last": "the last position",
+        "argmax": "the highest token id of each caption",
+    }.get(pool, f"the first token {pool_eot}")
+    if tokenizer.pool_type == "last" or pool == "last":
+        # Only a tokenizer that fills the whole context (SigLIP's) has a fixed last position
+        # that sees the caption; a tower pooling there with zero-padded captions reads padding.
+        ok = tokenizer.pool_type == pool == "last"
+    elif pool == "argmax":
         ok = eot == tokenizer.vocab_size - 1  # the end token outranks every other id
-        pools_at = "the highest token id of each caption"
     else:
         ok = pool_eot == eot
-        pools_at = f"the first token {pool_eot}"
     if not ok:
         want = text_pooling(tokenizer)
         fix = fix or (
@@ -231,12 +243,76 @@ class SentencePieceTokenizer:
     __call__ = tokenize
 
 
-def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = None) -> Tokenizer:
-    """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece; a training run's
-    directory -> the tokenizer that run trained with, at its model's context length.
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-    `context_length` defaults to 77, or to the run's for a run directory.
+
+def canonicalize(text: str, keep: str | None = None) -> str:
+    """big_vision's `canonicalize` as open_clip applies it to SigLIP's captions: open_clip's
+    basic cleaning (ftfy, HTML unescaped twice, stripped), then underscores as spaces, ASCII
+    punctuation removed (outside each occurrence of `keep`, e.g. "{}"), lower case, whitespace
+    collapsed."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = text.replace("_", " ")
+    if keep:
+        text = keep.join(part.translate(_PUNCTUATION) for part in text.split(keep))
+    else:
+        text = text.translate(_PUNCTUATION)
+    return " ".join(text.lower().split()).strip()
+
+
+# SigLIP's tokenizer families: (pad id, what the vocabulary is). EOS is 1 in both; T5's English
+# and mC4 vocabularies pad with EOS (open_clip sets pad_token_id=1), Gemma's with its <pad>, 0.
+SIGLIP_FAMILIES = {
+    "siglip": (1, "T5's English 32k (c4_en) or mC4's 250k sentencepiece model"),
+    "siglip2": (0, "Gemma's 256k sentencepiece model"),
+}
+SIGLIP_EOS = 1
+
+
+class SigLIPTokenizer:
+    """SigLIP's captions as open_clip tokenizes them (its `SigLipTokenizer`, and the Hugging Face
+    tokenizers its SigLIP configs name): `canonicalize`d text, the sentencepiece ids (no BOS),
+    EOS (id 1); truncated so that EOS stays last; padded to `context_length` with the family's
+    pad id. The text tower pools at the last position, which therefore always exists."""
+
+    pool_type = "last"
+
+    def __init__(self, model_path: str, context_length: int = 64, family: str = "siglip2"):
+        if family not in SIGLIP_FAMILIES:
+            raise UsageError(f"unknown SigLIP tokenizer {family!r}; use {sorted(SIGLIP_FAMILIES)}")
+        self.sp = SentencePieceTokenizer(model_path, context_length).sp
+        self.model_path, self.context_length, self.family = model_path, context_length, family
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_token_id = SIGLIP_FAMILIES[family][0]
+        self.eot_token_id = SIGLIP_EOS
+        eos = self.sp.id_to_piece(SIGLIP_EOS) if self.vocab_size > SIGLIP_EOS else None
+        if self.sp.eos_id() != SIGLIP_EOS:
+            raise UsageError(
+                f"{model_path}: its end-of-sequence id is {self.sp.eos_id()} ({eos!r} is id 1); "
+                f"SigLIP's tokenizers end with id 1: give {SIGLIP_FAMILIES[family][1]}"
+            )
+
+    def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [[*ids, SIGLIP_EOS] for ids in self.sp.encode([canonicalize(t) for t in texts])]
+        return pack(rows, self.context_length, SIGLIP_EOS, self.pad_token_id)
+
+    __call__ = tokenize
+
+
+def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = None) -> Tokenizer:
+    """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece;
+    'siglip:PATH' / 'siglip2:PATH' -> SigLIP's / SigLIP 2's tokenizer on that sentencepiece model
+    (`SigLIPTokenizer`); a training run's directory -> the tokenizer that run trained with, at its
+    model's context length.
+
+    `context_length` defaults to 77 (64 for SigLIP's), or to the run's for a run directory.
     """
+    family, _, model_path = name_or_path.partition(":")
+    if family in SIGLIP_FAMILIES and model_path:
+        return SigLIPTokenizer(model_path, context_length or 64, family)
     run_config = paths.path(name_or_path) / "config.json"
     if name_or_path not in ("clip_bpe", "openai") and run_config.exists():
         config = json.loads(run_config.read_text())
@@ -248,7 +324,8 @@ def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = N
     if name_or_path.endswith(".model"):
         return SentencePieceTokenizer(name_or_path, context_length)
     raise UsageError(
-        f"unknown tokenizer {name_or_path!r}: use 'clip_bpe' or the path of a sentencepiece .model"
+        f"unknown tokenizer {name_or_path!r}: use 'clip_bpe', the path of a sentencepiece .model, "
+        "or siglip:PATH / siglip2:PATH"
     )
 
 

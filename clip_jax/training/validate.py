@@ -38,8 +38,9 @@ from clip_jax.infra.rules import (
     is_seq,
     one_of,
 )
+from clip_jax.models import vit
 from clip_jax.models.layers import INIT_SCHEMES, REMAT_POLICIES
-from clip_jax.models.text import POOL_TYPES
+from clip_jax.models.text import POOL_TYPES, PROJ_TYPES
 from clip_jax.parallel import sharding
 from clip_jax.training import losses
 
@@ -52,7 +53,15 @@ FROZEN_GROUPS = ("visual", "text_tower", "logit_scale", "logit_bias")  # CLIP's 
 
 MESH_AXIS = Rule(lambda v: is_int(v) and (v > 0 or v == -1), "a positive integer, or -1 (the rest)")
 
-VIT_KEYS = ("model.vision.patch_size", "model.vision.mlp_ratio")  # a ResNet has neither
+# A ResNet has none of these.
+VIT_KEYS = (
+    "model.vision.patch_size",
+    "model.vision.mlp_ratio",
+    "model.vision.pool_type",
+    "model.vision.patch_bias",
+    "model.vision.ln_eps",
+    "model.vision.gelu_tanh",
+)
 
 # One rule per key of a training config (`configs/common.py`'s base_config); `evals` entries have
 # their types' (`evals/registry.py`). A config must have every key but a ResNet's missing ViT ones.
@@ -104,6 +113,10 @@ RULES: dict[str, Rule] = {
     "model.vision.heads": POSITIVE_INT,
     "model.vision.mlp_ratio": POSITIVE,
     "model.vision.init_scheme": one_of(INIT_SCHEMES),
+    "model.vision.pool_type": one_of(vit.POOL_TYPES),
+    "model.vision.patch_bias": BOOL,
+    "model.vision.ln_eps": POSITIVE,
+    "model.vision.gelu_tanh": BOOL,
     "model.text.context_length": POSITIVE_INT,
     "model.text.vocab_size": POSITIVE_INT,
     "model.text.width": POSITIVE_INT,
@@ -112,9 +125,15 @@ RULES: dict[str, Rule] = {
     "model.text.mlp_ratio": POSITIVE,
     "model.text.pool_type": one_of(POOL_TYPES),
     "model.text.eot_token_id": Rule(lambda v: v is None or COUNT.ok(v), "None or a token id"),
+    "model.text.causal": BOOL,
+    "model.text.proj_type": one_of(PROJ_TYPES),
+    "model.text.proj_bias": BOOL,
+    "model.text.ln_eps": POSITIVE,
+    "model.text.gelu_tanh": BOOL,
     "loss.name": one_of(tuple(losses.LOSSES)),
     "loss.chunk_size": Rule(COUNT.ok, "an integer >= 0 (0: not chunked)"),
     "loss.max_logit_scale": POSITIVE,
+    "loss.allow_mismatch": BOOL,
     "optim.learning_rate": POSITIVE,
     "optim.warmup_steps": COUNT,
     "optim.schedule": one_of(SCHEDULES),
@@ -209,7 +228,8 @@ def _check_together(c: ml_collections.ConfigDict) -> None:
     if isinstance(vision.layers, int):  # a ViT
         if "patch_size" not in vision:
             raise UsageError("model.vision.patch_size is missing: a ViT (int layers) needs it")
-        if vision.image_size % vision.patch_size:
+        # timm's SigLIP towers drop the pixels past the last whole patch (SO400M-14 at 384).
+        if vision.image_size % vision.patch_size and vision.get("pool_type") != "map":
             _refuse(
                 "model.vision.image_size",
                 vision.image_size,
@@ -236,6 +256,17 @@ def _check_together(c: ml_collections.ConfigDict) -> None:
     if c.loss.name == "sigmoid" and c.model.init_logit_bias is None:
         raise UsageError(
             "loss.name='sigmoid' needs a learned bias: set model.init_logit_bias (SigLIP: -10)"
+        )
+    if (
+        c.loss.name == "softmax"
+        and c.model.init_logit_bias is not None
+        and not c.loss.get("allow_mismatch", False)
+    ):
+        raise UsageError(
+            f"loss.name='softmax' with a model that has a logit bias (model.init_logit_bias="
+            f"{c.model.init_logit_bias}): the bias and temperature belong to SigLIP's sigmoid "
+            "loss, which softmax would silently retrain; use loss.name=sigmoid, or set "
+            "loss.allow_mismatch=True to train this model with CLIP's loss on purpose"
         )
 
 
