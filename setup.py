@@ -70,11 +70,14 @@ setup(
         # The handwritten-digits demo dataset ships inside scikit-learn.
         "demo": ["scikit-learn>=1.4"],
         # The reference implementations, for the parity tests (they skip without them): open_clip,
-        # and CLIP_benchmark's exporter and zero-shot code with what they import.
+        # and CLIP_benchmark's exporter and zero-shot code with what they import; timm (open_clip's
+        # SigLIP image towers) and transformers (the tokenizers of its SigLIP configs).
         "reference": [
             "torch>=2.4",
             "torchvision",
             "open_clip_torch>=2.26",
+            "timm>=1.0",
+            "transformers>=4.40",
             "clip-benchmark>=1.6",
             "webdataset>=0.2.31",
             "requests",
