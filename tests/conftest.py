@@ -113,6 +113,7 @@ PROCESS_MODULES = (
     "test_notebook",
     "test_remote_workdir",
     "test_sharding",
+    "test_siglip_train",
     "test_train",
 )
 

@@ -15,6 +15,10 @@ read shards that `cached_shards` writes on first use into the cache (`clip_jax.i
 `$CLIP_JAX_CACHE/digits/`, else `~/.cache/clip_jax/digits/`), once, at 32 px (the input pipeline
 resizes to the model's resolution).
 
+The SigLIP demo's tokenizer, `siglip2:digits`, is a sentencepiece model with SigLIP 2's special
+ids (pad 0, EOS 1, BOS 2, unk 3; a byte-fallback BPE, as Gemma's), trained on the training
+captions' templates: `cached_tokenizer` writes it into the same cache on first use.
+
 scikit-learn is an optional dependency: `pip install 'clip-jax-train[demo]'`.
 """
 
@@ -24,6 +28,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from absl import flags, logging
@@ -52,6 +58,8 @@ JPEG_QUALITY = 95
 SPLITS = ("train", "test")
 CACHE_IMAGE_SIZE = 32
 CACHE_VERSION = 1  # bump when the rendering, the captions or the split change: a new folder
+TOKENIZER_VERSION = 1  # bump when the tokenizer's training changes
+TOKENIZER_VOCAB = 400  # 256 byte pieces, 4 special ones, merges up to whole caption words
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -125,23 +133,75 @@ def cached_shards(split: str, directory: str = "") -> str:
         raise UsageError(f"digits:{split}: no such split; use digits:train or digits:test")
     directory = directory or cache.cache_dir("digits", f"v{CACHE_VERSION}-{CACHE_IMAGE_SIZE}px")
     if not os.path.isdir(directory):
-        _write_once(directory)
+        _write_once(directory, lambda tmp: write_digits(tmp, CACHE_IMAGE_SIZE), "the digits")
     return os.path.join(directory, f"{split}-*.tfrecord")
 
 
-def _write_once(directory: str) -> None:
-    """Writes the shards into a temporary folder renamed into place, under a file lock: readers
-    never see a partial cache, and processes that ask at once write it once."""
+def cached_tokenizer(directory: str = "") -> str:
+    """The path of the SigLIP demo's sentencepiece model (see the module), written first when it
+    is missing, as the shards are."""
+    directory = directory or cache.cache_dir("digits", f"siglip2-tokenizer-v{TOKENIZER_VERSION}")
+    if not os.path.isdir(directory):
+        _write_once(directory, write_tokenizer, "the digits tokenizer")
+    return os.path.join(directory, "tokenizer.model")
+
+
+def write_tokenizer(output: str) -> str:
+    """Trains the demo's tokenizer on every training caption a template can make (canonicalized,
+    as the tokenizer sees them); returns the model's path."""
+    import sentencepiece
+
+    from clip_jax.data.tokenizers import canonicalize
+
+    os.makedirs(output, exist_ok=True)
+    lines = sorted(
+        {
+            canonicalize(t.format(word=word, digit=digit))
+            for t in TEMPLATES
+            for digit, word in enumerate(CLASS_NAMES)
+        }
+    )
+    text = os.path.join(output, "captions.txt")
+    with open(text, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=text,
+        model_prefix=os.path.join(output, "tokenizer"),
+        vocab_size=TOKENIZER_VOCAB,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        num_threads=1,
+        minloglevel=2,
+    )
+    return os.path.join(output, "tokenizer.model")
+
+
+def _write_once(directory: str, write: Callable[[str], Any], what: str) -> None:
+    """Writes into a temporary folder renamed into place, under a file lock: readers never see a
+    partial cache, and processes that ask at once write it once."""
     parent = os.path.dirname(os.path.abspath(directory))
     cache.make_dir(parent, "the cache folder")
     with open(os.path.abspath(directory) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if os.path.isdir(directory):  # written by another process while this one waited
             return
-        logging.info("writing the digits demo data to %s (once)", directory)
+        logging.info("writing %s of the demo to %s (once)", what, directory)
         tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
         try:
-            write_digits(tmp, CACHE_IMAGE_SIZE)
+            write(tmp)
             try:
                 os.rename(tmp, directory)
             except OSError:

@@ -305,13 +305,18 @@ class SigLIPTokenizer:
 def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = None) -> Tokenizer:
     """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece;
     'siglip:PATH' / 'siglip2:PATH' -> SigLIP's / SigLIP 2's tokenizer on that sentencepiece model
-    (`SigLIPTokenizer`); a training run's directory -> the tokenizer that run trained with, at its
+    (`SigLIPTokenizer`; 'siglip2:digits' is the SigLIP demo's, `data.digits.cached_tokenizer`);
+    a training run's directory -> the tokenizer that run trained with, at its
     model's context length.
 
     `context_length` defaults to 77 (64 for SigLIP's), or to the run's for a run directory.
     """
     family, _, model_path = name_or_path.partition(":")
     if family in SIGLIP_FAMILIES and model_path:
+        if name_or_path == "siglip2:digits":  # the SigLIP demo's, trained on first use
+            from clip_jax.data import digits
+
+            model_path = digits.cached_tokenizer()
         return SigLIPTokenizer(model_path, context_length or 64, family)
     run_config = paths.path(name_or_path) / "config.json"
     if name_or_path not in ("clip_bpe", "openai") and run_config.exists():

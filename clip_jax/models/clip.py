@@ -107,14 +107,23 @@ class CLIP(nn.Module):
             )
 
     def encode_image(
-        self, images: jax.Array, train: bool = False, project: bool = True
+        self,
+        images: jax.Array,
+        train: bool = False,
+        project: bool = True,
+        grid: jax.Array | None = None,
     ) -> jax.Array:
         """Images [B, H, W, 3], normalised -> projected embeddings [B, E], float32, unnormalised.
 
         `project=False` gives the image tower's features before the projection into the joint
         space instead, [B, width] (the ViT's class token after ln_post; the ResNet's attention
         pool before its output projection): what linear probes read with `features=pre`.
+
+        With `grid` [B, 2], `images` are NaFlex patches [B, N, p*p*3] of each image at its own
+        aspect ratio (SigLIP 2's; `clip_jax.data.naflex`), padded to N: a MAP-pooled tower only.
         """
+        if grid is not None:
+            return self.visual(images, train=train, grid=grid).astype(jnp.float32)
         return self.visual(images, train=train, project=project).astype(jnp.float32)
 
     def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:

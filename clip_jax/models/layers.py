@@ -229,31 +229,35 @@ def attention(
     causal: bool,
     implementation: str | None,
     pad_to: int | None = None,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` of [B, T, H, K] queries, keys and values for any length T.
 
     With `implementation="cudnn"` (or any `pad_to`), the sequence is padded with zeros to a
     multiple of `pad_to` (`CUDNN_SEQ_MULTIPLE` for cuDNN), the padded keys masked out by their
     lengths, and the padded queries' rows dropped: the result is the unpadded attention's.
+
+    `lengths` [B] (NaFlex's padded patch sequences): row b's keys past `lengths[b]` are masked,
+    so padding never reaches a real token (the padding's own rows are computed and ignored).
     """
     if pad_to is None and implementation == "cudnn":
         pad_to = CUDNN_SEQ_MULTIPLE
     length = q.shape[1]
     if pad_to is None or length % pad_to == 0:
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation=implementation
+            q, k, v, is_causal=causal, key_value_seq_lengths=lengths, implementation=implementation
         )
     padded = -(-length // pad_to) * pad_to
     widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
-    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    full = jnp.full((q.shape[0],), length, jnp.int32)
     out = jax.nn.dot_product_attention(
         q,
         k,
         v,
         is_causal=causal,
-        query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths,
+        query_seq_lengths=full,
+        key_value_seq_lengths=full if lengths is None else lengths,
         implementation=implementation,
     )
     return out[:, :length]
@@ -275,7 +279,8 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; `lengths` [B]: the real tokens of each row (`attention`)."""
         width = x.shape[-1]
         if width % self.heads:
             raise UsageError(f"width {width} is not divisible by heads {self.heads}")
@@ -293,7 +298,7 @@ class MultiHeadAttention(nn.Module):
         q = constrain(q, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k = constrain(k, ("act_batch", "act_seq", "act_heads", "act_kv"))
         v = constrain(v, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        out = attention(q, k, v, causal=self.causal, implementation=self.attn_impl)
+        out = attention(q, k, v, causal=self.causal, implementation=self.attn_impl, lengths=lengths)
         return DenseGeneral(
             (width,),
             kernel_axes=("heads", "kv", "embed"),
@@ -322,7 +327,8 @@ class ResidualAttentionBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; `lengths` [B]: the real tokens of each row (`attention`)."""
         width = x.shape[-1]
         mlp_dim = int(width * self.mlp_ratio)
         inits = block_inits(self.block_init, width, mlp_dim, self.layers)
@@ -336,7 +342,7 @@ class ResidualAttentionBlock(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="attn",
-        )(layer_norm("ln_1", self.dtype, self.param_dtype, self.ln_eps)(x))
+        )(layer_norm("ln_1", self.dtype, self.param_dtype, self.ln_eps)(x), lengths)
         x = x + MLP(
             mlp_dim,
             fc_init=inits["c_fc"],
@@ -377,7 +383,8 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; `lengths` [B]: the real tokens of each row (`attention`)."""
         if self.remat_policy not in REMAT_POLICIES:
             raise UsageError(
                 f"unknown remat_policy {self.remat_policy!r}; "
@@ -408,15 +415,17 @@ class Transformer(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 length=self.layers,
+                in_axes=nn.broadcast,
                 metadata_params={nn.PARTITION_NAME: None},
             )
-            x, _ = stack(block(self.heads, **fields, name="resblocks"), x, None)
+            x, _ = stack(block(self.heads, **fields, name="resblocks"), x, lengths)
             return x
         for i in range(self.layers):
-            x = block(self.heads, **fields, name=f"resblocks_{i}")(x)
+            x = block(self.heads, **fields, name=f"resblocks_{i}")(x, lengths)
         return x
 
 
-def _scan_body(block: nn.Module, x: jax.Array, _: None) -> tuple[jax.Array, None]:
-    """One step of the scanned stack: the carry is the residual stream [B, T, D]."""
-    return block(x), None
+def _scan_body(block: nn.Module, x: jax.Array, lengths: jax.Array | None) -> tuple[jax.Array, None]:
+    """One step of the scanned stack: the carry is the residual stream [B, T, D]; `lengths`
+    (or None) is the same for every layer."""
+    return block(x, lengths), None

@@ -77,13 +77,27 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, project: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array,
+        train: bool = False,
+        project: bool = True,
+        grid: jax.Array | None = None,
+    ) -> jax.Array:
         """Images [B, H, W, 3] -> [B, output_dim]; with `project=False` the features before the
         projection, [B, width]: the class token's (what the CLIP paper's linear probes of ViTs
         read), or for `pool_type="map"` the MAP head's, which have no projection after them.
 
         With `train` and `patch_dropout > 0`, patches are dropped (the class docstring), drawn
-        from the "dropout" random stream (`rngs={"dropout": key}`)."""
+        from the "dropout" random stream (`rngs={"dropout": key}`).
+
+        NaFlex (SigLIP 2, `pool_type="map"`): with `grid` [B, 2] (each image's patch rows and
+        columns), `images` are patches [B, N, p*p*3] in row-major order (`naflex.patchify`),
+        each image's first rows*columns real and the rest padding. The learned position grid is
+        resampled to each image's grid (`naflex_positions`), padding is masked in every
+        attention and in the MAP head, and the embedding does not depend on it."""
+        if grid is not None:
+            return self._naflex(images, grid)
         if not 0 <= self.patch_dropout < 1:
             raise UsageError(f"patch_dropout={self.patch_dropout!r}: use a number in [0, 1)")
         if self.pool_type not in POOL_TYPES:
@@ -98,21 +112,8 @@ class VisionTransformer(nn.Module):
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
                 f"{self.image_size}x{self.image_size}"
             )
-        check_init_scheme(self.init_scheme)
-        if self.init_scheme == "openai":  # nn.Conv2d's kaiming_uniform(a=sqrt(5))
-            conv_init = symmetric_uniform((self.patch_size**2 * images.shape[-1]) ** -0.5)
-        else:
-            conv_init = nn.initializers.lecun_normal()
         scale = self.width**-0.5
-        x = PatchEmbedding(
-            self.patch_size,
-            self.width,
-            kernel_init=conv_init,
-            use_bias=self.patch_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv1",
-        )(images)  # [B, g*g, D]
+        x = self._patch_embedding(images.shape[-1])(images)  # [B, g*g, D]
         b = x.shape[0]
         dtype = jnp.dtype(self.dtype)
         token = self.pool_type == "token"  # a class token first
@@ -142,7 +143,64 @@ class VisionTransformer(nn.Module):
             x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         if token:
             x = layer_norm("ln_pre", self.dtype, self.param_dtype, self.ln_eps)(x)
-        x = Transformer(
+        x = self._transformer()(x)
+        ln_post = layer_norm("ln_post", self.dtype, self.param_dtype, self.ln_eps)
+        if not token:
+            return self._map_head()(ln_post(x))  # [B, D]
+        x = ln_post(x[:, 0])  # [B, D]
+        if not project:
+            return x
+        proj = self.param(
+            "proj",
+            partitioned(nn.initializers.normal(scale), ("embed", "joint")),
+            (self.width, self.output_dim),
+            self.param_dtype,
+        )
+        layout = kernel_layout(("embed", "joint"), proj.shape)
+        return fsdp_dot(x, proj, 1, jnp.dtype(self.dtype), layout)  # [B, E]
+
+    def _naflex(self, patches: jax.Array, grid: jax.Array) -> jax.Array:
+        """NaFlex patches [B, N, p*p*3] and their grids [B, 2] -> [B, D] (see `__call__`)."""
+        if self.pool_type != "map":
+            raise UsageError("NaFlex inputs need a MAP-pooled image tower (SigLIP 2's)")
+        b, n, flat = patches.shape
+        if flat != self.patch_size**2 * 3:
+            raise ValueError(f"patches of {flat} values; this tower's are {self.patch_size}^2 x 3")
+        x = self._patch_embedding(3)(patches)  # [B, N, D]
+        side = self.image_size // self.patch_size
+        pos = self.param(
+            "positional_embedding",
+            partitioned(nn.initializers.normal(self.width**-0.5), ("pos", "embed")),
+            (side * side, self.width),
+            self.param_dtype,
+        )
+        x = x + naflex_positions(pos, grid, n).astype(self.dtype)
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        lengths = (grid[:, 0] * grid[:, 1]).astype(jnp.int32)  # real patches first, then padding
+        x = self._transformer()(x, lengths)
+        x = layer_norm("ln_post", self.dtype, self.param_dtype, self.ln_eps)(x)
+        return self._map_head()(x, jnp.arange(n)[None, :] < lengths[:, None])
+
+    # The parts both inputs (images, NaFlex patches) go through, created by the compact
+    # __call__ under the same names.
+    def _patch_embedding(self, channels: int) -> "PatchEmbedding":
+        check_init_scheme(self.init_scheme)
+        if self.init_scheme == "openai":  # nn.Conv2d's kaiming_uniform(a=sqrt(5))
+            conv_init = symmetric_uniform((self.patch_size**2 * channels) ** -0.5)
+        else:
+            conv_init = nn.initializers.lecun_normal()
+        return PatchEmbedding(
+            self.patch_size,
+            self.width,
+            kernel_init=conv_init,
+            use_bias=self.patch_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv1",
+        )
+
+    def _transformer(self) -> Transformer:
+        return Transformer(
             self.layers,
             self.heads,
             mlp_ratio=self.mlp_ratio,
@@ -156,30 +214,56 @@ class VisionTransformer(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="transformer",
-        )(x)
-        ln_post = layer_norm("ln_post", self.dtype, self.param_dtype, self.ln_eps)
-        if not token:
-            return MAPHead(
-                self.heads,
-                mlp_ratio=self.mlp_ratio,
-                quick_gelu=self.quick_gelu,
-                gelu_tanh=self.gelu_tanh,
-                ln_eps=self.ln_eps,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="map_head",
-            )(ln_post(x))  # [B, D]
-        x = ln_post(x[:, 0])  # [B, D]
-        if not project:
-            return x
-        proj = self.param(
-            "proj",
-            partitioned(nn.initializers.normal(scale), ("embed", "joint")),
-            (self.width, self.output_dim),
-            self.param_dtype,
         )
-        layout = kernel_layout(("embed", "joint"), proj.shape)
-        return fsdp_dot(x, proj, 1, jnp.dtype(self.dtype), layout)  # [B, E]
+
+    def _map_head(self) -> "MAPHead":
+        return MAPHead(
+            self.heads,
+            mlp_ratio=self.mlp_ratio,
+            quick_gelu=self.quick_gelu,
+            gelu_tanh=self.gelu_tanh,
+            ln_eps=self.ln_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="map_head",
+        )
+
+
+def naflex_positions(pos: jax.Array, grid: jax.Array, tokens: int) -> jax.Array:
+    """The learned position grid resampled to each image's patch grid, as SigLIP 2's NaFlex does
+    (bilinear, half-pixel centres, antialiased where it shrinks: `jax.image.scale_and_translate`,
+    PyTorch's `interpolate(..., "bilinear", antialias=True)`).
+
+    Args:
+      pos: [g*g, D], the square grid of the fixed-resolution tower, row by row.
+      grid: int [B, 2], each image's patch rows and columns.
+      tokens: N, the padded sequence length.
+    Returns:
+      [B, N, D]: token n of image b (row n // columns, column n % columns) gets its position;
+      tokens past rows * columns get values that are never used.
+    """
+    side = round(pos.shape[0] ** 0.5)
+    if side * side != pos.shape[0]:
+        raise ValueError(f"a NaFlex position grid must be square, not {pos.shape[0]} positions")
+
+    def matrix(size: jax.Array) -> jax.Array:  # [tokens, side]: resampling `side` onto `size`
+        eye = jnp.eye(side, dtype=jnp.float32)
+        scale = (size.astype(jnp.float32) / side)[None]
+        return jax.image.scale_and_translate(
+            eye, (tokens, side), (0,), scale, jnp.zeros((1,)), method="linear", antialias=True
+        )
+
+    def one(hw: jax.Array) -> jax.Array:
+        n = jnp.arange(tokens)
+        rows, cols = matrix(hw[0]), matrix(hw[1])
+        r, c = n // jnp.maximum(hw[1], 1), n % jnp.maximum(hw[1], 1)
+        weights = rows[r][:, :, None] * cols[c][:, None, :]  # [N, side, side]
+        return weights.reshape(tokens, side * side)
+
+    weights = jax.vmap(one)(grid)  # [B, N, g*g]
+    return jnp.einsum(
+        "bnk,kd->bnd", weights, pos.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def xavier_init(fan_in: int, fan_out: int) -> DenseInit:
@@ -274,7 +358,8 @@ class PatchEmbedding(nn.Module):
     which this replaces bit for bit in its parameters): one dense product, all-gathered and
     reduced like the blocks' kernels (`fsdp.fsdp_dot`), instead of a strided convolution.
 
-    Images [B, H, W, C] -> patch tokens [B, (H/p)*(W/p), D], row by row."""
+    Images [B, H, W, C] -> patch tokens [B, (H/p)*(W/p), D], row by row; NaFlex's patches
+    [B, N, p*p*C] (each patch's pixels by row, column, channel) -> [B, N, D]."""
 
     patch_size: int
     width: int
@@ -285,12 +370,24 @@ class PatchEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        b, h, w, c = images.shape
         p = self.patch_size
+        if images.ndim == 3:  # NaFlex: patches [B, N, p*p*C] already cut, (row, column, channel)
+            b, n, flat = images.shape
+            images = images.reshape(b, n, 1, p, p, flat // (p * p))  # as [B, N, 1, p, p, C]
+        b, h, w, c = images.shape[0], images.shape[1], images.shape[2], images.shape[-1]
         names = (None, None, "conv_in", "embed")
         kernel = self.param(
             "kernel", partitioned(self.kernel_init, names), (p, p, c, self.width), self.param_dtype
         )
+        if images.ndim == 6:
+            x = fsdp_dot(
+                images.astype(self.dtype),
+                kernel,
+                3,
+                jnp.dtype(self.dtype),
+                kernel_layout(names, kernel.shape),
+            )  # [B, N, 1, D]
+            return self._bias(x.reshape(b, -1, self.width))
         # Pixels past the last whole patch are dropped, as a stride-p convolution drops them
         # (timm's `vit_so400m_patch14_siglip_384`: 27 patches of 14 over 384 pixels).
         h, w = h // p * p, w // p * p
@@ -298,15 +395,15 @@ class PatchEmbedding(nn.Module):
         patches = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
         patches = patches.transpose(0, 1, 3, 2, 4, 5)  # [B, h/p, w/p, p, p, C]
         x = fsdp_dot(patches, kernel, 3, jnp.dtype(self.dtype), kernel_layout(names, kernel.shape))
-        if self.use_bias:
-            bias = self.param(
-                "bias",
-                partitioned(nn.initializers.zeros, ("embed",)),
-                (self.width,),
-                self.param_dtype,
-            )
-            x = x + bias.astype(self.dtype)
-        return x.reshape(b, -1, self.width)
+        return self._bias(x.reshape(b, -1, self.width))
+
+    def _bias(self, x: jax.Array) -> jax.Array:
+        if not self.use_bias:
+            return x
+        bias = self.param(
+            "bias", partitioned(nn.initializers.zeros, ("embed",)), (self.width,), self.param_dtype
+        )
+        return x + bias.astype(self.dtype)
 
 
 def patches_kept(patches: int, patch_dropout: float) -> int:
