@@ -48,6 +48,7 @@ setup(
         "etils[epath]>=1.7",  # the path layer (clip_jax.infra.paths), as orbax uses it
         "tensorboardX>=2.6,<3",
         "safetensors>=0.4.3,<1",
+        "huggingface_hub>=0.26,<3",  # Hub downloads, in the cache open_clip and timm share
         "numpy>=1.26,<3",
         "ftfy>=6.1,<7",
         "regex>=2023.0",

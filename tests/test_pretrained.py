@@ -43,6 +43,15 @@ class Server:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(body)
 
+            def do_HEAD(self) -> None:  # the Hub's metadata request: headers only
+                server.hits.append(f"HEAD {self.path}")
+                status, headers, body = server.routes.get(self.path, (404, {}, b""))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -189,6 +198,116 @@ def test_no_checksum_is_refused_unless_verify_false(server, weights_file, cache)
     with pytest.raises(UsageError, match="no checksum is known"):
         pretrained.download("tiny", "anon")
     assert len(server.hits) == 3
+
+
+# --- The Hugging Face Hub, through huggingface_hub, against a local server --------------------
+
+
+def serve_hub_file(server, repo: str, filename: str, data: bytes, sha: str | None = None) -> None:
+    """The Hub's answers for one file: the resolve URL redirects to a CDN on another host (here
+    `localhost` for the Hub's 127.0.0.1) with the commit, the LFS file's sha256 as X-Linked-Etag
+    and its size on the redirect itself (what huggingface_hub reads)."""
+    etag = sha or hashlib.sha256(data).hexdigest()
+    cdn = f"/cdn/{etag}"
+    headers = {
+        "Location": server.url(cdn).replace("127.0.0.1", "localhost"),
+        "X-Repo-Commit": "c" * 40,
+        "X-Linked-Etag": f'"{etag}"',
+        "X-Linked-Size": str(len(data)),
+        "ETag": f'"{etag}"',
+    }
+    server.routes[f"/{repo}/resolve/main/{filename}"] = (302, headers, b"")
+    server.routes[cdn] = (200, {"ETag": f'"{etag}"'}, data)
+
+
+@pytest.fixture
+def hub(server, tmp_path, monkeypatch):
+    """huggingface_hub pointed at the local server (HF_ENDPOINT) with a cache of its own."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setenv("HF_ENDPOINT", server.url("").rstrip("/"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return tmp_path / "hf"
+
+
+def hub_source(repo: str, filename: str = "open_clip_model.safetensors") -> Source:
+    return Source(f"https://huggingface.co/{repo}/resolve/main/{filename}", hub_repo=repo)
+
+
+def test_hub_files_come_through_huggingface_hub_into_its_shared_cache(
+    server, hub, weights_file, cache, capsys
+):
+    data, sha = weights_file
+    serve_hub_file(server, "org/tiny", "open_clip_model.safetensors", data)
+    register("hub", hub_source("org/tiny"))
+    model, variables = clip_jax.load_pretrained("tiny", pretrained="hub")
+    path = pretrained.download("tiny", "hub")
+    assert path.startswith(str(hub)) and "models--org--tiny" in path
+    assert os.path.basename(os.path.realpath(path)) == sha  # the Hub's blob, named by its sha256
+    assert Path(path).read_bytes() == data and "verified" in capsys.readouterr().err
+    assert files_under(cache) == [f".hub-verified/{sha}"]  # nothing else of ours: the Hub's cache
+    gets = [h for h in server.hits if not h.startswith("HEAD")]
+    assert gets == [f"/cdn/{sha}"]
+    hits = len(server.hits)
+    clip_jax.load_pretrained("tiny", pretrained="hub")  # cached: no request at all
+    assert len(server.hits) == hits
+
+
+def test_a_file_another_library_fetched_is_not_fetched_again(server, hub, weights_file, cache):
+    from huggingface_hub import hf_hub_download
+
+    data, sha = weights_file
+    serve_hub_file(server, "org/tiny", "open_clip_model.safetensors", data)
+    theirs = hf_hub_download("org/tiny", "open_clip_model.safetensors", endpoint=server.url(""))
+    server.hits.clear()
+    register("hub", hub_source("org/tiny"))
+    assert pretrained.download("tiny", "hub") == theirs and server.hits == []
+
+
+def test_a_corrupt_hub_file_is_refused_and_removed(server, hub, weights_file, cache):
+    data, sha = weights_file
+    serve_hub_file(server, "org/bad", "open_clip_model.safetensors", corrupt(data), sha=sha)
+    register("bad", hub_source("org/bad"))
+    with pytest.raises(UsageError, match=f"checksum mismatch .*: expected {sha}, got"):
+        pretrained.download("tiny", "bad")
+    assert not [f for f in files_under(hub) if "/blobs/" in f] and files_under(cache) == []
+
+
+def test_hub_offline_mode_and_fall_over(server, hub, weights_file, cache, monkeypatch):
+    data, sha = weights_file
+    serve_hub_file(server, "org/tiny", "open_clip_model.safetensors", data)
+    # The first file is missing on the Hub: the next source is tried.
+    register("two", hub_source("org/tiny", "open_clip_pytorch_model.bin"), hub_source("org/tiny"))
+    monkeypatch.setattr(pretrained, "_has_torch", lambda: True)
+    assert pretrained.download("tiny", "two").endswith("open_clip_model.safetensors")
+    # Offline, a file not in the cache is one clear error; one in the cache loads.
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    register("other", hub_source("org/other"))
+    with pytest.raises(UsageError, match="could not download tiny 'other': https://huggingface"):
+        pretrained.download("tiny", "other")
+    assert pretrained.download("tiny", "two").endswith("open_clip_model.safetensors")
+
+
+def test_siglip_tags_load_with_their_preprocessing(server, hub):
+    """`load_pretrained("ViT-B-16-SigLIP2", pretrained="webli")`: the file from the Hub repo
+    open_clip names, the SigLIP architecture from its shapes, and open_clip's preprocessing."""
+    weights = pretrained.lookup("ViT-B-16-SigLIP2", "webli")
+    assert [s.hub_repo for s in weights.sources] == ["timm/ViT-B-16-SigLIP2"] * 2
+    assert (weights.mean, weights.std, weights.resize_mode) == ((0.5,) * 3, (0.5,) * 3, "squash")
+    cfg = model_config("tiny-siglip")
+    variables = jax.tree.map(
+        lambda s: np.full(s.shape, 0.01, s.dtype), state_dicts.abstract_variables(cfg)
+    )
+    file = server_file = Path(hub).parent / "siglip.safetensors"
+    load.save_pretrained(str(file), variables, cfg)
+    serve_hub_file(
+        server, "timm/tiny-siglip", "open_clip_model.safetensors", server_file.read_bytes()
+    )
+    register("webli", hub_source("timm/tiny-siglip"), mean=(0.5,) * 3, std=(0.5,) * 3)
+    model, _ = clip_jax.load_pretrained("tiny", pretrained="webli")
+    assert model.vision["pool_type"] == "map" and model.init_logit_bias is not None
 
 
 def test_sources_fall_over_and_pytorch_files_are_skipped_without_torch(

@@ -19,6 +19,17 @@ an unchecked one gets `FILENAME.sha256.unverified`, which only `verify=False` ca
 Sources. Each entry lists its files in order: OpenAI's own URL first, then open_clip's Hugging Face
 copies (`.safetensors`, which needs no PyTorch, before the `.bin`). The next is tried when one
 cannot be fetched (network error, HTTP error), and PyTorch files are skipped when torch is absent.
+
+The Hugging Face Hub. Files of a Hub repository (`Source.hub_repo`) are fetched by
+`huggingface_hub` into its own cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+`~/.cache/huggingface/hub`; `cache_dir=` given: `CACHE_DIR/hub`), the one open_clip and timm use:
+weights already there are not fetched again, and the Hub's tokens (`HF_TOKEN`, `hf auth login`)
+for gated repositories, `HF_ENDPOINT` mirrors and offline mode (`HF_HUB_OFFLINE=1`) work as for
+every Hugging Face user. A cached file is used without touching the network. The Hub names an LFS
+file's blob by its sha256: the blob is hashed once and checked against it (a mismatch removes it
+and raises a UsageError), and a marker under `WEIGHTS_DIR/.hub-verified/` spares later loads the
+hashing. A Hub file without a sha256 is refused unless `verify=False`, as any other file.
+OpenAI's own URLs keep their pinned hashes and the downloader here.
 """
 
 import dataclasses
@@ -47,6 +58,7 @@ _INCEPTION = (0.5, 0.5, 0.5)
 class Source(NamedTuple):
     url: str
     sha256: str | None = None  # None: take the hash the server declares, if it sends one
+    hub_repo: str | None = None  # a file of this Hub repository: fetched by huggingface_hub
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +80,13 @@ class Weights:
 
 def _hf(repo: str, **fields: Any) -> Weights:
     urls = [f"https://huggingface.co/{repo}/resolve/main/{name}" for name in _HF_FILES]
-    return Weights(tuple(Source(url) for url in urls), **fields)
+    return Weights(tuple(Source(url, hub_repo=repo) for url in urls), **fields)
+
+
+def _siglip(repo: str) -> Weights:
+    """A SigLIP / SigLIP 2 checkpoint on the Hub: open_clip's preprocessing for it, the image
+    squashed to the model's square (no crop), bicubic, mean and std 0.5."""
+    return _hf(repo, mean=_INCEPTION, std=_INCEPTION, resize_mode="squash")
 
 
 def _openai(sha256: str, filename: str, timm_repo: str) -> Weights:
@@ -146,6 +164,35 @@ PRETRAINED: dict[str, dict[str, Weights]] = {
             "timm/vit_large_patch14_clip_336.openai",
         ),
     },
+    # SigLIP and SigLIP 2 (Google's WebLI training), as open_clip lists them.
+    "ViT-B-16-SigLIP": {"webli": _siglip("timm/ViT-B-16-SigLIP")},
+    "ViT-B-16-SigLIP-256": {"webli": _siglip("timm/ViT-B-16-SigLIP-256")},
+    "ViT-B-16-SigLIP-i18n-256": {"webli": _siglip("timm/ViT-B-16-SigLIP-i18n-256")},
+    "ViT-B-16-SigLIP-384": {"webli": _siglip("timm/ViT-B-16-SigLIP-384")},
+    "ViT-B-16-SigLIP-512": {"webli": _siglip("timm/ViT-B-16-SigLIP-512")},
+    "ViT-L-16-SigLIP-256": {"webli": _siglip("timm/ViT-L-16-SigLIP-256")},
+    "ViT-L-16-SigLIP-384": {"webli": _siglip("timm/ViT-L-16-SigLIP-384")},
+    "ViT-SO400M-14-SigLIP": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP")},
+    "ViT-SO400M-16-SigLIP-i18n-256": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP-i18n-256")},
+    "ViT-SO400M-14-SigLIP-378": {
+        "webli": _siglip("timm/ViT-SO400M-14-SigLIP-384")
+    },  # open_clip's: the 384 weights (the same 27x27 grid)
+    "ViT-SO400M-14-SigLIP-384": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP-384")},
+    "ViT-B-32-SigLIP2-256": {"webli": _siglip("timm/ViT-B-32-SigLIP2-256")},
+    "ViT-B-16-SigLIP2": {"webli": _siglip("timm/ViT-B-16-SigLIP2")},
+    "ViT-B-16-SigLIP2-256": {"webli": _siglip("timm/ViT-B-16-SigLIP2-256")},
+    "ViT-B-16-SigLIP2-384": {"webli": _siglip("timm/ViT-B-16-SigLIP2-384")},
+    "ViT-B-16-SigLIP2-512": {"webli": _siglip("timm/ViT-B-16-SigLIP2-512")},
+    "ViT-L-16-SigLIP2-256": {"webli": _siglip("timm/ViT-L-16-SigLIP2-256")},
+    "ViT-L-16-SigLIP2-384": {"webli": _siglip("timm/ViT-L-16-SigLIP2-384")},
+    "ViT-L-16-SigLIP2-512": {"webli": _siglip("timm/ViT-L-16-SigLIP2-512")},
+    "ViT-SO400M-14-SigLIP2": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP2")},
+    "ViT-SO400M-14-SigLIP2-378": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP2-378")},
+    "ViT-SO400M-16-SigLIP2-256": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP2-256")},
+    "ViT-SO400M-16-SigLIP2-384": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP2-384")},
+    "ViT-SO400M-16-SigLIP2-512": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP2-512")},
+    "ViT-gopt-16-SigLIP2-256": {"webli": _siglip("timm/ViT-gopt-16-SigLIP2-256")},
+    "ViT-gopt-16-SigLIP2-384": {"webli": _siglip("timm/ViT-gopt-16-SigLIP2-384")},
 }
 
 
@@ -242,19 +289,109 @@ def download(model: str, tag: str, *, cache_dir: str | None = None, verify: bool
             f"{model} {tag!r} is published as PyTorch files only: pip install torch to read them"
         )
     for source in sources:
-        if _is_cached(_target(folder, source), source.sha256, verify):
+        if source.hub_repo is not None:
+            cached = _hub_cached(source, cache_dir)
+            if cached is not None:
+                return _check_hub_blob(cached, cache_dir, verify)
+        elif _is_cached(_target(folder, source), source.sha256, verify):
             return _target(folder, source)
-    cache.make_dir(folder, "the weights cache", "set CLIP_JAX_CACHE or pass cache_dir=")
     failures = []
     for source in sources:
         try:
+            if source.hub_repo is not None:
+                return _hub_fetch(source, cache_dir, verify)
+            cache.make_dir(folder, "the weights cache", "set CLIP_JAX_CACHE or pass cache_dir=")
             return _fetch(source, _target(folder, source), verify)
-        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, resets
-            failures.append(f"{source.url}: {e}")
+        except _fetch_errors() as e:  # URLError, HTTPError, timeouts, resets, the Hub's errors
+            failures.append(
+                f"{source.url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            )
     raise UsageError(
         f"could not download {model} {tag!r}: {'; '.join(failures)}. Check the network, or "
         "download one of these files by hand and pass its path to load_pretrained"
     )
+
+
+def _fetch_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: the network's errors, HTTP statuses, and the Hub's (a
+    missing repository or file, offline mode without the file)."""
+    errors: list[type[BaseException]] = [OSError, http.client.HTTPException]
+    try:
+        import httpx
+        from huggingface_hub import errors as hub_errors
+
+        errors += [httpx.HTTPError, hub_errors.EntryNotFoundError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _hub_cache(cache_dir: str | None) -> str | None:
+    """huggingface_hub's cache for Hub files: its own default (shared with open_clip and timm), or
+    `CACHE_DIR/hub` when the caller names a cache."""
+    return None if cache_dir is None else os.path.join(os.path.expanduser(cache_dir), "hub")
+
+
+def _hub_cached(source: Source, cache_dir: str | None) -> str | None:
+    """The Hub file's path in huggingface_hub's cache, or None; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(
+        source.hub_repo, _filename(source.url), cache_dir=_hub_cache(cache_dir)
+    )
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
+def _hub_fetch(source: Source, cache_dir: str | None, verify: bool) -> str:
+    """Downloads a Hub file with huggingface_hub (its endpoint, token and offline settings) and
+    checks it (`_check_hub_blob`)."""
+    from huggingface_hub import hf_hub_download
+
+    from clip_jax import __version__
+
+    path = hf_hub_download(
+        source.hub_repo,
+        _filename(source.url),
+        cache_dir=_hub_cache(cache_dir),
+        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
+        library_name="clip_jax",
+        library_version=__version__,
+    )
+    return _check_hub_blob(path, cache_dir, verify)
+
+
+def _check_hub_blob(path: str, cache_dir: str | None, verify: bool) -> str:
+    """A Hub file whose blob is named by its sha256 (LFS) is hashed once and checked; a marker
+    remembers it. A mismatch removes the blob and its link: nothing corrupt stays cached."""
+    blob = os.path.realpath(path)
+    name = os.path.basename(blob).lower()
+    if not (len(name) == 64 and all(c in "0123456789abcdef" for c in name)):
+        if verify:
+            raise UsageError(
+                f"no checksum is known for {path} (the Hub stores it as a non-LFS file); pass "
+                "verify=False to accept it unchecked"
+            )
+        return path
+    marker = os.path.join(weights_dir(cache_dir), ".hub-verified", name)
+    if os.path.isfile(marker):
+        return path
+    digest = hashlib.sha256()
+    with open(blob, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != name:
+        for stale in (blob, path):
+            if os.path.lexists(stale):
+                os.remove(stale)
+        raise UsageError(
+            f"checksum mismatch for {path}: expected {name}, got {digest.hexdigest()}; the file "
+            "was not kept"
+        )
+    cache.make_dir(os.path.dirname(marker), "the weights cache", "set CLIP_JAX_CACHE")
+    with open(marker, "w") as f:
+        f.write(f"{name}  {os.path.basename(path)}\n")
+    print(f"{os.path.basename(path)}: sha256 {name} verified", file=sys.stderr)
+    return path
 
 
 def _has_torch() -> bool:
