@@ -1,5 +1,8 @@
-"""Training the SigLIP towers with the sigmoid loss: identical losses on every mesh and across
-processes (as CLIP's in test_train.py), and LiT-style locked towers."""
+"""Training the SigLIP towers with the sigmoid loss: identical losses on 8 devices, a 2x2x2 mesh,
+1 device and 2 processes (as CLIP's in test_train.py), and LiT-style locked towers."""
+
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,7 +15,14 @@ from clip_jax.parallel import sharding
 from clip_jax.training import losses
 from clip_jax.training import trainer as train
 from clip_jax.training.train_step import make_loss_and_grad
-from tests.conftest import load_config, read_losses, run_processes, with_overrides
+from tests.conftest import (
+    ROOT,
+    cpu_env,
+    load_config,
+    read_losses,
+    run_processes,
+    with_overrides,
+)
 
 SHORT = {"total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 6}
 
@@ -32,24 +42,34 @@ def reference_losses(tmp_path_factory):
     return losses_
 
 
-def test_siglip_losses_equal_on_one_device_and_a_2x2x2_mesh(tmp_path, reference_losses):
-    for i, mesh in enumerate(
-        [{"mesh.data": 1}, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}]
-    ):
-        workdir = tmp_path / str(i)
-        train.run(siglip_config(**mesh), str(workdir))
-        got = read_losses(str(workdir))
+def cli_args(workdir, **overrides):
+    return [
+        "--config=configs/siglip_demo.py:smoke",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in {**SHORT, **overrides}.items()),
+    ]
+
+
+def test_siglip_losses_equal_on_a_2x2x2_mesh_and_one_device(tmp_path, reference_losses):
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    train.run(siglip_config(**mesh), str(tmp_path / "mesh"))
+    one = subprocess.run(  # a process of its own: this one has 8 devices
+        [sys.executable, "-m", "clip_jax.main", *cli_args(tmp_path / "one")],
+        cwd=ROOT,
+        env=cpu_env(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("mesh", "one"):
+        got = read_losses(str(tmp_path / name))
         for step, loss in reference_losses.items():
-            assert abs(got[step] - loss) <= 1e-5, (mesh, step, got[step], loss)
+            assert abs(got[step] - loss) <= 1e-5, (name, step, got[step], loss)
 
 
 def test_siglip_two_processes_match_one(tmp_path, reference_losses):
-    args = [
-        "--config=configs/siglip_demo.py:smoke",
-        f"--workdir={tmp_path}",
-        *(f"--config.{k}={v}" for k, v in SHORT.items()),
-        "--config.mesh.data=8",
-    ]
+    args = cli_args(tmp_path, **{"mesh.data": 8})
     for returncode, out in run_processes("clip_jax.main", args):
         assert returncode == 0, out[-3000:]
     got = read_losses(str(tmp_path))
