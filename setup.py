@@ -49,6 +49,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "safetensors>=0.4.3,<1",
         "huggingface_hub>=0.26,<3",  # Hub downloads, in the cache open_clip and timm share
+        "tokenizers>=0.15,<1",  # the SigLIP tags' tokenizer.json files
         "numpy>=1.26,<3",
         "ftfy>=6.1,<7",
         "regex>=2023.0",

@@ -419,6 +419,11 @@ def test_registry_matches_open_clip():
             assert urls[0] == cfg["url"]
         repo = cfg["hf_hub"].rstrip("/")
         assert f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin" in urls
+        text = open_clip.get_model_config(name)["text_cfg"]
+        if "hf_tokenizer_name" in text:  # SigLIP's: the tokenizer of the repository it names
+            assert weights.tokenizer.endswith(f":hf-hub:{text['hf_tokenizer_name']}"), name
+        else:
+            assert weights.tokenizer == "clip_bpe", (name, tag)
 
 
 def test_create_model_and_transforms_uses_the_weights_statistics(server, weights_file):
@@ -442,3 +447,47 @@ def test_names_load_without_jax_torch_or_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_a_siglip_tags_tokenizer_comes_from_its_hub_repository(server, hub, tmp_path, family):
+    """`siglip2:hf-hub:REPO` reads REPO's tokenizer.json (what open_clip's configs load through
+    transformers) and tokenizes as open_clip's SigLipTokenizer over the same Hugging Face
+    tokenizer; each SigLIP tag names its repository."""
+    transformers = pytest.importorskip("transformers")
+    oc_tokenizer = pytest.importorskip("open_clip.tokenizer")
+    from clip_jax.data import tokenizers
+    from tests.test_siglip_tokenizers import AWKWARD, gemma_like, t5_like
+
+    model = t5_like(tmp_path) if family == "siglip" else gemma_like(tmp_path)
+    if family == "siglip":
+        hf = transformers.T5TokenizerFast.from_pretrained(
+            os.path.dirname(model), extra_ids=0, legacy=False
+        )
+    else:
+        hf = transformers.GemmaTokenizerFast.from_pretrained(
+            os.path.dirname(model),
+            padding_side="right",
+            add_bos_token=False,
+            add_eos_token=True,
+            legacy=False,
+        )
+    hf.save_pretrained(str(tmp_path / "saved"))
+    data = (tmp_path / "saved" / "tokenizer.json").read_bytes()
+    serve_hub_file(server, f"org/{family}", "tokenizer.json", data)
+    hf.pad_token_id, hf.eos_token_id = (0 if family == "siglip2" else 1), 1
+    ref = object.__new__(oc_tokenizer.SigLipTokenizer)
+    ref.tokenizer, ref.context_length = hf, 16
+    ours = tokenizers.get_tokenizer(f"{family}:hf-hub:org/{family}", 16)
+    np.testing.assert_array_equal(ours(AWKWARD), ref(AWKWARD).numpy())
+    hits = len(server.hits)
+    tokenizers.get_tokenizer(f"{family}:hf-hub:org/{family}", 16)  # cached: no request
+    assert len(server.hits) == hits
+    with pytest.raises(UsageError, match="could not fetch org/none's tokenizer.json"):
+        tokenizers.get_tokenizer(f"{family}:hf-hub:org/none")
+
+    siglip2 = pretrained.lookup("ViT-B-16-SigLIP2", "webli").tokenizer
+    assert siglip2 == "siglip2:hf-hub:timm/ViT-B-16-SigLIP2"
+    assert pretrained.lookup("ViT-L-16-SigLIP-384", "webli").tokenizer == (
+        "siglip:hf-hub:timm/ViT-B-16-SigLIP"
+    )

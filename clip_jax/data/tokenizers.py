@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from absl import flags
 
-from clip_jax.infra import cli, paths
+from clip_jax.infra import cli, hub, paths
 from clip_jax.infra.errors import UsageError
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
@@ -273,39 +273,95 @@ SIGLIP_EOS = 1
 
 class SigLIPTokenizer:
     """SigLIP's captions as open_clip tokenizes them (its `SigLipTokenizer`, and the Hugging Face
-    tokenizers its SigLIP configs name): `canonicalize`d text, the sentencepiece ids (no BOS),
-    EOS (id 1); truncated so that EOS stays last; padded to `context_length` with the family's
-    pad id. The text tower pools at the last position, which therefore always exists."""
+    tokenizers its SigLIP configs name): `canonicalize`d text, the ids (no BOS), EOS (id 1);
+    truncated so that EOS stays last; padded to `context_length` with the family's pad id. The
+    text tower pools at the last position, which therefore always exists.
+
+    `model` is a sentencepiece model file, or a Hugging Face tokenizer: a `tokenizer.json` file,
+    or `hf-hub:REPO` for the `tokenizer.json` of a Hub repository (fetched by huggingface_hub
+    into its cache; what open_clip's SigLIP configs load through `transformers`). A Hugging Face
+    tokenizer normalises and splits as its file says; its own special tokens are left out and EOS
+    appended here, as open_clip's settings for both families (T5: EOS appended; Gemma:
+    `add_bos_token=False`, `add_eos_token=True`) make it."""
 
     pool_type = "last"
 
-    def __init__(self, model_path: str, context_length: int = 64, family: str = "siglip2"):
+    def __init__(self, model: str, context_length: int = 64, family: str = "siglip2"):
         if family not in SIGLIP_FAMILIES:
             raise UsageError(f"unknown SigLIP tokenizer {family!r}; use {sorted(SIGLIP_FAMILIES)}")
-        self.sp = SentencePieceTokenizer(model_path, context_length).sp
-        self.model_path, self.context_length, self.family = model_path, context_length, family
-        self.vocab_size = self.sp.get_piece_size()
+        self.model_path, self.context_length, self.family = model, context_length, family
         self.pad_token_id = SIGLIP_FAMILIES[family][0]
         self.eot_token_id = SIGLIP_EOS
-        eos = self.sp.id_to_piece(SIGLIP_EOS) if self.vocab_size > SIGLIP_EOS else None
+        self.sp = self.hf = None
+        if model.startswith("hf-hub:") or model.endswith(".json"):
+            self.hf = _hf_tokenizer(model)
+            self.vocab_size = self.hf.get_vocab_size()
+            eos_piece = self.hf.id_to_token(SIGLIP_EOS)
+            if eos_piece not in ("</s>", "<eos>"):
+                raise UsageError(
+                    f"{model}: id 1 is {eos_piece!r}, not an end of sequence; SigLIP's tokenizers "
+                    f"end with id 1: give {SIGLIP_FAMILIES[family][1]}"
+                )
+            return
+        self.sp = SentencePieceTokenizer(model, context_length).sp
+        self.vocab_size = self.sp.get_piece_size()
         if self.sp.eos_id() != SIGLIP_EOS:
+            eos = self.sp.id_to_piece(SIGLIP_EOS) if self.vocab_size > SIGLIP_EOS else None
             raise UsageError(
-                f"{model_path}: its end-of-sequence id is {self.sp.eos_id()} ({eos!r} is id 1); "
+                f"{model}: its end-of-sequence id is {self.sp.eos_id()} ({eos!r} is id 1); "
                 f"SigLIP's tokenizers end with id 1: give {SIGLIP_FAMILIES[family][1]}"
             )
 
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """The ids of canonicalized texts, without special tokens."""
+        texts = [canonicalize(t) for t in texts]
+        if self.hf is not None:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        return self.sp.encode(texts)
+
     def tokenize(self, texts: Sequence[str] | str) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [[*ids, SIGLIP_EOS] for ids in self.sp.encode([canonicalize(t) for t in texts])]
+        rows = [[*ids, SIGLIP_EOS] for ids in self.encode(texts)]
         return pack(rows, self.context_length, SIGLIP_EOS, self.pad_token_id)
 
     __call__ = tokenize
 
 
+def _hf_tokenizer(model: str) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or `hf-hub:REPO` (its tokenizer.json,
+    through huggingface_hub: its cache, token, endpoint and offline mode), without its padding and
+    truncation (`pack` does both)."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise UsageError(
+            f"{model} is a Hugging Face tokenizer: pip install tokenizers to read it"
+        ) from None
+    path = model
+    if model.startswith("hf-hub:"):
+        repo = model.removeprefix("hf-hub:").strip("/")
+        try:
+            path = hub.cached(repo, "tokenizer.json") or hub.download(repo, "tokenizer.json")
+        except hub.fetch_errors() as e:
+            raise UsageError(
+                f"could not fetch {repo}'s tokenizer.json: {hub.first_line(e)}"
+            ) from None
+    if not paths.path(path).exists():
+        raise UsageError(f"no tokenizer file at {path}")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_str(paths.path(path).read_text())
+    except Exception as e:  # the library's one error type for a file it cannot parse
+        raise UsageError(f"{model}: not a Hugging Face tokenizer.json ({e})") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
 def get_tokenizer(name_or_path: str = "clip_bpe", context_length: int | None = None) -> Tokenizer:
     """'clip_bpe' (or 'openai') -> the CLIP BPE; a '.model' path -> sentencepiece;
-    'siglip:PATH' / 'siglip2:PATH' -> SigLIP's / SigLIP 2's tokenizer on that sentencepiece model
-    (`SigLIPTokenizer`; 'siglip2:digits' is the SigLIP demo's, `data.digits.cached_tokenizer`);
+    'siglip:MODEL' / 'siglip2:MODEL' -> SigLIP's / SigLIP 2's tokenizer (`SigLIPTokenizer`; MODEL
+    a sentencepiece file, a tokenizer.json or hf-hub:REPO; 'siglip2:digits' is the SigLIP demo's,
+    `data.digits.cached_tokenizer`);
     a training run's directory -> the tokenizer that run trained with, at its
     model's context length.
 

@@ -94,7 +94,9 @@ def prepare(
                 f"--pretrained={pretrained}: choose its weights with --tag (one of "
                 f"{', '.join(tags)})"
             )
-        protocol = _protocol(pretrained_lib.lookup(pretrained, tag))
+        weights = pretrained_lib.lookup(pretrained, tag)
+        protocol = _protocol(weights)
+        name = tokenizer or weights.tokenizer  # the tag's own (SigLIP's), unless one is given
         model, variables = load_pretrained(pretrained, pretrained=tag)
         shown = weights_id = f"{pretrained}:{tag}"
         model_name, pretrained_name = pretrained, tag

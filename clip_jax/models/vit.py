@@ -128,11 +128,11 @@ class VisionTransformer(nn.Module):
             # float32 (fsdp.fsdp_add), as the blocks' kernels are.
             zeros = jnp.zeros((b, 1, self.width), dtype)
             x = jnp.concatenate([fsdp_add(zeros, cls, dtype, _layout(cls, ("embed",))), x], 1)
-        grid = self.image_size // self.patch_size
+        side = self.image_size // self.patch_size
         pos = self.param(
             "positional_embedding",
             partitioned(nn.initializers.normal(scale), ("pos", "embed")),
-            (grid * grid + token, self.width),
+            (side * side + token, self.width),
             self.param_dtype,
         )
         x = fsdp_add(x, pos, dtype, _layout(pos, ("pos", "embed")))  # [B, T, D]
@@ -163,7 +163,7 @@ class VisionTransformer(nn.Module):
         """NaFlex patches [B, N, p*p*3] and their grids [B, 2] -> [B, D] (see `__call__`)."""
         if self.pool_type != "map":
             raise UsageError("NaFlex inputs need a MAP-pooled image tower (SigLIP 2's)")
-        b, n, flat = patches.shape
+        _, n, flat = patches.shape
         if flat != self.patch_size**2 * 3:
             raise ValueError(f"patches of {flat} values; this tower's are {self.patch_size}^2 x 3")
         x = self._patch_embedding(3)(patches)  # [B, N, D]

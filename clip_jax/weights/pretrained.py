@@ -34,7 +34,6 @@ OpenAI's own URLs keep their pinned hashes and the downloader here.
 
 import dataclasses
 import hashlib
-import http.client
 import importlib.util
 import os
 import sys
@@ -46,7 +45,7 @@ from email.message import Message
 from typing import Any, NamedTuple
 
 from clip_jax.data.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
-from clip_jax.infra import cache, paths
+from clip_jax.infra import cache, hub, paths
 from clip_jax.infra.errors import UsageError
 
 _TIMEOUT_S = 60  # per socket operation, so a dead mirror fails over instead of hanging
@@ -72,6 +71,7 @@ class Weights:
     std: tuple[float, ...] = CLIP_STD
     resize_mode: str = "shortest"  # `Preprocess.resize_mode`
     interpolation: str = "bicubic"
+    tokenizer: str = "clip_bpe"  # `data.tokenizers.get_tokenizer`'s name of the tag's tokenizer
 
     def preprocess(self, size: int) -> Preprocess:
         """These weights' evaluation transform at the model's resolution `size`."""
@@ -83,10 +83,18 @@ def _hf(repo: str, **fields: Any) -> Weights:
     return Weights(tuple(Source(url, hub_repo=repo) for url in urls), **fields)
 
 
-def _siglip(repo: str) -> Weights:
+def _siglip(repo: str, tokenizer: str) -> Weights:
     """A SigLIP / SigLIP 2 checkpoint on the Hub: open_clip's preprocessing for it, the image
-    squashed to the model's square (no crop), bicubic, mean and std 0.5."""
-    return _hf(repo, mean=_INCEPTION, std=_INCEPTION, resize_mode="squash")
+    squashed to the model's square (no crop), bicubic, mean and std 0.5; and its tokenizer, the
+    tokenizer.json of the repository open_clip's config names (`hf_tokenizer_name`)."""
+    family = "siglip2" if "SigLIP2" in repo else "siglip"
+    return _hf(
+        repo,
+        mean=_INCEPTION,
+        std=_INCEPTION,
+        resize_mode="squash",
+        tokenizer=f"{family}:hf-hub:{tokenizer}",
+    )
 
 
 def _openai(sha256: str, filename: str, timm_repo: str) -> Weights:
@@ -165,34 +173,68 @@ PRETRAINED: dict[str, dict[str, Weights]] = {
         ),
     },
     # SigLIP and SigLIP 2 (Google's WebLI training), as open_clip lists them.
-    "ViT-B-16-SigLIP": {"webli": _siglip("timm/ViT-B-16-SigLIP")},
-    "ViT-B-16-SigLIP-256": {"webli": _siglip("timm/ViT-B-16-SigLIP-256")},
-    "ViT-B-16-SigLIP-i18n-256": {"webli": _siglip("timm/ViT-B-16-SigLIP-i18n-256")},
-    "ViT-B-16-SigLIP-384": {"webli": _siglip("timm/ViT-B-16-SigLIP-384")},
-    "ViT-B-16-SigLIP-512": {"webli": _siglip("timm/ViT-B-16-SigLIP-512")},
-    "ViT-L-16-SigLIP-256": {"webli": _siglip("timm/ViT-L-16-SigLIP-256")},
-    "ViT-L-16-SigLIP-384": {"webli": _siglip("timm/ViT-L-16-SigLIP-384")},
-    "ViT-SO400M-14-SigLIP": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP")},
-    "ViT-SO400M-16-SigLIP-i18n-256": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP-i18n-256")},
-    "ViT-SO400M-14-SigLIP-378": {
-        "webli": _siglip("timm/ViT-SO400M-14-SigLIP-384")
-    },  # open_clip's: the 384 weights (the same 27x27 grid)
-    "ViT-SO400M-14-SigLIP-384": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP-384")},
-    "ViT-B-32-SigLIP2-256": {"webli": _siglip("timm/ViT-B-32-SigLIP2-256")},
-    "ViT-B-16-SigLIP2": {"webli": _siglip("timm/ViT-B-16-SigLIP2")},
-    "ViT-B-16-SigLIP2-256": {"webli": _siglip("timm/ViT-B-16-SigLIP2-256")},
-    "ViT-B-16-SigLIP2-384": {"webli": _siglip("timm/ViT-B-16-SigLIP2-384")},
-    "ViT-B-16-SigLIP2-512": {"webli": _siglip("timm/ViT-B-16-SigLIP2-512")},
-    "ViT-L-16-SigLIP2-256": {"webli": _siglip("timm/ViT-L-16-SigLIP2-256")},
-    "ViT-L-16-SigLIP2-384": {"webli": _siglip("timm/ViT-L-16-SigLIP2-384")},
-    "ViT-L-16-SigLIP2-512": {"webli": _siglip("timm/ViT-L-16-SigLIP2-512")},
-    "ViT-SO400M-14-SigLIP2": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP2")},
-    "ViT-SO400M-14-SigLIP2-378": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP2-378")},
-    "ViT-SO400M-16-SigLIP2-256": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP2-256")},
-    "ViT-SO400M-16-SigLIP2-384": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP2-384")},
-    "ViT-SO400M-16-SigLIP2-512": {"webli": _siglip("timm/ViT-SO400M-16-SigLIP2-512")},
-    "ViT-gopt-16-SigLIP2-256": {"webli": _siglip("timm/ViT-gopt-16-SigLIP2-256")},
-    "ViT-gopt-16-SigLIP2-384": {"webli": _siglip("timm/ViT-gopt-16-SigLIP2-384")},
+    "ViT-B-16-SigLIP": {"webli": _siglip("timm/ViT-B-16-SigLIP", "timm/ViT-B-16-SigLIP")},
+    "ViT-B-16-SigLIP-256": {"webli": _siglip("timm/ViT-B-16-SigLIP-256", "timm/ViT-B-16-SigLIP")},
+    "ViT-B-16-SigLIP-i18n-256": {
+        "webli": _siglip("timm/ViT-B-16-SigLIP-i18n-256", "timm/ViT-B-16-SigLIP-i18n-256")
+    },
+    "ViT-B-16-SigLIP-384": {"webli": _siglip("timm/ViT-B-16-SigLIP-384", "timm/ViT-B-16-SigLIP")},
+    "ViT-B-16-SigLIP-512": {"webli": _siglip("timm/ViT-B-16-SigLIP-512", "timm/ViT-B-16-SigLIP")},
+    "ViT-L-16-SigLIP-256": {"webli": _siglip("timm/ViT-L-16-SigLIP-256", "timm/ViT-B-16-SigLIP")},
+    "ViT-L-16-SigLIP-384": {"webli": _siglip("timm/ViT-L-16-SigLIP-384", "timm/ViT-B-16-SigLIP")},
+    "ViT-SO400M-14-SigLIP": {"webli": _siglip("timm/ViT-SO400M-14-SigLIP", "timm/ViT-B-16-SigLIP")},
+    "ViT-SO400M-16-SigLIP-i18n-256": {
+        "webli": _siglip("timm/ViT-SO400M-16-SigLIP-i18n-256", "timm/ViT-B-16-SigLIP-i18n-256")
+    },
+    "ViT-SO400M-14-SigLIP-378": {  # open_clip's: the 384 weights (the same 27x27 grid)
+        "webli": _siglip("timm/ViT-SO400M-14-SigLIP-384", "timm/ViT-B-16-SigLIP")
+    },
+    "ViT-SO400M-14-SigLIP-384": {
+        "webli": _siglip("timm/ViT-SO400M-14-SigLIP-384", "timm/ViT-B-16-SigLIP")
+    },
+    "ViT-B-32-SigLIP2-256": {
+        "webli": _siglip("timm/ViT-B-32-SigLIP2-256", "timm/ViT-B-32-SigLIP2-256")
+    },
+    "ViT-B-16-SigLIP2": {"webli": _siglip("timm/ViT-B-16-SigLIP2", "timm/ViT-B-16-SigLIP2")},
+    "ViT-B-16-SigLIP2-256": {
+        "webli": _siglip("timm/ViT-B-16-SigLIP2-256", "timm/ViT-B-16-SigLIP2-256")
+    },
+    "ViT-B-16-SigLIP2-384": {
+        "webli": _siglip("timm/ViT-B-16-SigLIP2-384", "timm/ViT-B-16-SigLIP2-384")
+    },
+    "ViT-B-16-SigLIP2-512": {
+        "webli": _siglip("timm/ViT-B-16-SigLIP2-512", "timm/ViT-B-16-SigLIP2-512")
+    },
+    "ViT-L-16-SigLIP2-256": {
+        "webli": _siglip("timm/ViT-L-16-SigLIP2-256", "timm/ViT-L-16-SigLIP2-256")
+    },
+    "ViT-L-16-SigLIP2-384": {
+        "webli": _siglip("timm/ViT-L-16-SigLIP2-384", "timm/ViT-L-16-SigLIP2-384")
+    },
+    "ViT-L-16-SigLIP2-512": {
+        "webli": _siglip("timm/ViT-L-16-SigLIP2-512", "timm/ViT-L-16-SigLIP2-512")
+    },
+    "ViT-SO400M-14-SigLIP2": {
+        "webli": _siglip("timm/ViT-SO400M-14-SigLIP2", "timm/ViT-SO400M-14-SigLIP2")
+    },
+    "ViT-SO400M-14-SigLIP2-378": {
+        "webli": _siglip("timm/ViT-SO400M-14-SigLIP2-378", "timm/ViT-SO400M-14-SigLIP2-378")
+    },
+    "ViT-SO400M-16-SigLIP2-256": {
+        "webli": _siglip("timm/ViT-SO400M-16-SigLIP2-256", "timm/ViT-SO400M-16-SigLIP2-256")
+    },
+    "ViT-SO400M-16-SigLIP2-384": {
+        "webli": _siglip("timm/ViT-SO400M-16-SigLIP2-384", "timm/ViT-SO400M-16-SigLIP2-384")
+    },
+    "ViT-SO400M-16-SigLIP2-512": {
+        "webli": _siglip("timm/ViT-SO400M-16-SigLIP2-512", "timm/ViT-SO400M-16-SigLIP2-512")
+    },
+    "ViT-gopt-16-SigLIP2-256": {
+        "webli": _siglip("timm/ViT-gopt-16-SigLIP2-256", "timm/ViT-gopt-16-SigLIP2-256")
+    },
+    "ViT-gopt-16-SigLIP2-384": {
+        "webli": _siglip("timm/ViT-gopt-16-SigLIP2-384", "timm/ViT-gopt-16-SigLIP2-384")
+    },
 }
 
 
@@ -302,28 +344,12 @@ def download(model: str, tag: str, *, cache_dir: str | None = None, verify: bool
                 return _hub_fetch(source, cache_dir, verify)
             cache.make_dir(folder, "the weights cache", "set CLIP_JAX_CACHE or pass cache_dir=")
             return _fetch(source, _target(folder, source), verify)
-        except _fetch_errors() as e:  # URLError, HTTPError, timeouts, resets, the Hub's errors
-            failures.append(
-                f"{source.url}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            )
+        except hub.fetch_errors() as e:  # URLError, HTTPError, timeouts, resets, the Hub's errors
+            failures.append(f"{source.url}: {hub.first_line(e)}")
     raise UsageError(
         f"could not download {model} {tag!r}: {'; '.join(failures)}. Check the network, or "
         "download one of these files by hand and pass its path to load_pretrained"
     )
-
-
-def _fetch_errors() -> tuple[type[BaseException], ...]:
-    """What a failed download raises: the network's errors, HTTP statuses, and the Hub's (a
-    missing repository or file, offline mode without the file)."""
-    errors: list[type[BaseException]] = [OSError, http.client.HTTPException]
-    try:
-        import httpx
-        from huggingface_hub import errors as hub_errors
-
-        errors += [httpx.HTTPError, hub_errors.EntryNotFoundError]
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def _hub_cache(cache_dir: str | None) -> str | None:
@@ -334,29 +360,12 @@ def _hub_cache(cache_dir: str | None) -> str | None:
 
 def _hub_cached(source: Source, cache_dir: str | None) -> str | None:
     """The Hub file's path in huggingface_hub's cache, or None; no network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(
-        source.hub_repo, _filename(source.url), cache_dir=_hub_cache(cache_dir)
-    )
-    return path if isinstance(path, str) and os.path.isfile(path) else None
+    return hub.cached(source.hub_repo, _filename(source.url), _hub_cache(cache_dir))
 
 
 def _hub_fetch(source: Source, cache_dir: str | None, verify: bool) -> str:
-    """Downloads a Hub file with huggingface_hub (its endpoint, token and offline settings) and
-    checks it (`_check_hub_blob`)."""
-    from huggingface_hub import hf_hub_download
-
-    from clip_jax import __version__
-
-    path = hf_hub_download(
-        source.hub_repo,
-        _filename(source.url),
-        cache_dir=_hub_cache(cache_dir),
-        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
-        library_name="clip_jax",
-        library_version=__version__,
-    )
+    """Downloads a Hub file with huggingface_hub and checks it (`_check_hub_blob`)."""
+    path = hub.download(source.hub_repo, _filename(source.url), _hub_cache(cache_dir))
     return _check_hub_blob(path, cache_dir, verify)
 
 
