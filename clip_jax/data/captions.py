@@ -3,7 +3,12 @@
 `CAPTION_TEMPLATES` give label-only training datasets (a tfds dataset with a ClassLabel and no
 text) varied captions; each template holds `{}` once, where the class name goes. (The zero-shot
 evaluation prompts are `clip_jax.evals.prompts`.)
+
+`canonicalize` is big_vision's caption cleaning, which SigLIP's tokenizers apply.
 """
+
+import html
+import string
 
 from clip_jax.infra.errors import UsageError
 
@@ -44,3 +49,22 @@ def split_templates(templates: tuple[str, ...] | list[str]) -> tuple[list[str], 
         prefixes.append(before)
         suffixes.append(after)
     return prefixes, suffixes
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize(text: str, keep: str | None = None) -> str:
+    """big_vision's `canonicalize` as open_clip applies it to SigLIP's captions: open_clip's
+    basic cleaning (ftfy, HTML unescaped twice, stripped), then underscores as spaces, ASCII
+    punctuation removed (outside each occurrence of `keep`, e.g. "{}"), lower case, whitespace
+    collapsed."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = text.replace("_", " ")
+    if keep:
+        text = keep.join(part.translate(_PUNCTUATION) for part in text.split(keep))
+    else:
+        text = text.translate(_PUNCTUATION)
+    return " ".join(text.lower().split()).strip()

@@ -35,6 +35,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
+from clip_jax.data.captions import canonicalize
 from clip_jax.data.prepare import ShardWriter, UsageError, make_example
 from clip_jax.infra import cache, cli
 
@@ -150,8 +151,6 @@ def write_tokenizer(output: str) -> str:
     """Trains the demo's tokenizer on every training caption a template can make (canonicalized,
     as the tokenizer sees them); returns the model's path."""
     import sentencepiece
-
-    from clip_jax.data.tokenizers import canonicalize
 
     os.makedirs(output, exist_ok=True)
     lines = sorted(

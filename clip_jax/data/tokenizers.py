@@ -19,7 +19,6 @@ import gzip
 import html
 import json
 import os
-import string
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from absl import flags
 
+from clip_jax.data.captions import canonicalize
 from clip_jax.infra import cli, hub, paths
 from clip_jax.infra.errors import UsageError
 
@@ -241,25 +241,6 @@ class SentencePieceTokenizer:
         return pack(rows, self.context_length, self.eot_token_id, self.pad_token_id)
 
     __call__ = tokenize
-
-
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def canonicalize(text: str, keep: str | None = None) -> str:
-    """big_vision's `canonicalize` as open_clip applies it to SigLIP's captions: open_clip's
-    basic cleaning (ftfy, HTML unescaped twice, stripped), then underscores as spaces, ASCII
-    punctuation removed (outside each occurrence of `keep`, e.g. "{}"), lower case, whitespace
-    collapsed."""
-    import ftfy
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    text = text.replace("_", " ")
-    if keep:
-        text = keep.join(part.translate(_PUNCTUATION) for part in text.split(keep))
-    else:
-        text = text.translate(_PUNCTUATION)
-    return " ".join(text.lower().split()).strip()
 
 
 # SigLIP's tokenizer families: (pad id, what the vocabulary is). EOS is 1 in both; T5's English
