@@ -491,3 +491,12 @@ def test_a_siglip_tags_tokenizer_comes_from_its_hub_repository(server, hub, tmp_
     assert pretrained.lookup("ViT-L-16-SigLIP-384", "webli").tokenizer == (
         "siglip:hf-hub:timm/ViT-B-16-SigLIP"
     )
+
+
+def test_a_tag_loads_at_its_models_resolution(monkeypatch):
+    """Shapes read 27 patches of 14 as 378 px; the -384 model takes 384 (open_clip's)."""
+    monkeypatch.setattr(pretrained, "download", lambda *args, **kwargs: "file.safetensors")
+    _, needs = pretrained.resolve("ViT-SO400M-14-SigLIP-384", "webli", cache_dir=None, verify=True)
+    assert needs == {"quick_gelu": False, "vision": {"image_size": 384}}
+    _, needs = pretrained.resolve("ViT-SO400M-14-SigLIP-378", "webli", cache_dir=None, verify=True)
+    assert needs["vision"] == {"image_size": 378}

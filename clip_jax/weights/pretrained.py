@@ -293,8 +293,14 @@ def resolve(
             )
         return path, {}
     weights = lookup(path, tag)
+    from clip_jax.models import sizes  # here: listing names imports no JAX
+
+    # The resolution is the named size's: shapes alone read 27 patches of 14 as 378 px, where
+    # ViT-SO400M-14-SigLIP-384 takes 384 (the pixels past the last patch dropped).
+    size = sizes.size_config(path)["vision"]["image_size"]
     return download(path, tag, cache_dir=cache_dir, verify=verify), {
-        "quick_gelu": weights.quick_gelu
+        "quick_gelu": weights.quick_gelu,
+        "vision": {"image_size": size},
     }
 
 
