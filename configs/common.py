@@ -121,8 +121,9 @@ MEANINGS = {
     "mixture A@w,B@w",
     "train_data.image_key": "the records' image feature",
     "train_data.text_key": "the records' caption feature",
-    "train_data.tokenizer": "clip_bpe, the path of a sentencepiece .model, or siglip:PATH / "
-    "siglip2:PATH (SigLIP's / SigLIP 2's tokenizer on that sentencepiece model)",
+    "train_data.tokenizer": "clip_bpe, the path of a sentencepiece .model, or siglip:MODEL / "
+    "siglip2:MODEL (SigLIP's / SigLIP 2's; MODEL a sentencepiece file, a tokenizer.json or "
+    "hf-hub:REPO)",
     "train_data.shuffle_buffer": "records shuffled at once (0 or 1: no shuffling)",
     "train_data.crop_scale": "random resized crop: range of the kept area fraction",
     "train_data.augmentation": "random_resized_crop (open_clip's, crop_scale of the area) or "
@@ -225,24 +226,19 @@ def base_config(
     return c
 
 
-# SigLIP's tokenizers by family: the sentencepiece model each needs, given as a file.
-SIGLIP_TOKENIZERS = {
-    "SigLIP": "siglip:cc_en.32000/sentencepiece.model",  # T5's English 32k (c4_en)
-    "SigLIP2": "siglip2:gemma_tokenizer.model",  # Gemma's 256k
-}
-
-
 def siglip_config(model: str, learning_rate: float = 1e-3) -> ml_collections.ConfigDict:
     """SigLIP's recipe (Zhai et al. 2023) for a named SigLIP / SigLIP 2 size: the sigmoid loss
     over the global batch, batch 32,768, AdamW with beta2 0.95 (the paper's fix for loss spikes at
     large batch) and weight decay 1e-4, the logit scale and bias at t' = log 10 and b = -10 (the
-    size's), and the family's tokenizer on its sentencepiece file (a path to set)."""
+    size's), and the tokenizer of its published weights (`siglip2:hf-hub:timm/...`, the
+    tokenizer.json of the repository open_clip names, fetched on first use)."""
+    from clip_jax.weights import pretrained
+
     c = base_config(model, learning_rate)
     c.loss.name = "sigmoid"
     c.optim.b2 = 0.95
     c.optim.weight_decay = 1e-4
-    family = "SigLIP2" if "SigLIP2" in model else "SigLIP"
-    c.train_data.tokenizer = SIGLIP_TOKENIZERS[family]
+    c.train_data.tokenizer = pretrained.lookup(model, "webli").tokenizer
     return c
 
 

@@ -1,11 +1,10 @@
 """SigLIP 2 g-opt/16 at 256 px, trained with SigLIP's recipe
 (`common.siglip_config`): sigmoid loss, batch 32,768, AdamW beta2 0.95.
 
-The tokenizer is a sentencepiece file you give: `--config.train_data.tokenizer=siglip2:PATH`
-(SigLIP 2: Gemma's 256k model) or `siglip:PATH` (SigLIP: T5's English 32k model).
+The tokenizer is the published weights' (`siglip2:hf-hub:timm/...`, fetched on first use); a
+local file instead: `--config.train_data.tokenizer=siglip2:PATH` (docs/siglip.md).
 
-python -m clip_jax.main --config=configs/siglip2_gopt16.py --config.train_data.source=wds:GLOB \
-    --config.train_data.tokenizer=siglip2:/path/to/gemma_tokenizer.model
+python -m clip_jax.main --config=configs/siglip2_gopt16.py --config.train_data.source=wds:GLOB
 python -m clip_jax.main --config=configs/siglip2_gopt16.py:smoke  # a few CPU steps
 """
 

@@ -55,6 +55,7 @@ SIGLIP = {
     "siglip2_b16": "ViT-B-16-SigLIP2",
     "siglip2_l16": "ViT-L-16-SigLIP2-256",
     "siglip2_so400m14": "ViT-SO400M-14-SigLIP2",
+    "siglip2_so400m16": "ViT-SO400M-16-SigLIP2-256",
     "siglip2_gopt16": "ViT-gopt-16-SigLIP2-256",
 }
 
