@@ -18,7 +18,7 @@ import clip_jax
 from clip_jax.inference import load
 from clip_jax.infra.errors import UsageError
 from clip_jax.models import model_config
-from clip_jax.weights import pretrained, state_dicts
+from clip_jax.weights import downloads, pretrained, state_dicts
 from clip_jax.weights.pretrained import Source, Weights
 
 
@@ -278,7 +278,7 @@ def test_hub_offline_mode_and_fall_over(server, hub, weights_file, cache, monkey
     serve_hub_file(server, "org/tiny", "open_clip_model.safetensors", data)
     # The first file is missing on the Hub: the next source is tried.
     register("two", hub_source("org/tiny", "open_clip_pytorch_model.bin"), hub_source("org/tiny"))
-    monkeypatch.setattr(pretrained, "_has_torch", lambda: True)
+    monkeypatch.setattr(downloads, "_has_torch", lambda: True)
     assert pretrained.download("tiny", "two").endswith("open_clip_model.safetensors")
     # Offline, a file not in the cache is one clear error; one in the cache loads.
     import huggingface_hub.constants as constants
@@ -333,7 +333,7 @@ def test_sources_fall_over_and_pytorch_files_are_skipped_without_torch(
     ) and "/x.safetensors: HTTP Error 404" in str(e.value)
     assert "\n" not in str(e.value)
 
-    monkeypatch.setattr(pretrained, "_has_torch", lambda: False)
+    monkeypatch.setattr(downloads, "_has_torch", lambda: False)
     server.hits.clear()
     register(
         "torch", Source(server.url("/m.pt"), sha), Source(server.url("/b/tiny.safetensors"), sha)
