@@ -20,6 +20,7 @@ from tests.conftest import (
     cpu_env,
     load_config,
     read_losses,
+    read_rows,
     run_processes,
     with_overrides,
 )
@@ -39,6 +40,8 @@ def reference_losses(tmp_path_factory):
     train.run(siglip_config(**{"mesh.data": 8}), workdir)
     losses_ = read_losses(workdir)
     assert sorted(losses_) == list(range(1, 7))
+    rows = [r for r in read_rows(workdir) if "loss" in r]
+    assert rows[0]["logit_bias"] != rows[-1]["logit_bias"]  # the bias is logged and trains
     return losses_
 
 

@@ -2,7 +2,8 @@
 loss, the learning rate, the temperature and the evals against the step into `curves.png`, and
 `results_table(workdir)` gives the latest value of every eval metric as text.
 
-Training rows hold plain keys (`loss`, `learning_rate`, `logit_scale`); eval rows hold
+Training rows hold plain keys (`loss`, `learning_rate`, `logit_scale`, and `logit_bias` for a
+model with the sigmoid loss's bias); eval rows hold
 slash-scoped ones (`zeroshot/digits/top1`, `linear_probe/probe/top1`, `eval/probe/seconds`).
 A step logged twice (a resumed run logs its restored step's evals again) keeps its last value.
 """
@@ -23,6 +24,7 @@ TRAINING_PANELS = (
     ("loss", "contrastive loss", "linear"),
     ("learning_rate", "learning rate", "linear"),
     ("logit_scale", "temperature: logit scale 1/τ", "linear"),
+    ("logit_bias", "logit bias b (sigmoid loss)", "linear"),
 )
 
 
@@ -44,7 +46,8 @@ def read_series(workdir: str) -> dict[str, list[tuple[int, float]]]:
 def plot_run(workdir: str) -> str:
     """Draws the run's curves into `workdir/curves.png` and returns that path.
 
-    Panels: loss, learning rate and temperature (logit scale) against the step; a fourth with
+    Panels: loss, learning rate, temperature (logit scale) and, where the model has one, the
+    logit bias against the step; then one with
     every eval accuracy (zero-shot and probe top-1, k-shot, retrieval R@1) when the run has
     evals, each labelled with its last value.
     """

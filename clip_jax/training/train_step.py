@@ -205,6 +205,8 @@ def make_train_step(
             "logit_scale": jnp.exp(state.params["logit_scale"]),
             "nonfinite_steps": state.nonfinite_steps,  # skipped updates so far, this one included
         }
+        if "logit_bias" in state.params:  # the sigmoid loss's learned bias (SigLIP)
+            metrics["logit_bias"] = state.params["logit_bias"]
         return state, metrics
 
     return train_step
