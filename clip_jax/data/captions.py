@@ -54,15 +54,20 @@ def split_templates(templates: tuple[str, ...] | list[str]) -> tuple[list[str], 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+def basic_clean(text: str) -> str:
+    """open_clip's basic cleaning of every caption: mojibake fixed (ftfy), HTML unescaped twice,
+    stripped."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
 def canonicalize(text: str, keep: str | None = None) -> str:
     """big_vision's `canonicalize` as open_clip applies it to SigLIP's captions: open_clip's
     basic cleaning (ftfy, HTML unescaped twice, stripped), then underscores as spaces, ASCII
     punctuation removed (outside each occurrence of `keep`, e.g. "{}"), lower case, whitespace
     collapsed."""
-    import ftfy
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    text = text.replace("_", " ")
+    text = basic_clean(text).replace("_", " ")
     if keep:
         text = keep.join(part.translate(_PUNCTUATION) for part in text.split(keep))
     else:

@@ -16,7 +16,6 @@
 
 import functools
 import gzip
-import html
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from absl import flags
 
-from clip_jax.data.captions import canonicalize
+from clip_jax.data.captions import basic_clean, canonicalize
 from clip_jax.infra import cli, hub, paths
 from clip_jax.infra.errors import UsageError
 
@@ -115,11 +114,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean_text(text: str) -> str:
-    """open_clip's 'lower' cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
-    import ftfy
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return " ".join(text.split()).lower()
+    """open_clip's 'lower' cleaning: `basic_clean`, whitespace collapsed, lower case."""
+    return " ".join(basic_clean(text).split()).lower()
 
 
 class ClipBpeTokenizer:

@@ -4,21 +4,15 @@ share), its token for gated repositories, `HF_ENDPOINT` (read at each call) and 
 import http.client
 import os
 
-from clip_jax.infra.errors import UsageError
-
 
 def fetch_errors() -> tuple[type[BaseException], ...]:
     """What a failed download raises: the network's errors, HTTP statuses, and the Hub's (a
     missing repository or file, offline mode without the file)."""
-    errors: list[type[BaseException]] = [OSError, http.client.HTTPException]
-    try:
-        import httpx
-        from huggingface_hub import errors as hub_errors
+    from huggingface_hub import errors as hub_errors
 
-        errors += [httpx.HTTPError, hub_errors.EntryNotFoundError]
-    except ImportError:
-        pass
-    return tuple(errors)
+    # The Hub's HTTP errors and its "cannot reach the Hub, not cached" are OSErrors already; a
+    # file missing on the Hub is not.
+    return (OSError, http.client.HTTPException, hub_errors.EntryNotFoundError)
 
 
 def first_line(error: BaseException) -> str:
@@ -42,16 +36,11 @@ def download(repo: str, filename: str, cache_dir: str | None = None) -> str:
 
     from clip_jax import __version__
 
-    try:
-        return hf_hub_download(
-            repo,
-            filename,
-            cache_dir=cache_dir,
-            endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
-            library_name="clip_jax",
-            library_version=__version__,
-        )
-    except ImportError:
-        raise UsageError(
-            "Hub downloads need huggingface_hub: pip install huggingface_hub"
-        ) from None
+    return hf_hub_download(
+        repo,
+        filename,
+        cache_dir=cache_dir,
+        endpoint=os.environ.get("HF_ENDPOINT") or None,  # read now, not at import
+        library_name="clip_jax",
+        library_version=__version__,
+    )
