@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax.data import crops, image_ops, pipeline, preprocess, tokenizers
+from clip_jax.data import crops, image_ops, pipeline, preprocess, tfdata, tokenizers
 from tests.conftest import open_train_source, train_data_config, with_overrides
 
 SIZE, LENGTH, VOCAB = 16, 16, 49408
@@ -178,6 +178,34 @@ def test_a_whole_epoch_of_bad_records_is_an_error_not_a_hang(tmp_path, tokenizer
     glob = write_shards(tmp_path, "bad", [bad_records()])
     with pytest.raises(ValueError, match="without one usable example"):
         take(make(glob, tokenizer), 1)
+
+
+def test_liveness_through_groups_equals_the_record_by_record_rule():
+    """`tfdata._watch` on groups of any size, its count carried across groups, equals the rule
+    applied record by record: the count of markers since the last usable record resets on a
+    usable one, and the reader dies where it reaches 2."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        kind = rng.choice(3, n, p=[0.3, 0.5, 0.2])  # 0 unusable record, 1 usable, 2 marker
+        usable, marker = kind == 1, kind == 2
+        count, want_alive, want_count = 0, [], []
+        for u, m in zip(usable, marker, strict=True):
+            count = 0 if u else count + int(m)
+            want_alive.append(count < 2 and (not want_alive or want_alive[-1]))
+            want_count.append(count)
+        cuts = np.sort(rng.choice(np.arange(1, n), min(n - 1, int(rng.integers(0, 4))), False))
+        carried, alive = tf.constant(0, tf.int64), []
+        for lo, hi in zip([0, *cuts], [*cuts, n], strict=True):
+            carried, group_alive = tfdata._watch(
+                carried, tf.constant(usable[lo:hi]), tf.constant(marker[lo:hi])
+            )
+            assert int(carried) == want_count[hi - 1]
+            alive += group_alive.numpy().tolist()
+        # A later group starts alive again: `take_while` ends the stream after a death.
+        first_death = want_alive.index(False) if False in want_alive else n
+        assert alive[:first_death] == want_alive[:first_death]
+        assert first_death == n or not alive[first_death]
 
 
 # --- Sharding, determinism, resume -------------------------------------------------------------

@@ -87,6 +87,30 @@ def test_the_size_every_decodable_format_declares_is_read_before_decoding(fmt, k
         crops.open_image(data, max_pixels=1960)
 
 
+def test_a_group_crops_each_image_as_alone_and_flags_the_bad(bomb):
+    good = [encoded(fmt, 30 + 7 * i, 41) for i, fmt in enumerate(("JPEG", "PNG", "WEBP"))]
+    data = np.array([good[0], b"no image", good[1], bomb, good[2], good[0][:200]], object)
+    u = np.random.default_rng(0).random((len(data), 4)).astype(np.float32)
+    usable = np.array([True, True, False, True, True, True])
+    for augmentation in AUGMENTATIONS:
+        kw = dict(augmentation=augmentation, crop_scale=(0.5, 1.0))
+        images, done = image_ops.augment_group(
+            tf.constant(data.tolist()), tf.constant(u), tf.constant(usable), 16, **kw
+        )
+        assert done.numpy().tolist() == [True, False, False, False, True, False]
+        for i in (0, 4):
+            alone = crops.augment(
+                data[i],
+                u[i],
+                size=16,
+                scale=(0.5, 1.0),
+                max_pixels=MAX_PIXELS,
+                augmentation=augmentation,
+            )
+            np.testing.assert_array_equal(images[i].numpy(), alone)
+        assert not images.numpy()[~done.numpy()].any()  # rows without a crop hold zeros
+
+
 def test_extended_webp_and_unknown_bytes():
     rgba = np.zeros((41, 29, 4), np.uint8)
     out = io.BytesIO()

@@ -1,5 +1,6 @@
 """Training crops with PIL and numpy: encoded image bytes -> uint8 [S, S, 3], run inside tf.data
-through `tf.numpy_function` (`image_ops.augment`).
+through `tf.numpy_function` (`image_ops.augment`; the pipeline crops groups of examples per call,
+`image_ops.augment_group`).
 
 The two augmentations (`AUGMENTATIONS`):
 - "random_resized_crop": open_clip's form of the CLIP paper's crop. A window covering a random
@@ -116,3 +117,31 @@ def augment(
     if augmentation == "random_square_crop":
         return random_square_crop(data, size, u, max_pixels)
     raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
+
+
+def augment_group(
+    data: np.ndarray, u: np.ndarray, usable: np.ndarray, *, size: int, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """`augment` of a group of k examples in one call (one `tf.numpy_function` call per group
+    instead of per image: the call's own cost is a tenth of a crop's).
+
+    Args:
+      data: k encoded images (bytes).
+      u: float32 [k, 4], each example's draws.
+      usable: bool [k]; the others are not decoded (records without a caption, epoch markers).
+      size, kwargs: `augment`'s.
+    Returns:
+      (uint8 [k, size, size, 3], bool [k]): the crops, and which examples have one. An image
+      that raises (bytes that are no image, a truncated file, a header above `max_pixels`) is
+      bad data of the record, whatever its exception: it is left out, and the pipeline counts it.
+    """
+    images = np.empty((len(data), size, size, 3), np.uint8)
+    done = np.zeros(len(data), bool)
+    for i in np.flatnonzero(usable):
+        try:
+            images[i] = augment(data[i], u[i], size=size, **kwargs)
+        except Exception:  # noqa: BLE001 - any failure of untrusted bytes drops the record
+            continue
+        done[i] = True
+    images[~done] = 0  # rows without a crop (dropped downstream) hold zeros, not stale memory
+    return images, done
