@@ -13,6 +13,19 @@ from clip_jax.data import crops
 from clip_jax.data.preprocess import AUGMENTATIONS, MAX_IMAGE_PIXELS
 
 
+def _bound(fn, size: int, augmentation: str, crop_scale, max_pixels: int):
+    """`crops.augment` or `crops.augment_group` with its settings bound, checked."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
+    return functools.partial(
+        fn,
+        size=size,
+        augmentation=augmentation,
+        scale=tuple(float(s) for s in crop_scale),
+        max_pixels=int(max_pixels),
+    )
+
+
 def augment(
     data: tf.Tensor,
     size: int,
@@ -32,17 +45,8 @@ def augment(
       crop_scale: the random resized crop's range of the kept area (unused by the square crop).
       max_pixels: larger images (by their header) raise instead of being decoded.
     """
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
-    u = draws(seed)
-    fn = functools.partial(
-        crops.augment,
-        size=size,
-        augmentation=augmentation,
-        scale=tuple(float(s) for s in crop_scale),
-        max_pixels=int(max_pixels),
-    )
-    image = tf.numpy_function(fn, [data, u], tf.uint8, stateful=False)
+    fn = _bound(crops.augment, size, augmentation, crop_scale, max_pixels)
+    image = tf.numpy_function(fn, [data, draws(seed)], tf.uint8, stateful=False)
     image.set_shape([size, size, 3])
     return image
 
@@ -74,15 +78,7 @@ def augment_group(
       (uint8 [k, size, size, 3], bool [k]): the crops (equal to `augment`'s, example by example)
       and which examples have one (usable, and decoded without an error).
     """
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}")
-    fn = functools.partial(
-        crops.augment_group,
-        size=size,
-        augmentation=augmentation,
-        scale=tuple(float(s) for s in crop_scale),
-        max_pixels=int(max_pixels),
-    )
+    fn = _bound(crops.augment_group, size, augmentation, crop_scale, max_pixels)
     images, done = tf.numpy_function(fn, [data, u, usable], (tf.uint8, tf.bool), stateful=False)
     images.set_shape([None, size, size, 3])
     done.set_shape([None])
