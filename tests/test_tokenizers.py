@@ -63,6 +63,22 @@ def test_decode_round_trips_plain_text(bpe):
     assert bpe.decode(bpe.tokenize("a photo of a cat.")[0]) == "a photo of a cat ."
 
 
+def test_plain_ascii_skips_ftfy_and_is_cleaned_the_same():
+    import html
+
+    import ftfy
+
+    from clip_jax.data import captions
+
+    rng = random.Random(1)
+    plain = [chr(c) for c in range(32, 127)]
+    texts = ["".join(rng.choice(plain) for _ in range(rng.randint(0, 80))) for _ in range(3000)]
+    texts += ["a & b", "&amp;lt;", "tab\there", "line\r\nbreak", "\x1b[31mred", "del\x7f", " x "]
+    for text in texts:
+        want = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        assert captions.basic_clean(text) == want, repr(text)
+
+
 def corpus():
     texts = [
         *GOLDEN,
