@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 
-from clip_jax.data import tokenizers
+from clip_jax.data import digits, tokenizers
 from clip_jax.infra.errors import UsageError
 
 AWKWARD = [
@@ -76,22 +76,7 @@ def gemma_like(tmp_path):
         input=corpus(tmp_path),
         model_prefix=str(folder / "tokenizer"),
         vocab_size=300,
-        hard_vocab_limit=False,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        minloglevel=2,
+        **digits.GEMMA_STYLE,
     )
     return str(folder / "tokenizer.model")
 

@@ -61,6 +61,26 @@ CACHE_IMAGE_SIZE = 32
 CACHE_VERSION = 1  # bump when the rendering, the captions or the split change: a new folder
 TOKENIZER_VERSION = 1  # bump when the tokenizer's training changes
 TOKENIZER_VOCAB = 400  # 256 byte pieces, 4 special ones, merges up to whole caption words
+# sentencepiece trainer options for a BPE model with Gemma's (SigLIP 2's) ids and normalisation:
+# byte fallback, digits split, no dummy prefix, text kept as it is; pad 0, EOS 1, BOS 2, UNK 3.
+GEMMA_STYLE = dict(
+    hard_vocab_limit=False,
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    pad_id=0,
+    eos_id=1,
+    bos_id=2,
+    unk_id=3,
+    pad_piece="<pad>",
+    eos_piece="<eos>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    minloglevel=2,
+)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -167,23 +187,8 @@ def write_tokenizer(output: str) -> str:
         input=text,
         model_prefix=os.path.join(output, "tokenizer"),
         vocab_size=TOKENIZER_VOCAB,
-        hard_vocab_limit=False,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
         num_threads=1,
-        minloglevel=2,
+        **GEMMA_STYLE,
     )
     return os.path.join(output, "tokenizer.model")
 
